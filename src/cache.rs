@@ -1,0 +1,196 @@
+//! Response cache: keys and entries. Entries live in Envoy shared data in a fixed set of
+//! `max_entries` slots (a direct-mapped cache), so memory is bounded by construction however many
+//! distinct prompts arrive: a new entry evicts whatever held its slot.
+
+use serde_json::Value;
+
+use crate::auth::sha256;
+use crate::rewrite::Operation;
+
+pub type Digest = [u8; 32];
+
+/// Shared-data key prefix; a slot's key is `<prefix><slot>`.
+pub const SLOT_PREFIX: &str = "llm_failover.cache.";
+
+/// The cache key of a request: SHA-256 over the gateway key's name, the operation and the
+/// canonical JSON of the body (object keys sorted, insignificant white space dropped), so two
+/// bodies that differ only in key order or spacing share an entry. `None` if the body is not JSON.
+pub fn key(key_name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
+    let doc: Value = serde_json::from_slice(body).ok()?;
+    // serde_json's default map is ordered by key: serialising gives the canonical form.
+    let canonical = serde_json::to_vec(&doc).ok()?;
+    let mut material = Vec::with_capacity(key_name.len() + canonical.len() + 24);
+    material.extend_from_slice(key_name.as_bytes());
+    material.push(0);
+    material.extend_from_slice(op.as_str().as_bytes());
+    material.push(0);
+    material.extend_from_slice(&canonical);
+    Some(sha256(&material))
+}
+
+pub fn slot(digest: &Digest, max_entries: u32) -> u32 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_le_bytes(first) % u64::from(max_entries.max(1))) as u32
+}
+
+pub fn slot_key(slot: u32) -> String {
+    format!("{SLOT_PREFIX}{slot}")
+}
+
+/// A cached 200 response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub digest: Digest,
+    pub expires_ms: u64,
+    pub target: String,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+const MAGIC: u8 = 0xC1;
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            1 + 32 + 8 + 4 + self.target.len() + self.content_type.len() + self.body.len(),
+        );
+        out.push(MAGIC);
+        out.extend_from_slice(&self.digest);
+        out.extend_from_slice(&self.expires_ms.to_le_bytes());
+        out.extend_from_slice(&(self.target.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(&(self.content_type.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.content_type.as_bytes());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let mut r = Reader(bytes);
+        if r.take(1)? != [MAGIC] {
+            return None;
+        }
+        let digest: Digest = r.take(32)?.try_into().ok()?;
+        let expires_ms = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+        let target = r.string()?;
+        let content_type = r.string()?;
+        Some(Entry {
+            digest,
+            expires_ms,
+            target,
+            content_type,
+            body: r.0.to_vec(),
+        })
+    }
+
+    /// Only the expiry, without copying the body (for the sweep).
+    pub fn expiry(bytes: &[u8]) -> Option<u64> {
+        let b = bytes.get(33..41)?;
+        (bytes.first() == Some(&MAGIC))
+            .then(|| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    }
+}
+
+/// The entry in a slot's bytes if it is for `digest` and still fresh.
+pub fn lookup(bytes: &[u8], digest: &Digest, now_ms: u64) -> Option<Entry> {
+    let entry = Entry::decode(bytes)?;
+    (entry.digest == *digest && entry.expires_ms > now_ms).then_some(entry)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_key_order_and_spacing_but_not_content() {
+        let a = key(
+            "app",
+            Operation::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let b = key(
+            "app",
+            Operation::ChatCompletions,
+            br#"{ "messages" : [ {"content":"hi", "role":"user"} ], "model":"m" }"#,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        let other_content = key(
+            "app",
+            Operation::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","content":"ho"}]}"#,
+        )
+        .unwrap();
+        let other_key = key(
+            "batch",
+            Operation::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let other_op = key(
+            "app",
+            Operation::Completions,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert_ne!(a, other_content);
+        assert_ne!(a, other_key);
+        assert_ne!(a, other_op);
+        assert!(key("app", Operation::ChatCompletions, b"not json").is_none());
+    }
+
+    #[test]
+    fn entries_round_trip_and_expire() {
+        let digest = [7u8; 32];
+        let e = Entry {
+            digest,
+            expires_ms: 5000,
+            target: "azure".into(),
+            content_type: "application/json".into(),
+            body: b"{\"id\":1}".to_vec(),
+        };
+        let bytes = e.encode();
+        assert_eq!(Entry::decode(&bytes), Some(e.clone()));
+        assert_eq!(Entry::expiry(&bytes), Some(5000));
+        assert_eq!(lookup(&bytes, &digest, 4999), Some(e));
+        assert_eq!(lookup(&bytes, &digest, 5000), None);
+        assert_eq!(lookup(&bytes, &[8u8; 32], 0), None);
+        for bad in [
+            &b""[..],
+            b"\xC1",
+            &bytes[..40],
+            b"garbage that is long enough to look like an entry......",
+        ] {
+            assert_eq!(Entry::decode(bad), None);
+        }
+    }
+
+    #[test]
+    fn slots_stay_within_bounds() {
+        for i in 0..200u8 {
+            let d = sha256(&[i]);
+            assert!(slot(&d, 10) < 10);
+        }
+        assert_eq!(slot(&[0xff; 32], 1), 0);
+    }
+}

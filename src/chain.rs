@@ -1,0 +1,441 @@
+//! The failover state machine: given how an attempt ended, what happens next.
+//!
+//! A request's chain is the ordered list of targets it may use (`Hop`s). The routed attempt goes
+//! to the first usable hop; each failure either retries the same hop (its `retries`, when a
+//! Retry-After wait fits the budget and the cap), fails over to the next usable hop, or gives up.
+//! Every attempt's timeout is cut to what is left of the request's `deadline`.
+
+use std::time::Duration;
+
+/// An attempt needs at least this much budget to be worth sending.
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(20);
+
+/// One target of a request's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// Index into `Config::targets`.
+    pub target: usize,
+    /// `retries + 1`.
+    pub max_tries: u32,
+    pub timeout: Duration,
+}
+
+/// How an attempt ended, as far as the failover policy cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx, or any status that is not a failure: the client gets it.
+    Delivered,
+    /// A status in `on_status_codes` or a transport failure.
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// The upstream's Retry-After, if any.
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    Status(u16),
+    /// Connect failure or reset: no HTTP answer from the target.
+    Unreachable,
+    /// The per-attempt timeout fired.
+    Timeout,
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The attempt's response goes to the client.
+    Deliver,
+    /// Try the same target again after `delay`.
+    Retry {
+        target: usize,
+        delay: Duration,
+        timeout: Duration,
+    },
+    /// Move on to `to`; `skipped` are targets passed over because they are cooling down.
+    Failover {
+        from: usize,
+        to: usize,
+        timeout: Duration,
+        skipped: Vec<usize>,
+    },
+    /// No attempt left: the client gets this (last) failure.
+    GiveUp(GiveUpReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUpReason {
+    /// Every target (and its retries) was tried or skipped.
+    Exhausted,
+    /// The request's deadline leaves no time for another attempt.
+    BudgetSpent,
+}
+
+/// Why a retry was not taken although the target had tries left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRetry {
+    RetryAfterTooLong,
+}
+
+#[derive(Debug, Clone)]
+pub struct Chain {
+    hops: Vec<Hop>,
+    pos: usize,
+    tries_here: u32,
+    attempts: u32,
+    deadline_ms: u64,
+    max_retry_wait: Duration,
+    failed_over: bool,
+}
+
+/// The first attempt of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstAttempt {
+    pub target: usize,
+    pub timeout: Duration,
+    pub skipped: Vec<usize>,
+}
+
+impl Chain {
+    /// Starts a chain at `now_ms`. `cooling(target)` says whether a target is in cooldown; cooling
+    /// hops are skipped unless every hop is cooling, in which case the first is tried anyway (a
+    /// request is never refused because of cooldowns). `None` when `hops` is empty.
+    pub fn start(
+        hops: Vec<Hop>,
+        now_ms: u64,
+        deadline: Duration,
+        max_retry_wait: Duration,
+        cooling: impl Fn(usize) -> bool,
+    ) -> Option<(Chain, FirstAttempt)> {
+        let first_ready = hops.iter().position(|h| !cooling(h.target));
+        let pos = first_ready.unwrap_or(0);
+        let skipped = match first_ready {
+            Some(p) => hops.iter().take(p).map(|h| h.target).collect(),
+            None => Vec::new(),
+        };
+        let hop = hops.get(pos)?.clone();
+        let deadline_ms = now_ms.saturating_add(deadline.as_millis() as u64);
+        let chain = Chain {
+            hops,
+            pos,
+            tries_here: 1,
+            attempts: 1,
+            deadline_ms,
+            max_retry_wait,
+            failed_over: false,
+        };
+        let timeout = chain.cut(hop.timeout, now_ms);
+        Some((
+            chain,
+            FirstAttempt {
+                target: hop.target,
+                timeout,
+                skipped,
+            },
+        ))
+    }
+
+    /// Upstream attempts made so far (the one in flight included).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The target of the attempt in flight (or the last one).
+    pub fn current_target(&self) -> Option<usize> {
+        self.hops.get(self.pos).map(|h| h.target)
+    }
+
+    pub fn failed_over(&self) -> bool {
+        self.failed_over
+    }
+
+    /// Whether any further attempt is possible at all (cheap check before holding a response).
+    pub fn has_more(&self) -> bool {
+        let here = self
+            .hops
+            .get(self.pos)
+            .map_or(false, |h| self.tries_here < h.max_tries);
+        here || self.pos + 1 < self.hops.len()
+    }
+
+    pub fn remaining(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.deadline_ms.saturating_sub(now_ms))
+    }
+
+    fn cut(&self, timeout: Duration, now_ms: u64) -> Duration {
+        timeout.min(self.remaining(now_ms))
+    }
+
+    /// Decides the next step after the attempt in flight ended with `outcome`, and records the
+    /// attempt it starts. Also returns why a retry was passed over, for the log.
+    pub fn next(
+        &mut self,
+        outcome: &Outcome,
+        now_ms: u64,
+        cooling: impl Fn(usize) -> bool,
+    ) -> (Step, Option<NoRetry>) {
+        let failure = match outcome {
+            Outcome::Delivered => return (Step::Deliver, None),
+            Outcome::Failed(f) => f,
+        };
+        let remaining = self.remaining(now_ms);
+        if remaining < MIN_ATTEMPT {
+            return (Step::GiveUp(GiveUpReason::BudgetSpent), None);
+        }
+        let Some(hop) = self.hops.get(self.pos).cloned() else {
+            return (Step::GiveUp(GiveUpReason::Exhausted), None);
+        };
+        let mut no_retry = None;
+        if self.tries_here < hop.max_tries {
+            let delay = failure.retry_after.unwrap_or(Duration::ZERO);
+            if delay > self.max_retry_wait {
+                no_retry = Some(NoRetry::RetryAfterTooLong);
+            } else if delay + MIN_ATTEMPT <= remaining {
+                self.tries_here += 1;
+                self.attempts += 1;
+                let timeout = hop.timeout.min(remaining - delay);
+                return (
+                    Step::Retry {
+                        target: hop.target,
+                        delay,
+                        timeout,
+                    },
+                    None,
+                );
+            } else {
+                return (Step::GiveUp(GiveUpReason::BudgetSpent), None);
+            }
+        }
+        let mut skipped = Vec::new();
+        for (i, next) in self.hops.iter().enumerate().skip(self.pos + 1) {
+            if cooling(next.target) {
+                skipped.push(next.target);
+                continue;
+            }
+            self.pos = i;
+            self.tries_here = 1;
+            self.attempts += 1;
+            self.failed_over = true;
+            let step = Step::Failover {
+                from: hop.target,
+                to: next.target,
+                timeout: next.timeout.min(remaining),
+                skipped,
+            };
+            return (step, no_retry);
+        }
+        (Step::GiveUp(GiveUpReason::Exhausted), no_retry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn hops(spec: &[(usize, u32, u64)]) -> Vec<Hop> {
+        spec.iter()
+            .map(|&(target, retries, secs)| Hop {
+                target,
+                max_tries: retries + 1,
+                timeout: Duration::from_secs(secs),
+            })
+            .collect()
+    }
+
+    fn status(code: u16) -> Outcome {
+        Outcome::Failed(Failure {
+            kind: FailureKind::Status(code),
+            retry_after: None,
+        })
+    }
+
+    fn throttled(after: Duration) -> Outcome {
+        Outcome::Failed(Failure {
+            kind: FailureKind::Status(429),
+            retry_after: Some(after),
+        })
+    }
+
+    fn none(_: usize) -> bool {
+        false
+    }
+
+    fn start(spec: &[(usize, u32, u64)], deadline: u64) -> Chain {
+        Chain::start(hops(spec), 0, Duration::from_secs(deadline), 5 * S, none)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn first_attempt_goes_to_first_ready_target_with_cut_timeout() {
+        let (_, first) =
+            Chain::start(hops(&[(0, 0, 10), (1, 0, 10)]), 0, 4 * S, 5 * S, none).unwrap();
+        assert_eq!(
+            first,
+            FirstAttempt {
+                target: 0,
+                timeout: 4 * S,
+                skipped: vec![]
+            }
+        );
+        let (_, first) = Chain::start(hops(&[(0, 0, 10), (1, 0, 10)]), 0, 40 * S, 5 * S, |t| {
+            t == 0
+        })
+        .unwrap();
+        assert_eq!(
+            first,
+            FirstAttempt {
+                target: 1,
+                timeout: 10 * S,
+                skipped: vec![0]
+            }
+        );
+        // Every target cooling: try the first anyway rather than refuse the request.
+        let (_, first) =
+            Chain::start(hops(&[(0, 0, 10), (1, 0, 10)]), 0, 40 * S, 5 * S, |_| true).unwrap();
+        assert_eq!(first.target, 0);
+        assert!(Chain::start(vec![], 0, S, S, none).is_none());
+    }
+
+    #[test]
+    fn success_is_delivered() {
+        let mut c = start(&[(0, 2, 10), (1, 0, 10)], 60);
+        assert_eq!(c.next(&Outcome::Delivered, 5, none).0, Step::Deliver);
+        assert_eq!(c.attempts(), 1);
+    }
+
+    #[test]
+    fn retries_then_fails_over_then_gives_up() {
+        let mut c = start(&[(0, 1, 10), (1, 1, 10)], 60);
+        let steps: Vec<Step> = (0..4).map(|_| c.next(&status(503), 1000, none).0).collect();
+        assert_eq!(
+            steps,
+            vec![
+                Step::Retry {
+                    target: 0,
+                    delay: Duration::ZERO,
+                    timeout: 10 * S
+                },
+                Step::Failover {
+                    from: 0,
+                    to: 1,
+                    timeout: 10 * S,
+                    skipped: vec![]
+                },
+                Step::Retry {
+                    target: 1,
+                    delay: Duration::ZERO,
+                    timeout: 10 * S
+                },
+                Step::GiveUp(GiveUpReason::Exhausted),
+            ]
+        );
+        assert_eq!(c.attempts(), 4);
+        assert!(c.failed_over());
+        assert!(!c.has_more());
+    }
+
+    #[test]
+    fn chains_of_any_length_and_order() {
+        let mut c = start(&[(2, 0, 10), (0, 0, 10), (3, 0, 10), (1, 0, 10)], 60);
+        let mut served = vec![c.current_target().unwrap()];
+        while let (Step::Failover { to, .. }, _) = c.next(&status(500), 0, none) {
+            served.push(to);
+        }
+        assert_eq!(served, vec![2, 0, 3, 1]);
+    }
+
+    #[test]
+    fn cooling_targets_are_skipped_on_failover() {
+        let mut c = start(&[(0, 0, 10), (1, 0, 10), (2, 0, 10)], 60);
+        let (step, _) = c.next(&status(500), 0, |t| t == 1);
+        assert_eq!(
+            step,
+            Step::Failover {
+                from: 0,
+                to: 2,
+                timeout: 10 * S,
+                skipped: vec![1]
+            }
+        );
+        let mut c = start(&[(0, 0, 10), (1, 0, 10)], 60);
+        assert_eq!(
+            c.next(&status(500), 0, |t| t == 1).0,
+            Step::GiveUp(GiveUpReason::Exhausted)
+        );
+    }
+
+    #[test]
+    fn retry_after_decides_whether_a_retry_is_worth_it() {
+        // Fits the cap (5 s) and the budget: retry after the wait, timeout cut by the wait.
+        let mut c = start(&[(0, 1, 10), (1, 0, 10)], 12);
+        assert_eq!(
+            c.next(&throttled(2 * S), 0, none).0,
+            Step::Retry {
+                target: 0,
+                delay: 2 * S,
+                timeout: 10 * S
+            }
+        );
+        // Longer than the cap: move on at once.
+        let mut c = start(&[(0, 1, 10), (1, 0, 10)], 60);
+        assert_eq!(
+            c.next(&throttled(30 * S), 0, none),
+            (
+                Step::Failover {
+                    from: 0,
+                    to: 1,
+                    timeout: 10 * S,
+                    skipped: vec![]
+                },
+                Some(NoRetry::RetryAfterTooLong)
+            )
+        );
+        // Fits the cap but not the budget: the wait would spend it.
+        let mut c = start(&[(0, 1, 10), (1, 0, 10)], 3);
+        assert_eq!(
+            c.next(&throttled(4 * S), 0, none).0,
+            Step::GiveUp(GiveUpReason::BudgetSpent)
+        );
+    }
+
+    #[test]
+    fn deadline_cuts_every_attempt_and_ends_the_chain() {
+        let mut c = start(&[(0, 0, 10), (1, 0, 10), (2, 0, 10)], 15);
+        assert_eq!(
+            c.next(&status(500), 10_000, none).0,
+            Step::Failover {
+                from: 0,
+                to: 1,
+                timeout: 5 * S,
+                skipped: vec![]
+            }
+        );
+        assert_eq!(
+            c.next(&status(500), 14_990, none).0,
+            Step::GiveUp(GiveUpReason::BudgetSpent)
+        );
+        assert_eq!(c.attempts(), 2);
+    }
+
+    #[test]
+    fn transport_failures_count_like_statuses() {
+        for kind in [FailureKind::Unreachable, FailureKind::Timeout] {
+            let mut c = start(&[(0, 0, 10), (1, 0, 10)], 60);
+            let outcome = Outcome::Failed(Failure {
+                kind,
+                retry_after: None,
+            });
+            assert!(matches!(
+                c.next(&outcome, 0, none).0,
+                Step::Failover { to: 1, .. }
+            ));
+        }
+    }
+}

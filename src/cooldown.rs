@@ -1,0 +1,184 @@
+//! Cooldowns: a circuit breaker per target, shared by every Envoy worker through shared data.
+//! A target that answers 429 with a Retry-After, or fails `after_failures` times in a row, is
+//! skipped until its cooldown ends. This module is the pure part: the state and its transitions.
+
+use std::time::Duration;
+
+use crate::config::Cooldown;
+
+/// The shared state of one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct State {
+    /// Unix ms until which the target is skipped (0: not cooling).
+    pub until_ms: u64,
+    /// Consecutive failures since the last success or cooldown.
+    pub failures: u32,
+}
+
+const ENCODED: usize = 12;
+
+impl State {
+    pub fn decode(bytes: &[u8]) -> State {
+        let until = bytes
+            .get(0..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes);
+        let failures = bytes
+            .get(8..12)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes);
+        match (until, failures) {
+            (Some(until_ms), Some(failures)) if bytes.len() == ENCODED => {
+                State { until_ms, failures }
+            }
+            _ => State::default(),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; ENCODED] {
+        let mut out = [0u8; ENCODED];
+        let (a, b) = out.split_at_mut(8);
+        a.copy_from_slice(&self.until_ms.to_le_bytes());
+        b.copy_from_slice(&self.failures.to_le_bytes());
+        out
+    }
+
+    pub fn cooling(&self, now_ms: u64) -> bool {
+        self.until_ms > now_ms
+    }
+}
+
+/// The state after a failure, and the cooldown it started (if it started one).
+pub fn after_failure(
+    state: State,
+    policy: &Cooldown,
+    throttled_for: Option<Duration>,
+    now_ms: u64,
+) -> (State, Option<Duration>) {
+    let failures = state.failures.saturating_add(1);
+    let mut cooldown = None;
+    if let Some(wait) = throttled_for.filter(|w| !w.is_zero()) {
+        cooldown = Some(wait.min(policy.max_duration));
+    }
+    if policy.after_failures > 0 && failures >= policy.after_failures {
+        cooldown = Some(cooldown.map_or(policy.duration, |c| c.max(policy.duration)));
+    }
+    match cooldown {
+        Some(d) => {
+            let until = now_ms
+                .saturating_add(d.as_millis() as u64)
+                .max(state.until_ms);
+            (
+                State {
+                    until_ms: until,
+                    failures: 0,
+                },
+                Some(d),
+            )
+        }
+        None => (
+            State {
+                until_ms: state.until_ms,
+                failures,
+            },
+            None,
+        ),
+    }
+}
+
+/// The state after a success; `None` when nothing changes (no shared-data write needed).
+pub fn after_success(state: State) -> Option<State> {
+    (state.failures != 0).then_some(State {
+        until_ms: state.until_ms,
+        failures: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn policy() -> Cooldown {
+        Cooldown {
+            after_failures: 3,
+            duration: 30 * S,
+            max_duration: 60 * S,
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_trip_the_cooldown() {
+        let mut s = State::default();
+        for _ in 0..2 {
+            let (next, started) = after_failure(s, &policy(), None, 1000);
+            assert_eq!(started, None);
+            s = next;
+        }
+        assert_eq!(s.failures, 2);
+        assert!(!s.cooling(1000));
+        let (s, started) = after_failure(s, &policy(), None, 1000);
+        assert_eq!(started, Some(30 * S));
+        assert!(s.cooling(30_999));
+        assert!(!s.cooling(31_000));
+        assert_eq!(s.failures, 0);
+    }
+
+    #[test]
+    fn a_throttle_with_retry_after_cools_for_that_long_capped() {
+        let (s, started) = after_failure(State::default(), &policy(), Some(2 * S), 0);
+        assert_eq!(started, Some(2 * S));
+        assert!(s.cooling(1999) && !s.cooling(2000));
+        let (_, started) = after_failure(State::default(), &policy(), Some(600 * S), 0);
+        assert_eq!(started, Some(60 * S));
+        let (_, started) = after_failure(State::default(), &policy(), Some(Duration::ZERO), 0);
+        assert_eq!(started, None);
+    }
+
+    #[test]
+    fn success_resets_the_count_and_writes_only_when_needed() {
+        assert_eq!(after_success(State::default()), None);
+        assert_eq!(
+            after_success(State {
+                until_ms: 5,
+                failures: 2
+            }),
+            Some(State {
+                until_ms: 5,
+                failures: 0
+            })
+        );
+    }
+
+    #[test]
+    fn disabled_count_only_cools_on_throttle() {
+        let p = Cooldown {
+            after_failures: 0,
+            ..policy()
+        };
+        let (s, started) = after_failure(
+            State {
+                until_ms: 0,
+                failures: 100,
+            },
+            &p,
+            None,
+            0,
+        );
+        assert_eq!(started, None);
+        assert!(!s.cooling(0));
+    }
+
+    #[test]
+    fn encoding_round_trips_and_garbage_reads_as_fresh() {
+        let s = State {
+            until_ms: 1_700_000_000_123,
+            failures: 7,
+        };
+        assert_eq!(State::decode(&s.encode()), s);
+        assert_eq!(State::decode(b""), State::default());
+        assert_eq!(State::decode(b"short"), State::default());
+        assert_eq!(State::decode(&[1u8; 13]), State::default());
+    }
+}

@@ -1,0 +1,95 @@
+//! One request's HTTP context: forwards the host's callbacks to its `Exchange`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+
+use super::exchange::{Effect, Exchange, Runtime};
+use super::root::Timers;
+
+pub struct Http {
+    exchange: Rc<RefCell<Exchange>>,
+    timers: Rc<RefCell<Timers>>,
+    context_id: u32,
+}
+
+impl Http {
+    pub fn new(runtime: Rc<Runtime>, context_id: u32, timers: Rc<RefCell<Timers>>) -> Http {
+        Http {
+            exchange: Rc::new(RefCell::new(Exchange::new(runtime, context_id))),
+            timers,
+            context_id,
+        }
+    }
+
+    fn with<R>(&self, default: R, f: impl FnOnce(&mut Exchange) -> R) -> R {
+        match self.exchange.try_borrow_mut() {
+            Ok(mut ex) => f(&mut ex),
+            Err(_) => default,
+        }
+    }
+
+    fn follow(&self, effect: Effect) {
+        if let Effect::Wait(due) = effect {
+            if let Ok(mut timers) = self.timers.try_borrow_mut() {
+                timers.schedule(due, self.context_id, Rc::downgrade(&self.exchange));
+            }
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let effect = self.with(Effect::None, |ex| {
+            let effect = ex.on_callout_response(token_id, body_size);
+            // Callouts dispatched from this context come back to it; nothing to route.
+            let _ = ex.take_dispatched();
+            effect
+        });
+        self.follow(effect);
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.with(Action::Continue, |ex| ex.on_request_headers(end_of_stream))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.with(Action::Continue, |ex| {
+            ex.on_request_body(body_size, end_of_stream)
+        })
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let (action, effect) = self.with((Action::Continue, Effect::None), |ex| {
+            let r = ex.on_response_headers(end_of_stream);
+            let _ = ex.take_dispatched();
+            r
+        });
+        self.follow(effect);
+        action
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (action, effect) = self.with((Action::Continue, Effect::None), |ex| {
+            let r = ex.on_response_body(body_size, end_of_stream);
+            let _ = ex.take_dispatched();
+            r
+        });
+        self.follow(effect);
+        action
+    }
+
+    fn on_log(&mut self) {
+        self.with((), |ex| ex.on_log());
+    }
+}

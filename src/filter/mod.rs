@@ -1,0 +1,17 @@
+//! proxy-wasm glue: the root context (config, metrics, timers, cache sweep) and one HTTP context
+//! per request. Decisions are made by the pure modules; this layer only moves data in and out.
+
+mod exchange;
+mod host;
+mod http;
+mod metrics;
+mod root;
+mod shared;
+
+use proxy_wasm::traits::RootContext;
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::new()) });
+}}

@@ -1,0 +1,194 @@
+//! Root context: parses the config once, defines metrics, and drives timers (delayed retries) and
+//! the cache sweep from its tick.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use super::exchange::{Exchange, Runtime};
+use super::host;
+use super::http::Http;
+use super::shared;
+use crate::config::{self, ProcessEnv};
+
+const TICK: Duration = Duration::from_millis(25);
+const SWEEP_EVERY_TICKS: u32 = 40;
+const SWEEP_CHUNK: u32 = 4096;
+
+/// Retries waiting for a Retry-After, and callouts the root dispatched for them.
+#[derive(Default)]
+pub struct Timers {
+    due: Vec<(u64, u32, Weak<RefCell<Exchange>>)>,
+}
+
+impl Timers {
+    pub fn schedule(&mut self, due_ms: u64, context_id: u32, exchange: Weak<RefCell<Exchange>>) {
+        self.due.push((due_ms, context_id, exchange));
+    }
+}
+
+pub struct Root {
+    runtime: Option<Rc<Runtime>>,
+    timers: Rc<RefCell<Timers>>,
+    /// Callout token -> the request it belongs to, for callouts dispatched from the tick.
+    callouts: HashMap<u32, (u32, Weak<RefCell<Exchange>>)>,
+    ticks: u32,
+    sweep_next: u32,
+}
+
+impl Root {
+    pub fn new() -> Root {
+        Root {
+            runtime: None,
+            timers: Rc::new(RefCell::new(Timers::default())),
+            callouts: HashMap::new(),
+            ticks: 0,
+            sweep_next: 0,
+        }
+    }
+
+    fn fire_due_timers(&mut self, now: u64) {
+        let due: Vec<(u64, u32, Weak<RefCell<Exchange>>)> = {
+            let Ok(mut timers) = self.timers.try_borrow_mut() else {
+                return;
+            };
+            let (due, later): (Vec<_>, Vec<_>) =
+                timers.due.drain(..).partition(|(at, _, _)| *at <= now);
+            timers.due = later;
+            due
+        };
+        for (_, context_id, weak) in due {
+            let Some(exchange) = weak.upgrade() else {
+                continue;
+            };
+            if !host::set_effective_context(context_id) {
+                continue;
+            }
+            let Ok(mut ex) = exchange.try_borrow_mut() else {
+                continue;
+            };
+            let effect = ex.fire_retry();
+            self.follow(context_id, &weak, &mut ex, effect);
+        }
+    }
+
+    /// Records what an exchange did on the root's behalf: a callout to route back, a new timer.
+    fn follow(
+        &mut self,
+        context_id: u32,
+        weak: &Weak<RefCell<Exchange>>,
+        ex: &mut Exchange,
+        effect: super::exchange::Effect,
+    ) {
+        if let Some(token) = ex.take_dispatched() {
+            self.callouts.insert(token, (context_id, weak.clone()));
+        }
+        if let super::exchange::Effect::Wait(due) = effect {
+            if let Ok(mut timers) = self.timers.try_borrow_mut() {
+                timers.schedule(due, context_id, weak.clone());
+            }
+        }
+    }
+
+    fn sweep_cache(&mut self, now: u64) {
+        let Some(settings) = self.runtime.as_ref().and_then(|r| r.config.cache.clone()) else {
+            return;
+        };
+        let start = self.sweep_next.min(settings.max_entries);
+        let end = start.saturating_add(SWEEP_CHUNK).min(settings.max_entries);
+        shared::cache_sweep(start..end, now);
+        self.sweep_next = if end >= settings.max_entries { 0 } else { end };
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some((context_id, weak)) = self.callouts.remove(&token_id) else {
+            log::debug!("root: callout {token_id} answered for no known request");
+            return;
+        };
+        let Some(exchange) = weak.upgrade() else {
+            return;
+        };
+        if !host::set_effective_context(context_id) {
+            return;
+        }
+        let Ok(mut ex) = exchange.try_borrow_mut() else {
+            return;
+        };
+        let effect = ex.on_callout_response(token_id, body_size);
+        self.follow(context_id, &weak, &mut ex, effect);
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        proxy_wasm::set_log_level(host::envoy_log_level());
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        proxy_wasm::set_log_level(host::envoy_log_level());
+        let raw = host::plugin_configuration().unwrap_or_default();
+        match config::parse(&raw, &ProcessEnv) {
+            Ok(config) => {
+                log::info!(
+                    "configured {} target(s): {}",
+                    config.targets.len(),
+                    config
+                        .targets
+                        .iter()
+                        .map(|t| format!(
+                            "{} ({} via cluster {})",
+                            t.name,
+                            t.provider.as_str(),
+                            t.cluster
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                );
+                self.runtime = Some(Rc::new(Runtime::new(config)));
+                host::set_tick_period(TICK);
+                true
+            }
+            Err(e) => {
+                log::error!("invalid configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = host::now_ms();
+        self.fire_due_timers(now);
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % SWEEP_EVERY_TICKS == 0 {
+            self.sweep_cache(now);
+        }
+        // Callouts whose request is gone (client disconnected) are forgotten.
+        self.callouts.retain(|_, (_, weak)| weak.strong_count() > 0);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let runtime = self.runtime.clone()?;
+        Some(Box::new(Http::new(
+            runtime,
+            context_id,
+            self.timers.clone(),
+        )))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

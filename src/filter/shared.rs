@@ -1,0 +1,78 @@
+//! Envoy shared data (one store for every worker of the VM): cooldown state and cache slots.
+//! Writers use compare-and-swap.
+
+use super::host;
+use crate::cache::{self, Digest, Entry};
+use crate::config::{CacheSettings, Cooldown};
+use crate::cooldown::{self, State};
+use std::time::Duration;
+
+const CAS_TRIES: usize = 4;
+
+fn cooldown_key(target: &str) -> String {
+    format!("llm_failover.cooldown.{target}")
+}
+
+pub fn cooling(target: &str, now_ms: u64) -> bool {
+    let (bytes, _) = host::shared_get(&cooldown_key(target));
+    bytes.is_some_and(|b| State::decode(&b).cooling(now_ms))
+}
+
+/// Records a failure; returns the cooldown it started, if any.
+pub fn record_failure(
+    target: &str,
+    policy: &Cooldown,
+    throttled_for: Option<Duration>,
+    now_ms: u64,
+) -> Option<Duration> {
+    let key = cooldown_key(target);
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(&key);
+        let state = bytes.map(|b| State::decode(&b)).unwrap_or_default();
+        let (next, started) = cooldown::after_failure(state, policy, throttled_for, now_ms);
+        if host::shared_set(&key, &next.encode(), cas).is_ok() {
+            return started;
+        }
+    }
+    None
+}
+
+pub fn record_success(target: &str) {
+    let key = cooldown_key(target);
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(&key);
+        let Some(next) = bytes.and_then(|b| cooldown::after_success(State::decode(&b))) else {
+            return;
+        };
+        if host::shared_set(&key, &next.encode(), cas).is_ok() {
+            return;
+        }
+    }
+}
+
+pub fn cache_get(settings: &CacheSettings, digest: &Digest, now_ms: u64) -> Option<Entry> {
+    let (bytes, _) = host::shared_get(&cache::slot_key(cache::slot(digest, settings.max_entries)));
+    cache::lookup(&bytes?, digest, now_ms)
+}
+
+/// Stores an entry in its slot unless another worker wrote the slot meanwhile (then theirs wins).
+pub fn cache_put(settings: &CacheSettings, entry: &Entry) {
+    let key = cache::slot_key(cache::slot(&entry.digest, settings.max_entries));
+    let (_, cas) = host::shared_get(&key);
+    let _ = host::shared_set(&key, &entry.encode(), cas);
+}
+
+/// Empties expired slots in `range`; the sweep walks all slots a chunk per tick.
+pub fn cache_sweep(range: std::ops::Range<u32>, now_ms: u64) {
+    for slot in range {
+        let key = cache::slot_key(slot);
+        let (bytes, cas) = host::shared_get(&key);
+        let expired = bytes
+            .as_deref()
+            .and_then(Entry::expiry)
+            .is_some_and(|exp| exp <= now_ms);
+        if expired {
+            let _ = host::shared_set(&key, &[], cas);
+        }
+    }
+}

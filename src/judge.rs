@@ -1,0 +1,221 @@
+//! How an upstream answer is judged: delivered to the client, or a failure that may be retried
+//! or failed over. Envoy's own replies for connect failures, resets and timeouts (to the routed
+//! attempt and to callouts) are recognised as transport failures.
+
+use crate::chain::{Failure, FailureKind, Outcome};
+use crate::config::Config;
+
+/// Whether an answer with this status needs its body read before it can be judged (a failure
+/// status, something Envoy may have generated, or a possible content-filter refusal).
+pub fn needs_judging(config: &Config, status: Option<u16>) -> bool {
+    match status {
+        None => true,
+        Some(s) => config.is_failure_status(s) || matches!(s, 502..=504),
+    }
+}
+
+/// What the answer was, for the log and for the client reply of a transport failure.
+pub fn outcome(
+    config: &Config,
+    status: Option<u16>,
+    content_type: Option<&[u8]>,
+    body: &[u8],
+    retry_after: Option<std::time::Duration>,
+) -> Outcome {
+    let Some(status) = status else {
+        return failed(FailureKind::Unreachable, None);
+    };
+    if let Some(kind) = envoy_transport_failure(status, content_type, body) {
+        return failed(kind, None);
+    }
+    if !config.is_failure_status(status) {
+        return Outcome::Delivered;
+    }
+    if status == 400 && !config.failover_on_content_filter && is_content_filter(body) {
+        return Outcome::Delivered;
+    }
+    failed(FailureKind::Status(status), retry_after)
+}
+
+fn failed(kind: FailureKind, retry_after: Option<std::time::Duration>) -> Outcome {
+    Outcome::Failed(Failure { kind, retry_after })
+}
+
+/// Envoy answers a failed upstream connection with a short text/plain body of its own.
+fn envoy_transport_failure(
+    status: u16,
+    content_type: Option<&[u8]>,
+    body: &[u8],
+) -> Option<FailureKind> {
+    if !matches!(status, 502..=504) {
+        return None;
+    }
+    let plain = content_type.map_or(true, |ct| ct.starts_with(b"text/plain"));
+    if !plain {
+        return None;
+    }
+    if body.starts_with(b"upstream request timeout")
+        || body.starts_with(b"upstream per-try timeout")
+    {
+        return Some(FailureKind::Timeout);
+    }
+    const UNREACHABLE: [&[u8]; 4] = [
+        b"upstream connect error or disconnect/reset before headers",
+        b"no healthy upstream",
+        b"upstream reset",
+        b"no cluster match",
+    ];
+    UNREACHABLE
+        .iter()
+        .any(|p| body.starts_with(p))
+        .then_some(FailureKind::Unreachable)
+}
+
+/// Azure's content filter: `{"error": {"code": "content_filter", ...}}` (also seen with the code
+/// in `innererror`).
+fn is_content_filter(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Option<Error>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        code: Option<serde_json::Value>,
+        innererror: Option<Inner>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        code: Option<serde_json::Value>,
+    }
+    let Ok(Body { error: Some(e) }) = serde_json::from_slice::<Body>(body) else {
+        return false;
+    };
+    let code = e.code.as_ref().and_then(|c| c.as_str());
+    let inner = e
+        .innererror
+        .and_then(|i| i.code)
+        .and_then(|c| c.as_str().map(str::to_owned));
+    code == Some("content_filter") || inner.as_deref() == Some("ResponsibleAIPolicyViolation")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Env};
+    use serde_json::json;
+    use std::time::Duration;
+
+    struct NoEnv;
+    impl Env for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn config(strategy: serde_json::Value) -> Config {
+        let cfg = json!({"strategy": strategy, "targets": [{"provider": "openai", "cluster": "o", "api_key": "k"}]});
+        config::parse(cfg.to_string().as_bytes(), &NoEnv).unwrap()
+    }
+
+    fn kind(o: &Outcome) -> Option<FailureKind> {
+        match o {
+            Outcome::Delivered => None,
+            Outcome::Failed(f) => Some(f.kind),
+        }
+    }
+
+    const CF: &[u8] = br#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter","status":400}}"#;
+
+    #[test]
+    fn statuses_are_judged_by_on_status_codes() {
+        let c = config(json!({}));
+        let json = Some(&b"application/json"[..]);
+        let cases = [
+            (Some(200), None),
+            (Some(400), None),
+            (Some(404), None),
+            (Some(429), Some(FailureKind::Status(429))),
+            (Some(500), Some(FailureKind::Status(500))),
+            (Some(503), Some(FailureKind::Status(503))),
+            (None, Some(FailureKind::Unreachable)),
+        ];
+        for (status, want) in cases {
+            assert_eq!(
+                kind(&outcome(&c, status, json, b"{}", None)),
+                want,
+                "{status:?}"
+            );
+        }
+        let only_429 = config(json!({"on_status_codes": [429]}));
+        assert_eq!(
+            kind(&outcome(&only_429, Some(500), json, b"{}", None)),
+            None
+        );
+    }
+
+    #[test]
+    fn envoy_generated_replies_are_transport_failures_whatever_the_codes() {
+        let c = config(json!({"on_status_codes": [429]}));
+        let plain = Some(&b"text/plain"[..]);
+        let cases: [(u16, &[u8], FailureKind); 3] = [
+            (504, b"upstream request timeout", FailureKind::Timeout),
+            (503, b"upstream connect error or disconnect/reset before headers. reset reason: connection failure", FailureKind::Unreachable),
+            (503, b"no healthy upstream", FailureKind::Unreachable),
+        ];
+        for (status, body, want) in cases {
+            assert!(needs_judging(&c, Some(status)));
+            assert_eq!(
+                kind(&outcome(&c, Some(status), plain, body, None)),
+                Some(want)
+            );
+        }
+        // An upstream's own JSON 503 is not a transport failure.
+        assert_eq!(
+            kind(&outcome(
+                &c,
+                Some(503),
+                Some(b"application/json"),
+                br#"{"error":{}}"#,
+                None
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn content_filter_refusals_are_not_failed_over_unless_switched_on() {
+        let c = config(json!({"on_status_codes": [400, 429]}));
+        assert_eq!(kind(&outcome(&c, Some(400), None, CF, None)), None);
+        assert_eq!(
+            kind(&outcome(
+                &c,
+                Some(400),
+                None,
+                b"{\"error\":{\"code\":\"other\"}}",
+                None
+            )),
+            Some(FailureKind::Status(400))
+        );
+        let inner =
+            br#"{"error":{"code":"x","innererror":{"code":"ResponsibleAIPolicyViolation"}}}"#;
+        assert_eq!(kind(&outcome(&c, Some(400), None, inner, None)), None);
+        let on = config(json!({"on_status_codes": [400, 429], "failover_on_content_filter": true}));
+        assert_eq!(
+            kind(&outcome(&on, Some(400), None, CF, None)),
+            Some(FailureKind::Status(400))
+        );
+    }
+
+    #[test]
+    fn retry_after_travels_with_the_failure() {
+        let c = config(json!({}));
+        let o = outcome(&c, Some(429), None, b"{}", Some(Duration::from_secs(2)));
+        assert_eq!(
+            o,
+            Outcome::Failed(Failure {
+                kind: FailureKind::Status(429),
+                retry_after: Some(Duration::from_secs(2))
+            })
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Replies the filter itself gives, in OpenAI's error shape:
+//! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`.
+
+use serde_json::json;
+
+/// Every reason the filter answers a request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// No or wrong gateway key.
+    Unauthorized,
+    /// The request body is larger than `max_request_body_bytes`.
+    BodyTooLarge { limit: usize },
+    /// The body of an operation that must be rewritten is not a JSON object.
+    InvalidBody { reason: String },
+    /// No target in the chain can serve this request (e.g. no Azure deployment for the model).
+    NoTarget { model: Option<String> },
+    /// An attempt failed in transport (connect failure, reset, timeout) and it was the last one.
+    UpstreamUnavailable { target: String, timeout: bool },
+    /// The request budget (`deadline`) ran out before any attempt answered.
+    DeadlineExceeded,
+}
+
+pub struct LocalReply {
+    pub status: u32,
+    pub body: Vec<u8>,
+}
+
+impl Rejection {
+    pub fn status(&self) -> u32 {
+        match self {
+            Rejection::Unauthorized => 401,
+            Rejection::BodyTooLarge { .. } => 413,
+            Rejection::InvalidBody { .. } => 400,
+            Rejection::NoTarget { .. } => 400,
+            Rejection::UpstreamUnavailable { timeout: true, .. } => 504,
+            Rejection::UpstreamUnavailable { timeout: false, .. } => 502,
+            Rejection::DeadlineExceeded => 504,
+        }
+    }
+
+    /// The `code` field, stable for clients to match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Unauthorized => "invalid_api_key",
+            Rejection::BodyTooLarge { .. } => "request_too_large",
+            Rejection::InvalidBody { .. } => "invalid_request_body",
+            Rejection::NoTarget { .. } => "model_not_available",
+            Rejection::UpstreamUnavailable { timeout: true, .. } => "upstream_timeout",
+            Rejection::UpstreamUnavailable { timeout: false, .. } => "upstream_unavailable",
+            Rejection::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Unauthorized
+            | Rejection::BodyTooLarge { .. }
+            | Rejection::InvalidBody { .. }
+            | Rejection::NoTarget { .. } => "invalid_request_error",
+            Rejection::UpstreamUnavailable { .. } | Rejection::DeadlineExceeded => "server_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Rejection::Unauthorized => {
+                "Missing or invalid gateway key. Send it as 'Authorization: Bearer <key>' or 'api-key: <key>'.".to_string()
+            }
+            Rejection::BodyTooLarge { limit } => format!("Request body is larger than the gateway's limit of {limit} bytes."),
+            Rejection::InvalidBody { reason } => format!("Request body must be a JSON object: {reason}."),
+            Rejection::NoTarget { model: Some(m) } => format!("No configured target can serve model '{m}'."),
+            Rejection::NoTarget { model: None } => "No configured target can serve this request.".to_string(),
+            Rejection::UpstreamUnavailable { target, timeout: true } => {
+                format!("The upstream '{target}' did not answer in time and no other target was left.")
+            }
+            Rejection::UpstreamUnavailable { target, timeout: false } => {
+                format!("The upstream '{target}' could not be reached and no other target was left.")
+            }
+            Rejection::DeadlineExceeded => "The gateway's request deadline was spent before any target answered.".to_string(),
+        }
+    }
+
+    pub fn reply(&self) -> LocalReply {
+        let body = json!({
+            "error": {
+                "message": self.message(),
+                "type": self.kind(),
+                "param": null,
+                "code": self.code(),
+            }
+        });
+        LocalReply {
+            status: self.status(),
+            body: body.to_string().into_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn every_rejection_is_openai_shaped_with_its_status_and_code() {
+        let cases = [
+            (Rejection::Unauthorized, 401, "invalid_api_key"),
+            (
+                Rejection::BodyTooLarge { limit: 10 },
+                413,
+                "request_too_large",
+            ),
+            (
+                Rejection::InvalidBody { reason: "x".into() },
+                400,
+                "invalid_request_body",
+            ),
+            (
+                Rejection::NoTarget {
+                    model: Some("m".into()),
+                },
+                400,
+                "model_not_available",
+            ),
+            (
+                Rejection::UpstreamUnavailable {
+                    target: "t".into(),
+                    timeout: true,
+                },
+                504,
+                "upstream_timeout",
+            ),
+            (
+                Rejection::UpstreamUnavailable {
+                    target: "t".into(),
+                    timeout: false,
+                },
+                502,
+                "upstream_unavailable",
+            ),
+            (Rejection::DeadlineExceeded, 504, "deadline_exceeded"),
+        ];
+        for (rejection, status, code) in cases {
+            let reply = rejection.reply();
+            assert_eq!(reply.status, status);
+            let v: Value = serde_json::from_slice(&reply.body).unwrap();
+            let err = &v["error"];
+            assert_eq!(err["code"], code);
+            assert!(err["message"].as_str().unwrap().len() > 10);
+            assert!(err["type"].is_string());
+            assert!(err["param"].is_null());
+        }
+    }
+}

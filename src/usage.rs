@@ -1,0 +1,122 @@
+//! Token usage of an answer: the `usage` object of a chat completion, or of the final chunk of a
+//! stream (`stream_options.include_usage`). Only the tail of a body is kept, so reading usage
+//! never buffers a response.
+
+use serde::Deserialize;
+
+/// Bytes of a body's end that are kept; `usage` is among the last fields OpenAI and Azure send.
+pub const TAIL: usize = 2048;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+/// Keeps the last `TAIL` bytes of a body seen chunk by chunk.
+#[derive(Debug, Default)]
+pub struct UsageScanner {
+    tail: Vec<u8>,
+}
+
+impl UsageScanner {
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > 2 * TAIL {
+            let cut = self.tail.len() - TAIL;
+            self.tail.drain(..cut);
+        }
+    }
+
+    pub fn finish(&self) -> Option<Usage> {
+        from_body(&self.tail)
+    }
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// The last `"usage": {...}` object in `body`, if any.
+pub fn from_body(body: &[u8]) -> Option<Usage> {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    let mut end = body.len();
+    while let Some(at) = body
+        .get(..end)?
+        .windows(NEEDLE.len())
+        .rposition(|w| w == NEEDLE)
+    {
+        let rest = body.get(at + NEEDLE.len()..)?;
+        let rest = skip_ws(rest);
+        if let Some(rest) = rest.strip_prefix(b":") {
+            let rest = skip_ws(rest);
+            if rest.first() == Some(&b'{') {
+                let mut it = serde_json::Deserializer::from_slice(rest).into_iter::<Raw>();
+                if let Some(Ok(raw)) = it.next() {
+                    return Some(Usage {
+                        prompt: raw.prompt_tokens.unwrap_or(0),
+                        completion: raw.completion_tokens.unwrap_or(0),
+                    });
+                }
+            }
+        }
+        end = at;
+    }
+    None
+}
+
+fn skip_ws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    s.get(n..).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_of_a_completion() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"the \"usage\" word"}}],"usage": {"prompt_tokens":12,"completion_tokens":5,"total_tokens":17},"system_fingerprint":"fp"}"#;
+        assert_eq!(
+            from_body(body),
+            Some(Usage {
+                prompt: 12,
+                completion: 5
+            })
+        );
+    }
+
+    #[test]
+    fn usage_of_a_stream_is_in_the_final_chunk() {
+        let mut s = UsageScanner::default();
+        s.push(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n");
+        for _ in 0..100 {
+            s.push(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"more text\"}}],\"usage\":null}\n\n",
+            );
+        }
+        s.push(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":101}}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                prompt: 3,
+                completion: 101
+            })
+        );
+    }
+
+    #[test]
+    fn no_usage_means_none() {
+        assert_eq!(
+            from_body(b"data: {\"usage\":null}\n\ndata: [DONE]\n\n"),
+            None
+        );
+        assert_eq!(from_body(b""), None);
+        assert_eq!(from_body(b"\"usage\""), None);
+        assert_eq!(from_body(b"\"usage\": {\"prompt_tokens\": \"x\"}"), None);
+    }
+}
