@@ -1,0 +1,1242 @@
+#!/usr/bin/env python3
+"""Strict mock OpenAI and Azure OpenAI upstreams (Python standard library only).
+
+Run one upstream per process::
+
+    python tests/mocks/upstream.py --provider openai --port 18001 --api-key sk-local-openai-mock-key
+    python tests/mocks/upstream.py --provider azure --port 18002 --api-key local-azure-mock-key \\
+        --resource llmf-local --api-versions 2024-10-21,2024-06-01 \\
+        --deployments gpt-4o-prod,gpt-4o-mini-default
+
+or in-process from pytest::
+
+    from mocks.upstream import start
+    server, thread = start("azure", port=0, deployments="gpt-4o-prod")
+    server.port          # the bound port
+    server.stop()        # stop serving and drop every open connection
+
+The mocks are as strict as the real services about what a gateway must get right (path,
+host, credential, api-version, deployment, body shape) and record everything they receive,
+so tests can assert exactly what reached "the provider".  A credential sent to the wrong
+provider is recorded as a *leak* and answered 400.
+
+Control API (same port, no auth, no host check):
+
+    POST /__mock/script     JSON list of steps applied to the next API requests, in order:
+                            {"status": 429, "retry_after": "2"}      Retry-After: 2
+                            {"status": 429, "retry_after_ms": 1500}  retry-after-ms (azure: also x-ms-retry-after-ms)
+                            {"status": 500} / {"status": 503} / {"status": 502} / {"status": 504}
+                            {"delay_ms": 3000}                       success, answered late
+                            {"close": true}                          reset the connection, no answer
+                            {"status": 400, "content_filter": true}  Azure content-filter error
+                            {"close_after_events": 2}                streaming: 2 SSE events then reset
+                            {} or {"status": 200}                    a normal answer
+                            optional on any step: "repeat": N | "forever", "delay_ms": N,
+                            "headers": {...} (extra response headers), "body": {...} (replaces
+                            the answer's JSON body)
+                            {"append": true, "steps": [...]} appends instead of replacing.
+    POST /__mock/fail_rate  {"rate": 0.5, "statuses": [429, 500, 503], "seed": 1}
+    POST /__mock/config     {"stream_delay_ms": 10}
+    POST /__mock/forbid     {"secrets": ["..."]}  strings that must never reach this upstream
+    POST /__mock/reset      clears script, fail rate, request log, leaks and TLS errors
+    GET  /__mock/requests   every API request received (see RequestRecord in _record())
+    GET  /__mock/leaks      the leaks only
+    GET  /__mock/state      script left, fail rate, counters, settings
+    GET  /__mock/tls        TLS handshake failures (wrong SNI, ...)
+    GET  /__mock/health     200 {"ok": true}
+
+Per-request forcing (handy for curl demos): request header ``x-mock-status: 429`` (optionally
+``x-mock-retry-after: 1``, ``x-mock-delay-ms: 500``) forces that answer for this one request;
+``x-mock-status-<name>: 429`` does so only on the mock named <name> (``--name``, default the
+provider); ``x-mock-count: N`` also answers the next N-1 API requests of that mock the same way
+(a gateway's retries and callouts don't carry the client's header), e.g.
+``curl -H 'x-mock-status-openai: 429' -H 'x-mock-count: 2' ...`` fails OpenAI twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import gzip
+import json
+import random
+import re
+import signal
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+OPENAI = "openai"
+AZURE = "azure"
+
+DEFAULT_OPENAI_KEY = "sk-local-openai-mock-key"
+DEFAULT_AZURE_KEY = "local-azure-mock-key"
+DEFAULT_RESOURCE = "llmf-local"
+DEFAULT_API_VERSIONS = ("2024-10-21", "2024-06-01")
+DEFAULT_DEPLOYMENTS = ("gpt-4o-prod", "gpt-4o-mini-default")
+DEFAULT_STREAM_DELAY_MS = 50
+
+OPENAI_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+AZURE_PATH_RE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
+AZURE_OPERATIONS = {"chat/completions": "chat", "completions": "completions", "embeddings": "embeddings"}
+AZURE_OPERATION_NAMES = {
+    "chat": "ChatCompletions_Create",
+    "completions": "Completions_Create",
+    "embeddings": "Embeddings_Create",
+}
+
+# Azure returns the underlying model's name, not the deployment's: guess it from the
+# deployment name unless the operator gave `deployment=model`.
+_AZURE_MODEL_GUESSES = (
+    ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+    ("gpt-4o", "gpt-4o-2024-08-06"),
+    ("gpt-4-turbo", "gpt-4-turbo-2024-04-09"),
+    ("gpt-4", "gpt-4"),
+    ("gpt-35-turbo-instruct", "gpt-35-turbo-instruct"),
+    ("gpt-35-turbo", "gpt-35-turbo"),
+    ("text-embedding-3-small", "text-embedding-3-small"),
+    ("text-embedding-3-large", "text-embedding-3-large"),
+    ("text-embedding-ada-002", "text-embedding-ada-002"),
+)
+
+OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "text-embedding-3-small", "gpt-3.5-turbo-instruct")
+
+CONTENT_FILTER_RESULT = {
+    "hate": {"filtered": False, "severity": "safe"},
+    "jailbreak": {"filtered": True, "detected": True},
+    "self_harm": {"filtered": False, "severity": "safe"},
+    "sexual": {"filtered": False, "severity": "safe"},
+    "violence": {"filtered": True, "severity": "medium"},
+}
+CONTENT_FILTER_OK = {
+    "hate": {"filtered": False, "severity": "safe"},
+    "self_harm": {"filtered": False, "severity": "safe"},
+    "sexual": {"filtered": False, "severity": "safe"},
+    "violence": {"filtered": False, "severity": "safe"},
+}
+
+
+class _Abort(Exception):
+    """Raised to drop a connection without answering (a reset)."""
+
+
+def mask_key(key: str) -> str:
+    """Mask a credential the way OpenAI does in its 401 message (never echo a secret)."""
+    if len(key) <= 8:
+        return "*" * len(key)
+    return key[:3] + "*" * (len(key) - 7) + key[-4:]
+
+
+def _split_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _guess_azure_model(deployment: str) -> str:
+    for prefix, model in _AZURE_MODEL_GUESSES:
+        if deployment.startswith(prefix):
+            return model
+    return "gpt-4o-2024-08-06"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _approx_tokens(value) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return max(1, (len(value) + 3) // 4)
+    if isinstance(value, (int, float)):
+        return 1
+    if isinstance(value, list):
+        return sum(_approx_tokens(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_approx_tokens(v) for v in value.values())
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Server
+
+
+class MockServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        provider: str,
+        port: int = 0,
+        *,
+        api_key: str | None = None,
+        host: str | None = None,
+        resource: str | None = None,
+        api_versions=None,
+        deployments=None,
+        ad_token: str | None = None,
+        stream_delay_ms: int = DEFAULT_STREAM_DELAY_MS,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        expect_sni: str | None = None,
+        name: str | None = None,
+        forbid=None,
+        models=None,
+        region: str = "eastus",
+        bind: str = "127.0.0.1",
+        quiet: bool = True,
+    ):
+        if provider not in (OPENAI, AZURE):
+            raise ValueError(f"provider must be {OPENAI!r} or {AZURE!r}, got {provider!r}")
+        self.provider = provider
+        self.name = name or provider
+        self.api_key = api_key or (DEFAULT_OPENAI_KEY if provider == OPENAI else DEFAULT_AZURE_KEY)
+        self.resource = resource or DEFAULT_RESOURCE
+        if host:
+            self.expected_host = host
+        else:
+            self.expected_host = "api.openai.com" if provider == OPENAI else f"{self.resource}.openai.azure.com"
+        self.api_versions = _split_list(api_versions) or list(DEFAULT_API_VERSIONS)
+        self.deployments: dict[str, str] = {}
+        for item in _split_list(deployments) or list(DEFAULT_DEPLOYMENTS):
+            dep, _, model = item.partition("=")
+            self.deployments[dep] = model or _guess_azure_model(dep)
+        self.ad_token = ad_token
+        self.models = _split_list(models)  # openai: accepted models; empty = any
+        self.region = region
+        self.stream_delay_ms = int(stream_delay_ms)
+        self.quiet = quiet
+        self.expect_sni = expect_sni
+        self.tls = bool(tls_cert)
+
+        self.lock = threading.RLock()
+        self.script: list[dict] = []
+        self.fail_rate: dict | None = None
+        self.rng = random.Random()
+        self.log: list[dict] = []
+        self.leaks: list[dict] = []
+        self.tls_errors: list[dict] = []
+        if forbid is None:
+            # By default the other provider's default (local) key must never arrive here.
+            forbid = [DEFAULT_AZURE_KEY] if provider == OPENAI else [DEFAULT_OPENAI_KEY]
+        self.forbidden: list[str] = [f for f in _split_list(forbid) if f != self.api_key]
+        self._seq = 0
+        self._conns: set = set()
+        self._aborted: set = set()
+        self._stopped = False
+
+        super().__init__((bind, port), MockHandler)
+        self.port = self.server_address[1]
+
+        if tls_cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls_cert, tls_key)
+            ctx.set_alpn_protocols(["http/1.1"])
+            ctx.sni_callback = self._sni_callback
+            self.socket = ctx.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    # -- TLS -----------------------------------------------------------------------------------
+
+    def _sni_callback(self, sslsock, server_name, _ctx):
+        try:
+            sslsock._mock_sni = server_name
+        except Exception:  # pragma: no cover - SSLObject without __dict__
+            pass
+        if self.expect_sni is not None and server_name != self.expect_sni:
+            with self.lock:
+                self.tls_errors.append(
+                    {"time": time.time(), "error": "unexpected SNI", "sni": server_name, "expected": self.expect_sni}
+                )
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+    # -- connection tracking (so stop() drops keep-alive connections) ---------------------------
+
+    def process_request(self, request, client_address):
+        with self.lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self._conns.discard(request)
+            aborted = request in self._aborted
+            self._aborted.discard(request)
+        if aborted:
+            try:
+                request.close()
+            except OSError:
+                pass
+            return
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, _Abort, OSError)):
+            return
+        if not self.quiet:
+            super().handle_error(request, client_address)
+
+    def stop(self):
+        """Stop serving and drop every open connection (an upstream that went away)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.shutdown()
+        self.server_close()
+        with self.lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def reset(self):
+        with self.lock:
+            self.script = []
+            self.fail_rate = None
+            self.log = []
+            self.leaks = []
+            self.tls_errors = []
+            self._seq = 0
+
+    def set_script(self, steps, append=False):
+        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+            raise ValueError("script must be a JSON list of objects")
+        norm = []
+        for s in steps:
+            s = dict(s)
+            rep = s.pop("repeat", 1)
+            if rep == "forever" or rep == -1:
+                s["_left"] = None
+            else:
+                rep = int(rep)
+                if rep < 1:
+                    continue
+                s["_left"] = rep
+            norm.append(s)
+        with self.lock:
+            if append:
+                self.script.extend(norm)
+            else:
+                self.script = norm
+
+    def next_step(self) -> dict | None:
+        with self.lock:
+            if self.script:
+                step = self.script[0]
+                if step["_left"] is not None:
+                    step["_left"] -= 1
+                    if step["_left"] <= 0:
+                        self.script.pop(0)
+                return {k: v for k, v in step.items() if k != "_left"}
+            fr = self.fail_rate
+            if fr and self.rng.random() < fr["rate"]:
+                return {"status": self.rng.choice(fr["statuses"]), "_from": "fail_rate"}
+        return None
+
+    def control(self, method: str, path: str, data=None) -> tuple[int, object]:
+        """The control API (also called directly by in-process test helpers): (status, JSON object)."""
+        s = self
+        try:
+            if path == "/__mock/health":
+                return (200, {"ok": True, "provider": s.provider, "name": s.name})
+            if path == "/__mock/requests":
+                with s.lock:
+                    return (200, copy.deepcopy(s.log))
+            if path == "/__mock/leaks":
+                with s.lock:
+                    return (200, copy.deepcopy(s.leaks))
+            if path == "/__mock/tls":
+                with s.lock:
+                    return (200, copy.deepcopy(s.tls_errors))
+            if path == "/__mock/state":
+                return (200, s.state())
+            if method != "POST":
+                return (405, {"error": f"{method} {path}: use POST"})
+            if path == "/__mock/reset":
+                s.reset()
+                return (200, {"ok": True})
+            if path == "/__mock/script":
+                if isinstance(data, dict) and "steps" in data:
+                    s.set_script(data["steps"], append=bool(data.get("append")))
+                else:
+                    s.set_script(data if data is not None else [])
+                return (200, {"ok": True, "script": s.state()["script"]})
+            if path == "/__mock/fail_rate":
+                if not data or not float(data.get("rate", 0)):
+                    with s.lock:
+                        s.fail_rate = None
+                    return (200, {"ok": True, "fail_rate": None})
+                statuses = [int(x) for x in data.get("statuses") or [429, 500, 503]]
+                rate = float(data["rate"])
+                if not 0 <= rate <= 1:
+                    raise ValueError("rate must be within [0, 1]")
+                with s.lock:
+                    s.fail_rate = {"rate": rate, "statuses": statuses}
+                    if "seed" in data:
+                        s.rng.seed(data["seed"])
+                return (200, {"ok": True, "fail_rate": s.fail_rate})
+            if path == "/__mock/config":
+                with s.lock:
+                    if "stream_delay_ms" in (data or {}):
+                        s.stream_delay_ms = int(data["stream_delay_ms"])
+                return (200, s.state())
+            if path == "/__mock/forbid":
+                with s.lock:
+                    s.forbidden = _split_list((data or {}).get("secrets"))
+                return (200, {"ok": True, "count": len(s.forbidden)})
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return (400, {"error": str(e)})
+        return (404, {"error": f"unknown control path {path}"})
+
+    def state(self) -> dict:
+        with self.lock:
+            return {
+                "provider": self.provider,
+                "name": self.name,
+                "port": self.port,
+                "expected_host": self.expected_host,
+                "api_versions": self.api_versions,
+                "deployments": self.deployments,
+                "stream_delay_ms": self.stream_delay_ms,
+                "tls": self.tls,
+                "expect_sni": self.expect_sni,
+                "script": [dict(s) for s in self.script],
+                "fail_rate": self.fail_rate,
+                "requests": len(self.log),
+                "leaks": len(self.leaks),
+                "tls_errors": len(self.tls_errors),
+            }
+
+
+# ----------------------------------------------------------------------------------------------
+# Request handler
+
+
+class MockHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: MockServer
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def setup(self):
+        try:  # SSE events must leave at once, not wait for the client's delayed ACK (Nagle)
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                sni = getattr(self.request, "_mock_sni", None)
+                sni_rejected = self.server.expect_sni is not None and sni != self.server.expect_sni
+                if not sni_rejected:  # an SNI rejection was recorded by the SNI callback already
+                    with self.server.lock:
+                        self.server.tls_errors.append({"time": time.time(), "error": str(e), "sni": sni})
+                raise
+            self.request.settimeout(None)
+        super().setup()
+
+    def version_string(self):
+        return "cloudflare" if self.server.provider == OPENAI else "Microsoft-HTTPAPI/2.0"
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            sys.stderr.write(f"[mock {self.server.name}] {self.address_string()} {fmt % args}\n")
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def _read_body(self) -> bytes:
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            chunks = []
+            while True:
+                line = self.rfile.readline(65537)
+                if not line:
+                    raise _Abort("eof in chunked body")
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    # trailers until an empty line
+                    while True:
+                        t = self.rfile.readline(65537)
+                        if t in (b"\r\n", b"\n", b""):
+                            break
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)  # CRLF after the chunk
+            return b"".join(chunks)
+        length = self.headers.get("Content-Length")
+        if length:
+            return self.rfile.read(int(length))
+        return b""
+
+    def _accepts_gzip(self) -> bool:
+        ae = self.headers.get("Accept-Encoding") or ""
+        for part in ae.split(","):
+            token, _, params = part.strip().partition(";")
+            if token.strip().lower() in ("gzip", "*"):
+                m = re.search(r"q\s*=\s*([0-9.]+)", params)
+                if m and float(m.group(1)) == 0:
+                    return False
+                return True
+        return False
+
+    def _base_headers(self) -> dict:
+        s = self.server
+        if s.provider == OPENAI:
+            return {
+                "openai-organization": "org-mock",
+                "openai-processing-ms": "12",
+                "openai-version": "2020-10-01",
+                "x-request-id": "req_" + uuid.uuid4().hex,
+                "x-ratelimit-limit-requests": "10000",
+                "x-ratelimit-remaining-requests": "9999",
+                "x-ratelimit-limit-tokens": "30000000",
+                "x-ratelimit-remaining-tokens": "29999000",
+                "x-ratelimit-reset-requests": "6ms",
+                "x-ratelimit-reset-tokens": "0s",
+                "x-mock-provider": s.name,
+            }
+        apim = str(uuid.uuid4())
+        return {
+            "apim-request-id": apim,
+            "x-request-id": apim,
+            "x-ms-region": {"eastus": "East US", "swedencentral": "Sweden Central"}.get(s.region, s.region),
+            "x-ms-client-request-id": self.headers.get("x-ms-client-request-id") or "Not-Set",
+            "x-ratelimit-remaining-requests": "99",
+            "x-ratelimit-remaining-tokens": "99000",
+            "azureml-model-session": "d001-20240901",
+            "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
+            "x-content-type-options": "nosniff",
+            "x-mock-provider": s.name,
+        }
+
+    def _send_json(self, status: int, obj, extra_headers: dict | None = None):
+        body = json.dumps(obj, separators=(",", ":")).encode() if not isinstance(obj, bytes) else obj
+        headers = self._base_headers()
+        headers["Content-Type"] = "application/json"
+        if self._accepts_gzip() and body:
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+            headers["Vary"] = "Accept-Encoding"
+        if extra_headers:
+            headers.update({k: str(v) for k, v in extra_headers.items()})
+        headers["Content-Length"] = str(len(body))
+        self._status = status
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def _send_control(self, status: int, obj):
+        body = json.dumps(obj, indent=1).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _abort(self):
+        """Drop the connection with a TCP reset, answering nothing."""
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        with self.server.lock:
+            self.server._aborted.add(self.request)
+        self.close_connection = True
+        raise _Abort()
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self):
+        self._status = None
+        split = urlsplit(self.path)
+        path = split.path
+        try:
+            body = self._read_body()
+        except _Abort:
+            self.close_connection = True
+            return
+        if path.startswith("/__mock/"):
+            self._control(path, split.query, body)
+            return
+        rec = self._record(split, body)
+        try:
+            self._handle_api(rec, path, split.query, body)
+        except _Abort:
+            rec["closed"] = True
+            raise
+        except (BrokenPipeError, ConnectionResetError):
+            rec["closed"] = True
+            self.close_connection = True
+        finally:
+            rec["status"] = self._status
+            rec["duration_ms"] = int((time.time() - rec["time"]) * 1000)
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except _Abort:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            self.close_connection = True
+
+    # --- control API ------------------------------------------------------------------------
+
+    def _control(self, path: str, query: str, body: bytes):
+        try:
+            data = json.loads(body) if body.strip() else None
+        except ValueError:
+            return self._send_control(400, {"error": "body is not JSON"})
+        status, obj = self.server.control(self.command, path, data)
+        return self._send_control(status, obj)
+
+    # --- recording ----------------------------------------------------------------------------
+
+    def _record(self, split, body: bytes) -> dict:
+        s = self.server
+        headers: dict[str, str] = {}
+        for k, v in self.headers.items():
+            k = k.lower()
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        text = body.decode("utf-8", errors="replace")
+        try:
+            parsed = json.loads(text) if text.strip() else None
+            is_json = parsed is not None
+        except ValueError:
+            parsed, is_json = None, False
+        with s.lock:
+            s._seq += 1
+            rec = {
+                "seq": s._seq,
+                "time": time.time(),
+                "method": self.command,
+                "path": split.path,
+                "raw_path": self.path,
+                "query": {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()},
+                "headers": headers,
+                "body": parsed if is_json else (text if text else None),
+                "body_is_json": is_json,
+                "body_bytes": len(body),
+                "status": None,
+                "stream": bool(is_json and isinstance(parsed, dict) and parsed.get("stream") is True),
+                "leak": False,
+                "leak_reasons": [],
+                "step": None,
+                "closed": False,
+                "provider": s.provider,
+                "mock": s.name,
+                "sni": getattr(self.request, "_mock_sni", None),
+            }
+            s.log.append(rec)
+        return rec
+
+    def _leak(self, rec: dict, reasons: list[str]):
+        """One leak entry per request (reason: all reasons joined)."""
+        s = self.server
+        with s.lock:
+            rec["leak"] = True
+            rec["leak_reasons"].extend(reasons)
+            s.leaks.append({"seq": rec["seq"], "reason": "; ".join(reasons), "reasons": list(reasons),
+                            "method": rec["method"], "path": rec["raw_path"], "mock": s.name})
+
+    # --- errors in each provider's shape --------------------------------------------------------
+
+    def _oai_error(self, status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+        self._send_json(status, {"error": {"message": message, "type": type_, "param": param, "code": code}}, headers)
+
+    def _az_error(self, status, code, message, headers=None):
+        self._send_json(status, {"error": {"code": code, "message": message}}, headers)
+
+    def _invalid(self, status, message, param=None, code=None):
+        """A request-validation error: both providers use OpenAI's shape for these."""
+        self._oai_error(status, message, "invalid_request_error", param, code)
+
+    def _scripted_error(self, step: dict, op: str, model: str, api_version: str | None):
+        s = self.server
+        status = int(step["status"])
+        headers = {str(k): str(v) for k, v in (step.get("headers") or {}).items()}
+        ra = step.get("retry_after")
+        ra_ms = step.get("retry_after_ms")
+        if ra is not None:
+            headers["Retry-After"] = str(ra)
+        if ra_ms is not None:
+            headers["retry-after-ms"] = str(int(ra_ms))
+            if s.provider == AZURE:
+                headers["x-ms-retry-after-ms"] = str(int(ra_ms))
+        if "body" in step:
+            return self._send_json(status, step["body"], headers)
+        secs = ra if ra is not None else (max(1, round(int(ra_ms) / 1000)) if ra_ms is not None else None)
+        if step.get("content_filter"):
+            if s.provider == AZURE:
+                return self._send_json(status, {"error": {
+                    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content "
+                               "management policy. Please modify your prompt and retry. To learn more about our "
+                               "content filtering policies please read our documentation: "
+                               "https://go.microsoft.com/fwlink/?linkid=2198766",
+                    "type": None, "param": "prompt", "code": "content_filter", "status": status,
+                    "innererror": {"code": "ResponsibleAIPolicyViolation",
+                                   "content_filter_result": CONTENT_FILTER_RESULT}}}, headers)
+            return self._oai_error(status, "Invalid prompt: your prompt was flagged as potentially violating our "
+                                   "usage policy. Please try again with a different prompt.",
+                                   "invalid_request_error", None, "invalid_prompt", headers)
+        if s.provider == OPENAI:
+            if status == 429:
+                wait = f"{secs}s" if secs is not None else "20s"
+                headers.setdefault("x-ratelimit-remaining-requests", "0")
+                headers.setdefault("x-ratelimit-reset-requests", wait)
+                return self._oai_error(429, f"Rate limit reached for {model or 'gpt-4o'} in organization org-mock on "
+                                       f"requests per min (RPM): Limit 500, Used 500, Requested 1. Please try again "
+                                       f"in {wait}. Visit https://platform.openai.com/account/rate-limits to learn "
+                                       f"more.", "requests", None, "rate_limit_exceeded", headers)
+            if status == 500:
+                return self._oai_error(500, "The server had an error while processing your request. Sorry about "
+                                       "that!", "server_error", None, None, headers)
+            if status == 502:
+                return self._oai_error(502, "Bad gateway.", "cf_bad_gateway", None, None, headers)
+            if status == 503:
+                return self._oai_error(503, "The engine is currently overloaded, please try again later.",
+                                       "server_error", None, None, headers)
+            if status == 504:
+                return self._oai_error(504, "Gateway timeout.", "cf_gateway_timeout", None, None, headers)
+            if status >= 500:
+                return self._oai_error(status, "The server had an error while processing your request.",
+                                       "server_error", None, None, headers)
+            phrase = _phrase(status)
+            return self._oai_error(status, f"{phrase} (mock scripted {status})", "invalid_request_error", None,
+                                   None, headers)
+        # azure
+        if status == 429:
+            wait = secs if secs is not None else 2
+            headers.setdefault("Retry-After", str(wait))
+            headers.setdefault("x-ratelimit-remaining-requests", "0")
+            return self._az_error(429, "429", f"Requests to the {AZURE_OPERATION_NAMES.get(op, 'ChatCompletions_Create')}"
+                                  f" Operation under Azure OpenAI API version {api_version} have exceeded token rate "
+                                  f"limit of your current OpenAI S0 pricing tier. Please retry after {wait} seconds. "
+                                  f"Please go here: https://aka.ms/oai/quotaincrease if you would like to further "
+                                  f"increase the default rate limit.", headers)
+        if status == 500:
+            return self._oai_error(500, "The server had an error while processing your request. Sorry about that!",
+                                   "server_error", None, None, headers)
+        if status == 503:
+            return self._az_error(503, "ServiceUnavailable", "The service is temporarily unable to process your "
+                                  "request. Please try again later.", headers)
+        if status == 502:
+            return self._az_error(502, "BadGateway", "Bad gateway.", headers)
+        if status == 504:
+            return self._az_error(504, "Timeout", "The operation was timeout.", headers)
+        if status == 408:
+            return self._az_error(408, "Timeout", "The operation was timeout.", headers)
+        return self._az_error(status, str(status), _phrase(status), headers)
+
+    # --- API ----------------------------------------------------------------------------------
+
+    def _check_host(self, rec) -> bool:
+        s = self.server
+        if s.expected_host == "*":
+            return True
+        host = (self.headers.get("Host") or "").strip()
+        hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        if hostname.lower() != s.expected_host.lower():
+            rec["host_mismatch"] = True
+            self._send_json(421, {"error": {"message": f"Misdirected request: this is the mock of {s.expected_host}, "
+                                                       f"but the Host header is {host!r}",
+                                            "type": "invalid_request_error", "param": None, "code": "wrong_host"}})
+            return False
+        return True
+
+    def _check_leaks(self, rec, body: bytes) -> bool:
+        s = self.server
+        reasons = []
+        auth = self.headers.get("Authorization") or ""
+        if s.provider == OPENAI:
+            if self.headers.get("api-key") is not None:
+                reasons.append("api-key header sent to OpenAI (an Azure credential)")
+        else:
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
+            if token.startswith("sk-"):
+                reasons.append("Authorization header carrying an OpenAI key (sk-...) sent to Azure")
+        if s.forbidden:
+            blob = "\n".join(f"{k}: {v}" for k, v in self.headers.items()) + "\n" + self.path + "\n" + \
+                body.decode("utf-8", errors="replace")
+            for i, secret in enumerate(s.forbidden):
+                if secret and secret in blob:
+                    reasons.append(f"forbidden secret #{i} ({mask_key(secret)}) reached {s.name}")
+        leaked = bool(reasons)
+        if leaked:
+            self._leak(rec, reasons)
+            if s.provider == OPENAI:
+                self._oai_error(400, "Mock detected a leaked credential: this request carries a credential that "
+                                "must never be sent to OpenAI.", "invalid_request_error", None, "credential_leak")
+            else:
+                self._az_error(400, "CredentialLeak", "Mock detected a leaked credential: this request carries a "
+                               "credential that must never be sent to Azure OpenAI.")
+        return not leaked
+
+    def _handle_api(self, rec, path, query, body):
+        s = self.server
+        if not self._check_host(rec):
+            return
+        if not self._check_leaks(rec, body):
+            return
+        if s.provider == OPENAI:
+            self._handle_openai(rec, path, body)
+        else:
+            self._handle_azure(rec, path, query, body)
+
+    def _handle_openai(self, rec, path, body):
+        s = self.server
+        auth = self.headers.get("Authorization")
+        if not auth or not auth.startswith("Bearer ") or not auth[7:].strip():
+            return self._oai_error(401, "You didn't provide an API key. You need to provide your API key in an "
+                                   "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), "
+                                   "or as the password field (with blank username) if you're accessing the API from "
+                                   "your browser and are prompted for a username. You can obtain an API key from "
+                                   "https://platform.openai.com/account/api-keys.",
+                                   "invalid_request_error", None, "invalid_api_key")
+        if auth != f"Bearer {s.api_key}":
+            return self._oai_error(401, f"Incorrect API key provided: {mask_key(auth[7:].strip())}. You can find "
+                                   f"your API key at https://platform.openai.com/account/api-keys.",
+                                   "invalid_request_error", None, "invalid_api_key")
+        if path in ("/v1/models", "/v1/models/") and self.command == "GET":
+            return self._send_json(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
+                for m in (s.models or OPENAI_MODELS)]})
+        op = OPENAI_OPERATIONS.get(path)
+        if op is None or self.command != "POST":
+            return self._oai_error(404, f"Invalid URL ({self.command} {path})", "invalid_request_error", None,
+                                   "unknown_url")
+        if not self._check_content_type():
+            return
+        req = self._parse_body(body)
+        if req is None:
+            return
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            return self._invalid(400, "you must provide a model parameter")
+        if not self._validate_op(op, req):
+            return
+        if s.models and model not in s.models:
+            return self._oai_error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                   "invalid_request_error", None, "model_not_found")
+        self._answer(rec, op, req, model, None, f"mock {s.name}", None)
+
+    def _handle_azure(self, rec, path, query, body):
+        s = self.server
+        qs = parse_qs(query, keep_blank_values=True)
+        api_version = (qs.get("api-version") or [None])[-1]
+        m = AZURE_PATH_RE.match(path)
+        if not api_version or m is None or self.command != "POST":
+            return self._az_error(404, "404", "Resource not found")
+        api_key = self.headers.get("api-key")
+        auth = self.headers.get("Authorization")
+        ok = False
+        if api_key is not None:
+            ok = api_key == s.api_key and (auth is None or (s.ad_token and auth == f"Bearer {s.ad_token}"))
+        elif auth is not None:
+            ok = bool(s.ad_token) and auth == f"Bearer {s.ad_token}"
+        if not ok:
+            return self._az_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. "
+                                  "Make sure to provide a valid key for an active subscription and use a correct "
+                                  "regional API endpoint for your resource.")
+        if api_version not in s.api_versions:
+            return self._az_error(400, "BadRequest", "API version not supported")
+        deployment, op = m.group(1), AZURE_OPERATIONS[m.group(2)]
+        if deployment not in s.deployments:
+            return self._az_error(404, "DeploymentNotFound", "The API deployment for this resource does not exist. "
+                                  "If you created the deployment within the last 5 minutes, please wait a moment "
+                                  "and try again.")
+        if not self._check_content_type():
+            return
+        req = self._parse_body(body)
+        if req is None:
+            return
+        if not self._validate_op(op, req):
+            return
+        model = s.deployments[deployment]
+        self._answer(rec, op, req, model, api_version, f"mock {s.name} deployment {deployment}", deployment)
+
+    def _check_content_type(self) -> bool:
+        """The APIs parse a body only when it is declared as JSON."""
+        ct = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ct == "application/json" or (ct.startswith("application/") and ct.endswith("+json")):
+            return True
+        if self.server.provider == OPENAI:
+            self._invalid(400, f"Invalid Content-Type header ({ct or 'none'}), expected application/json. (HINT: "
+                          "the body of this request was not read as JSON.)", None, "invalid_content_type")
+        else:
+            self._az_error(415, "UnsupportedMediaType", f"The content type '{ct or 'none'}' is not supported; "
+                           "use 'application/json'.")
+        return False
+
+    def _parse_body(self, body: bytes):
+        try:
+            req = json.loads(body) if body.strip() else None
+        except ValueError:
+            req = None
+            bad_json = True
+        else:
+            bad_json = False
+        if bad_json or (body.strip() and not isinstance(req, dict)):
+            self._invalid(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+                          "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
+                          "sent was not valid JSON. If you have trouble figuring out how to fix this, please contact "
+                          "us through our help center at help.openai.com.)")
+            return None
+        if req is None:
+            self._invalid(400, "you must provide a model parameter" if self.server.provider == OPENAI
+                          else "'messages' is a required property")
+            return None
+        return req
+
+    def _validate_op(self, op: str, req: dict) -> bool:
+        if op == "chat":
+            msgs = req.get("messages")
+            if msgs is None:
+                self._invalid(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+                return False
+            if not isinstance(msgs, list):
+                self._invalid(400, f"Invalid type for 'messages': expected an array, but got "
+                              f"{type(msgs).__name__} instead.", "messages", "invalid_type")
+                return False
+            if not msgs:
+                self._invalid(400, "[] is too short - 'messages'", "messages", None)
+                return False
+            for i, msg in enumerate(msgs):
+                if not isinstance(msg, dict) or msg.get("role") not in (
+                        "system", "user", "assistant", "tool", "developer", "function"):
+                    self._invalid(400, f"Invalid value for 'messages[{i}].role'.", f"messages[{i}].role",
+                                  "invalid_value")
+                    return False
+        elif op == "completions":
+            prompt = req.get("prompt")
+            if prompt is None:
+                self._invalid(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+                return False
+            if not isinstance(prompt, (str, list)):
+                self._invalid(400, "Invalid type for 'prompt'.", "prompt", "invalid_type")
+                return False
+        elif op == "embeddings":
+            inp = req.get("input")
+            if inp is None:
+                self._invalid(400, "Missing required parameter: 'input'.", "input", "missing_required_parameter")
+                return False
+            if not isinstance(inp, (str, list)) or (isinstance(inp, list) and not inp):
+                self._invalid(400, "'$.input' is invalid. Please check the API reference: "
+                              "https://platform.openai.com/docs/api-reference.", "input", None)
+                return False
+            if req.get("stream"):
+                self._invalid(400, "Unrecognized request argument supplied: stream", "stream", None)
+                return False
+        if "stream" in req and not isinstance(req["stream"], bool) and req["stream"] is not None:
+            self._invalid(400, "Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
+            return False
+        return True
+
+    # --- answers --------------------------------------------------------------------------------
+
+    def _forced_step(self) -> dict | None:
+        """x-mock-status (any mock) or x-mock-status-<name> (only the mock of that name)."""
+        name = self.server.name
+        hdr = f"x-mock-status-{name}"
+        st = self.headers.get(hdr)
+        if st is None:
+            hdr = "x-mock-status"
+            st = self.headers.get(hdr)
+        if st is None:
+            return None
+        step: dict = {"_from": hdr}
+        try:
+            step["status"] = int(st)
+        except ValueError:
+            return None
+        if self.headers.get("x-mock-retry-after") is not None:
+            step["retry_after"] = self.headers["x-mock-retry-after"]
+        if self.headers.get("x-mock-delay-ms") is not None:
+            step["delay_ms"] = int(self.headers["x-mock-delay-ms"])
+        count = self.headers.get("x-mock-count")
+        if count is not None and count.strip().isdigit() and int(count) > 1:
+            # this request and the next count-1 API requests (e.g. the gateway's retries, which
+            # do not carry the header) get the same answer
+            follow = {k: v for k, v in step.items() if k != "_from"}
+            follow["_left"] = int(count) - 1
+            with self.server.lock:
+                self.server.script.insert(0, follow)
+        return step
+
+    def _answer(self, rec, op, req, model, api_version, who, deployment):
+        s = self.server
+        step = self._forced_step()
+        if step is None:
+            step = s.next_step()
+        if step is None and self.headers.get("x-mock-delay-ms") is not None:
+            step = {"delay_ms": int(self.headers["x-mock-delay-ms"]), "_from": "x-mock-delay-ms"}
+        rec["step"] = step
+        step = step or {}
+        if step.get("delay_ms"):
+            time.sleep(int(step["delay_ms"]) / 1000.0)
+        if step.get("close"):
+            self._abort()
+        status = int(step.get("status", 200))
+        if status != 200:
+            return self._scripted_error(step, op, model, api_version)
+        extra = {str(k): str(v) for k, v in (step.get("headers") or {}).items()}
+        if "body" in step:
+            return self._send_json(200, step["body"], extra)
+        content = f"Hello from {who}"
+        if op == "embeddings":
+            return self._send_json(200, self._embeddings(req, model), extra)
+        if req.get("stream") is True:
+            return self._stream(op, req, model, content, extra, step.get("close_after_events"))
+        if op == "chat":
+            return self._send_json(200, self._chat(req, model, content), extra)
+        return self._send_json(200, self._completion(req, model, content), extra)
+
+    def _usage(self, req, content):
+        prompt = _approx_tokens(req.get("messages") if "messages" in req else req.get("prompt"))
+        completion = len(content.split())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _chat(self, req, model, content):
+        s = self.server
+        out = {
+            "id": "chatcmpl-" + uuid.uuid4().hex[:29],
+            "object": "chat.completion",
+            "created": _now(),
+            "model": model if s.provider == AZURE else req["model"],
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }],
+            "usage": self._usage(req, content),
+            "system_fingerprint": "fp_mock0001",
+        }
+        if s.provider == AZURE:
+            out["choices"][0]["content_filter_results"] = CONTENT_FILTER_OK
+            out["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": CONTENT_FILTER_OK}]
+        return out
+
+    def _completion(self, req, model, content):
+        s = self.server
+        out = {
+            "id": "cmpl-" + uuid.uuid4().hex[:29],
+            "object": "text_completion",
+            "created": _now(),
+            "model": model if s.provider == AZURE else req["model"],
+            "choices": [{"text": content, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "usage": self._usage(req, content),
+        }
+        if s.provider == AZURE:
+            out["choices"][0]["content_filter_results"] = CONTENT_FILTER_OK
+        return out
+
+    def _embeddings(self, req, model):
+        s = self.server
+        inp = req["input"]
+        items = [inp] if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)) else inp
+        dims = int(req.get("dimensions") or 8)
+        dims = max(1, min(dims, 64))
+        data = []
+        for i, item in enumerate(items):
+            seed = sum(ord(c) for c in json.dumps(item)) + i
+            vec = [round(((seed * (j + 7)) % 1000) / 1000.0 - 0.5, 6) for j in range(dims)]
+            if req.get("encoding_format") == "base64":
+                emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
+            else:
+                emb = vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = _approx_tokens(inp)
+        return {
+            "object": "list",
+            "data": data,
+            "model": model if s.provider == AZURE else req["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def _stream(self, op, req, model, content, extra, close_after_events):
+        s = self.server
+        created = _now()
+        resp_model = model if s.provider == AZURE else req["model"]
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        events: list[str] = []
+        words = content.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        if op == "chat":
+            cid = "chatcmpl-" + uuid.uuid4().hex[:29]
+
+            def chunk(delta, finish=None, usage_field=False):
+                c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": resp_model,
+                     "system_fingerprint": "fp_mock0001",
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                if s.provider == AZURE:
+                    c["choices"][0]["content_filter_results"] = CONTENT_FILTER_OK if delta.get("content") else {}
+                if include_usage:
+                    c["usage"] = None
+                return c
+
+            if s.provider == AZURE:
+                # Azure's first event carries the prompt filter results and no choices.
+                events.append(_sse_json({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                                          "prompt_filter_results": [{"prompt_index": 0,
+                                                                     "content_filter_results": CONTENT_FILTER_OK}]}))
+            events.append(_sse_json(chunk({"role": "assistant", "content": "", "refusal": None})))
+            for p in pieces:
+                events.append(_sse_json(chunk({"content": p})))
+            events.append(_sse_json(chunk({}, "stop")))
+            if include_usage:
+                events.append(_sse_json({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                          "model": resp_model, "system_fingerprint": "fp_mock0001", "choices": [],
+                                          "usage": self._usage(req, content)}))
+        else:
+            cid = "cmpl-" + uuid.uuid4().hex[:29]
+            for i, p in enumerate(pieces):
+                events.append(_sse_json({"id": cid, "object": "text_completion", "created": created,
+                                          "model": resp_model, "choices": [
+                                              {"text": p, "index": 0, "logprobs": None,
+                                               "finish_reason": "stop" if i == len(pieces) - 1 else None}]}))
+            if include_usage:
+                events.append(_sse_json({"id": cid, "object": "text_completion", "created": created,
+                                          "model": resp_model, "choices": [], "usage": self._usage(req, content)}))
+        events.append("[DONE]")
+
+        headers = self._base_headers()
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        headers["Cache-Control"] = "no-cache"
+        headers["Transfer-Encoding"] = "chunked"
+        headers.update(extra)
+        self._status = 200
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.flush()
+        delay = s.stream_delay_ms / 1000.0
+        for i, ev in enumerate(events):
+            if close_after_events is not None and i >= int(close_after_events):
+                self._abort()
+            if i > 0 and delay > 0:
+                time.sleep(delay)
+            data = f"data: {ev}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def _sse_json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def start(provider: str, port: int = 0, **opts):
+    """Start a mock upstream in a background thread. Returns (server, thread); server.port is the port.
+
+    opts: api_key, host ("*" disables the Host check), resource, api_versions, deployments
+    ("dep" or "dep=model", list or comma string), ad_token, stream_delay_ms, tls_cert, tls_key,
+    expect_sni, name (label used in answers: "Hello from mock <name>..."), forbid (secrets that
+    must never arrive), models (openai: accepted models), region, bind, quiet.
+    Stop with server.stop().
+    """
+    server = MockServer(provider, port, **opts)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              name=f"mock-{server.name}-{server.port}", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Strict mock OpenAI / Azure OpenAI upstream")
+    p.add_argument("--provider", choices=[OPENAI, AZURE], required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--api-key")
+    p.add_argument("--ad-token", help="azure: also accept Authorization: Bearer <token>")
+    p.add_argument("--host", help="expected Host header ('*' = any)")
+    p.add_argument("--resource", help="azure resource name (host <resource>.openai.azure.com)")
+    p.add_argument("--api-versions", help="azure: comma-separated supported api-versions")
+    p.add_argument("--deployments", help="azure: comma-separated deployments, each 'name' or 'name=model'")
+    p.add_argument("--models", help="openai: comma-separated accepted models (default: any)")
+    p.add_argument("--name", help="label used in answers and logs (default: the provider)")
+    p.add_argument("--region", default="eastus")
+    p.add_argument("--forbid", help="comma-separated secrets that must never reach this upstream")
+    p.add_argument("--stream-delay-ms", type=int, default=DEFAULT_STREAM_DELAY_MS)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--expect-sni", help="with TLS: fail handshakes whose SNI is not this name")
+    p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+    a = p.parse_args(argv)
+    if a.tls_cert and not a.tls_key:
+        p.error("--tls-cert needs --tls-key")
+    server = MockServer(a.provider, a.port, api_key=a.api_key, host=a.host, resource=a.resource,
+                        api_versions=a.api_versions, deployments=a.deployments, ad_token=a.ad_token,
+                        stream_delay_ms=a.stream_delay_ms, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                        expect_sni=a.expect_sni, name=a.name, forbid=a.forbid, models=a.models,
+                        region=a.region, bind=a.bind, quiet=a.quiet)
+
+    def _term(*_):
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    extra = ""
+    if a.provider == AZURE:
+        extra = f" resource={server.resource} api-versions={','.join(server.api_versions)} " \
+                f"deployments={','.join(server.deployments)}"
+    print(f"mock {server.name} ({a.provider}) listening on {server.url} host={server.expected_host}{extra}",
+          flush=True)
+    server.serve_forever(poll_interval=0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

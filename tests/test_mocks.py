@@ -1,0 +1,622 @@
+"""Fast tests of the mock upstreams themselves (no Envoy): strictness, framing, scripting."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import requests
+
+from harness import AZURE_KEY, OPENAI_KEY, REPO_ROOT, wait_for_port
+
+OPENAI_HOST = {"Host": "api.openai.com"}
+AZURE_HOST = {"Host": "llmf-local.openai.azure.com"}
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+T = 10  # seconds, every HTTP call
+
+
+def oai_post(mock, path="/v1/chat/completions", body=CHAT, key=OPENAI_KEY, headers=None, **kw):
+    h = dict(OPENAI_HOST)
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    h.update(headers or {})
+    kw.setdefault("timeout", T)
+    if isinstance(body, (bytes, str)):
+        h.setdefault("Content-Type", "application/json")
+        return requests.post(mock.url(path), data=body, headers=h, **kw)
+    return requests.post(mock.url(path), json=body, headers=h, **kw)
+
+
+def az_path(dep="gpt-4o-prod", op="chat/completions", version="2024-10-21"):
+    q = f"?api-version={version}" if version else ""
+    return f"/openai/deployments/{dep}/{op}{q}"
+
+
+def az_post(mock, path=None, body=CHAT, key=AZURE_KEY, headers=None, **kw):
+    h = dict(AZURE_HOST)
+    if key is not None:
+        h["api-key"] = key
+    h.update(headers or {})
+    kw.setdefault("timeout", T)
+    return requests.post(mock.url(path or az_path()), json=body, headers=h, **kw)
+
+
+def sdk(mock, **kw):
+    return openai.OpenAI(base_url=mock.url("/v1"), api_key=OPENAI_KEY, max_retries=0, timeout=T,
+                         default_headers=OPENAI_HOST, **kw)
+
+
+def azure_sdk(mock, api_version="2024-10-21"):
+    return openai.AzureOpenAI(azure_endpoint=mock.url(""), api_key=AZURE_KEY, api_version=api_version,
+                              max_retries=0, timeout=T, default_headers=AZURE_HOST)
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI strictness
+
+
+def test_openai_chat_ok_and_recorded(openai_mock):
+    r = oai_post(openai_mock, headers={"x-request-id": "rid-1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == "gpt-4o"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from mock openai",
+                                             "refusal": None}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
+    assert r.headers["x-mock-provider"] == "openai"
+    [rec] = openai_mock.requests()
+    assert rec["method"] == "POST" and rec["path"] == "/v1/chat/completions"
+    assert rec["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert rec["headers"]["x-request-id"] == "rid-1"
+    assert rec["body"] == CHAT and rec["status"] == 200 and rec["leak"] is False
+
+
+def test_openai_sdk_chat_completions_embeddings_models(openai_mock):
+    c = sdk(openai_mock)
+    chat = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "Hello from mock openai"
+    assert chat.model == "gpt-4o-mini"
+    comp = c.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi")
+    assert comp.object == "text_completion" and comp.choices[0].text == "Hello from mock openai"
+    emb = c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert emb.object == "list" and len(emb.data) == 2 and len(emb.data[0].embedding) == 8
+    emb64 = c.embeddings.create(model="text-embedding-3-small", input="a", encoding_format="base64")
+    assert emb64.data[0].embedding  # base64 string (or decoded floats, depending on the SDK)
+    assert [m.id for m in c.models.list()]
+
+
+def test_openai_wrong_and_missing_key(openai_mock):
+    r = oai_post(openai_mock, key="sk-wrong-key-1234567890")
+    assert r.status_code == 401
+    err = r.json()["error"]
+    assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error" and err["param"] is None
+    assert "Incorrect API key provided" in err["message"]
+    assert "sk-wrong-key-1234567890" not in err["message"]  # masked
+    r = oai_post(openai_mock, key=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = oai_post(openai_mock, key=None, headers={"Authorization": OPENAI_KEY})  # no "Bearer "
+    assert r.status_code == 401
+
+
+def test_openai_unknown_path_and_method(openai_mock):
+    r = oai_post(openai_mock, path="/v1/chat/completion")
+    assert r.status_code == 404
+    assert r.json() == {"error": {"message": "Invalid URL (POST /v1/chat/completion)",
+                                  "type": "invalid_request_error", "param": None, "code": "unknown_url"}}
+    r = requests.get(openai_mock.url("/v1/chat/completions"), timeout=T,
+                     headers={**OPENAI_HOST, "Authorization": f"Bearer {OPENAI_KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = oai_post(openai_mock, path="/openai/deployments/x/chat/completions?api-version=2024-10-21")
+    assert r.status_code == 404
+
+
+def test_openai_body_validation(openai_mock):
+    r = oai_post(openai_mock, body=b"not json")
+    assert r.status_code == 400 and "could not parse the JSON body" in r.json()["error"]["message"]
+    r = oai_post(openai_mock, body=b"[1,2]")
+    assert r.status_code == 400
+    r = oai_post(openai_mock, body={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"]
+    r = oai_post(openai_mock, body={"model": "gpt-4o"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = oai_post(openai_mock, body={"model": "gpt-4o", "messages": "hi"})
+    assert r.status_code == 400
+    r = oai_post(openai_mock, path="/v1/completions", body={"model": "gpt-3.5-turbo-instruct"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = oai_post(openai_mock, path="/v1/embeddings", body={"model": "text-embedding-3-small"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert all(rec["status"] == 400 for rec in openai_mock.requests())
+
+
+def test_content_type_must_be_json(openai_mock, azure_mock):
+    body = json.dumps(CHAT)
+    r = oai_post(openai_mock, body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    assert oai_post(openai_mock, body=body, headers={"Content-Type": "application/json; charset=utf-8"}).ok
+    r = requests.post(azure_mock.url(az_path()), data=body, timeout=T,
+                      headers={**AZURE_HOST, "api-key": AZURE_KEY, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_openai_host_header_enforced(openai_mock):
+    r = oai_post(openai_mock, headers={"Host": f"127.0.0.1:{openai_mock.port}"})
+    assert r.status_code == 421 and r.json()["error"]["code"] == "wrong_host"
+    r = oai_post(openai_mock, headers={"Host": "api.openai.com:443"})
+    assert r.status_code == 200
+
+
+@pytest.mark.allow_leaks
+def test_openai_leak_of_azure_credentials(openai_mock):
+    r = oai_post(openai_mock, headers={"api-key": "whatever"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "credential_leak"
+    # the Azure (local) key sent as a bearer token to OpenAI: forbidden secret by default
+    r = oai_post(openai_mock, key=AZURE_KEY)
+    assert r.status_code == 400
+    leaks = openai_mock.leaks()
+    assert len(leaks) == 2
+    assert "api-key" in leaks[0]["reason"]
+    assert AZURE_KEY not in json.dumps(leaks)  # leak reports mask the secret
+    recs = openai_mock.requests()
+    assert [r["leak"] for r in recs] == [True, True]
+    openai_mock.reset()
+    assert openai_mock.leaks() == [] and openai_mock.requests() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Azure strictness
+
+
+def test_azure_chat_ok_shape_and_headers(azure_mock):
+    r = az_post(azure_mock, body={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Hello from mock azure deployment gpt-4o-prod"
+    assert body["model"] == "gpt-4o-2024-08-06"  # the underlying model, like Azure
+    assert "prompt_filter_results" in body
+    assert r.headers["x-ms-region"] and r.headers["apim-request-id"]
+    r = az_post(azure_mock, path=az_path("gpt-4o-mini-default", version="2024-06-01"))
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "Hello from mock azure deployment gpt-4o-mini-default"
+    assert r.json()["model"] == "gpt-4o-mini-2024-07-18"
+    rec = azure_mock.last_request()
+    assert rec["query"] == {"api-version": "2024-06-01"}
+    assert rec["headers"]["api-key"] == AZURE_KEY and "authorization" not in rec["headers"]
+
+
+def test_azure_sdk_chat_embeddings_completions(azure_mock):
+    c = azure_sdk(azure_mock)
+    chat = c.chat.completions.create(model="gpt-4o-prod", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "Hello from mock azure deployment gpt-4o-prod"
+    emb = c.embeddings.create(model="gpt-4o-prod", input="x")
+    assert len(emb.data[0].embedding) == 8
+    comp = c.completions.create(model="gpt-4o-mini-default", prompt="x")
+    assert comp.choices[0].text.startswith("Hello from mock azure")
+
+
+def test_azure_api_version_rules(azure_mock):
+    r = az_post(azure_mock, path=az_path(version=None))
+    assert r.status_code == 404 and r.json() == {"error": {"code": "404", "message": "Resource not found"}}
+    r = az_post(azure_mock, path=az_path(version="2023-01-01"))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "BadRequest"
+
+
+def test_azure_unknown_deployment_and_path(azure_mock):
+    r = az_post(azure_mock, path=az_path("gpt-4"))
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "DeploymentNotFound" and "does not exist" in err["message"]
+    r = az_post(azure_mock, path="/v1/chat/completions?api-version=2024-10-21")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "404"
+    r = az_post(azure_mock, path=az_path(op="images/generations"))
+    assert r.status_code == 404
+
+
+def test_azure_auth(azure_mock):
+    for key in ("wrong", None):
+        r = az_post(azure_mock, key=key)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "401"
+        assert "Access denied due to invalid subscription key" in r.json()["error"]["message"]
+    # a non-Azure bearer (e.g. a gateway key) next to a good api-key is rejected too
+    r = az_post(azure_mock, headers={"Authorization": "Bearer gateway-key"})
+    assert r.status_code == 401
+
+
+def test_azure_ad_token(mock_factory):
+    m = mock_factory("azure", ad_token="entra-token-123")
+    r = az_post(m, key=None, headers={"Authorization": "Bearer entra-token-123"})
+    assert r.status_code == 200, r.text
+    r = az_post(m, key=None, headers={"Authorization": "Bearer other"})
+    assert r.status_code == 401
+
+
+@pytest.mark.allow_leaks
+def test_azure_leak_of_openai_key(azure_mock):
+    r = az_post(azure_mock, headers={"Authorization": f"Bearer {OPENAI_KEY}"})
+    assert r.status_code == 400
+    r = az_post(azure_mock, key=None, headers={"Authorization": "Bearer sk-proj-something"})
+    assert r.status_code == 400
+    leaks = azure_mock.leaks()
+    assert len(leaks) == 2 and all("sk-" in lk["reason"] or "forbidden" in lk["reason"] for lk in leaks)
+    assert azure_mock.requests()[0]["leak_reasons"]
+
+
+def test_azure_host_header_enforced(azure_mock):
+    r = az_post(azure_mock, headers={"Host": "api.openai.com"})
+    assert r.status_code == 421
+
+
+def test_azure_body_validation(azure_mock):
+    r = az_post(azure_mock, body={"model": "gpt-4o"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = az_post(azure_mock, path=az_path(op="embeddings"), body={"input": []})
+    assert r.status_code == 400
+
+
+# ----------------------------------------------------------------------------------------------
+# SSE framing
+
+
+def _raw_http(port, request: bytes, read_until=b"0\r\n\r\n", timeout=T) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while read_until not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _decode_chunked(raw: bytes) -> list[bytes]:
+    chunks = []
+    while True:
+        line, _, raw = raw.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(raw[:size])
+        assert raw[size:size + 2] == b"\r\n"
+        raw = raw[size + 2:]
+
+
+def test_sse_framing_raw(openai_mock):
+    body = json.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+           b"Authorization: Bearer " + OPENAI_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    raw = _raw_http(openai_mock.port, req)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"HTTP/1.1 200" in head
+    assert b"Transfer-Encoding: chunked" in head and b"text/event-stream" in head
+    assert b"Content-Length" not in head
+    chunks = _decode_chunked(rest)
+    # one SSE event per chunk, each "data: ...\n\n"
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") and c.count(b"\n\n") == 1 for c in chunks)
+    events = [c[6:-2].decode() for c in chunks]
+    assert events[-1] == "[DONE]"
+    objs = [json.loads(e) for e in events[:-1]]
+    assert all(o["object"] == "chat.completion.chunk" for o in objs)
+    assert objs[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert objs[-2]["choices"][0]["finish_reason"] == "stop"
+    assert objs[-1]["choices"] == [] and objs[-1]["usage"]["total_tokens"] > 0
+    text = "".join(o["choices"][0]["delta"].get("content", "") for o in objs if o["choices"])
+    assert text == "Hello from mock openai"
+
+
+def test_sse_via_sdk_is_paced(openai_mock):
+    openai_mock.configure(stream_delay_ms=60)
+    c = sdk(openai_mock)
+    t0 = time.monotonic()
+    arrivals, text, usage = [], "", None
+    for chunk in c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                           stream=True, stream_options={"include_usage": True}):
+        arrivals.append(time.monotonic() - t0)
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "Hello from mock openai"
+    assert usage is not None and usage.completion_tokens == 4
+    assert len(arrivals) >= 6
+    # events arrive one by one, not in a single buffered piece
+    assert arrivals[-1] - arrivals[0] >= 0.06 * (len(arrivals) - 1) * 0.7
+    assert openai_mock.last_request()["stream"] is True
+
+
+def test_sse_azure_via_sdk(azure_mock):
+    azure_mock.configure(stream_delay_ms=5)
+    c = azure_sdk(azure_mock)
+    text = ""
+    n = 0
+    for chunk in c.chat.completions.create(model="gpt-4o-prod", messages=[{"role": "user", "content": "x"}],
+                                           stream=True):
+        n += 1
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    assert text == "Hello from mock azure deployment gpt-4o-prod"
+    assert n >= 5
+
+
+def test_sse_completions_stream(openai_mock):
+    openai_mock.configure(stream_delay_ms=1)
+    c = sdk(openai_mock)
+    text = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="x", stream=True) if ch.choices)
+    assert text == "Hello from mock openai"
+
+
+def test_stream_close_after_events(openai_mock):
+    openai_mock.configure(stream_delay_ms=1)
+    openai_mock.script([{"close_after_events": 2}])
+    c = sdk(openai_mock)
+    with pytest.raises(Exception):
+        list(c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# gzip, keep-alive, chunked request bodies
+
+
+def test_gzip_when_accepted(openai_mock):
+    r = oai_post(openai_mock, headers={"Accept-Encoding": "gzip"}, stream=True)
+    assert r.headers["Content-Encoding"] == "gzip"
+    raw = r.raw.read(decode_content=False)
+    assert int(r.headers["Content-Length"]) == len(raw)
+    assert json.loads(gzip.decompress(raw))["object"] == "chat.completion"
+    # errors too
+    r = oai_post(openai_mock, key="bad", headers={"Accept-Encoding": "br, gzip;q=0.8"})
+    assert r.status_code == 401 and r.headers["Content-Encoding"] == "gzip"
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    # not when not accepted
+    for ae in ("identity", "gzip;q=0"):
+        r = oai_post(openai_mock, headers={"Accept-Encoding": ae})
+        assert "Content-Encoding" not in r.headers and r.json()["object"] == "chat.completion"
+
+
+def test_gzip_not_applied_to_streams(azure_mock):
+    azure_mock.configure(stream_delay_ms=1)
+    r = az_post(azure_mock, body={**CHAT, "stream": True}, headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and "Content-Encoding" not in r.headers
+    assert r.text.endswith("data: [DONE]\n\n")
+
+
+def test_keep_alive_and_chunked_request_body(openai_mock):
+    body = json.dumps(CHAT).encode()
+    one = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+           b"Authorization: Bearer " + OPENAI_KEY.encode() + b"\r\n"
+           b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body
+           + b"\r\n0\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", openai_mock.port), timeout=T) as s:
+        f = s.makefile("rb")
+        for _ in range(2):  # two requests on the same connection
+            s.sendall(one)
+            status = f.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            length = None
+            while True:
+                line = f.readline()
+                if line == b"\r\n":
+                    break
+                k, _, v = line.decode().partition(":")
+                if k.lower() == "content-length":
+                    length = int(v)
+            assert length is not None
+            assert json.loads(f.read(length))["choices"][0]["message"]["content"] == "Hello from mock openai"
+    assert [r["body"] for r in openai_mock.requests()] == [CHAT, CHAT]
+
+
+# ----------------------------------------------------------------------------------------------
+# scripted failures
+
+
+def test_script_sequence_and_shapes_openai(openai_mock):
+    openai_mock.script([{"status": 429, "retry_after": "2"}, {"status": 500}, {"status": 503},
+                        {"status": 429, "retry_after_ms": 1500}, {}])
+    r = oai_post(openai_mock)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "2"
+    assert r.json()["error"]["code"] == "rate_limit_exceeded" and r.json()["error"]["type"] == "requests"
+    assert "Rate limit reached for gpt-4o" in r.json()["error"]["message"]
+    r = oai_post(openai_mock)
+    assert r.status_code == 500 and r.json() == {"error": {
+        "message": "The server had an error while processing your request. Sorry about that!",
+        "type": "server_error", "param": None, "code": None}}
+    r = oai_post(openai_mock)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    r = oai_post(openai_mock)
+    assert r.status_code == 429 and r.headers["retry-after-ms"] == "1500"
+    assert oai_post(openai_mock).status_code == 200
+    assert oai_post(openai_mock).status_code == 200  # script spent
+    assert [r["status"] for r in openai_mock.requests()] == [429, 500, 503, 429, 200, 200]
+    assert openai_mock.requests()[0]["step"]["status"] == 429
+
+
+def test_script_azure_shapes(azure_mock):
+    azure_mock.script([{"status": 429, "retry_after": "3"}, {"status": 429, "retry_after_ms": 1500},
+                       {"status": 400, "content_filter": True}, {"status": 503}])
+    r = az_post(azure_mock)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "3"
+    msg = r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "429"
+    assert "ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21" in msg
+    assert "Please retry after 3 seconds" in msg
+    r = az_post(azure_mock)
+    assert r.headers["retry-after-ms"] == "1500" and r.headers["x-ms-retry-after-ms"] == "1500"
+    r = az_post(azure_mock)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "content_filter" and err["param"] == "prompt" and err["status"] == 400
+    assert err["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+    assert "content_filter_result" in err["innererror"]
+    r = az_post(azure_mock)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "ServiceUnavailable"
+    assert az_post(azure_mock).status_code == 200
+
+
+def test_script_repeat_and_forever(openai_mock):
+    openai_mock.script([{"status": 500, "repeat": 2}, {"status": 502, "repeat": "forever"}])
+    assert [oai_post(openai_mock).status_code for _ in range(5)] == [500, 500, 502, 502, 502]
+    openai_mock.reset()
+    assert oai_post(openai_mock).status_code == 200
+
+
+def test_script_append(openai_mock):
+    openai_mock.script([{"status": 500}])
+    openai_mock.script([{"status": 503}], append=True)
+    assert [oai_post(openai_mock).status_code for _ in range(3)] == [500, 503, 200]
+
+
+def test_script_delay(openai_mock):
+    openai_mock.script([{"delay_ms": 400}])
+    t0 = time.monotonic()
+    r = oai_post(openai_mock)
+    assert r.status_code == 200 and time.monotonic() - t0 >= 0.38
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        openai_mock.script([{"delay_ms": 1500}])
+        oai_post(openai_mock, timeout=0.3)
+
+
+def test_script_close_resets_connection(azure_mock):
+    azure_mock.script([{"close": True}])
+    with pytest.raises(requests.exceptions.ConnectionError):
+        az_post(azure_mock)
+    assert az_post(azure_mock).status_code == 200
+    recs = azure_mock.requests()
+    assert recs[0]["closed"] is True and recs[0]["status"] is None
+
+
+def test_script_custom_body_and_headers(openai_mock):
+    openai_mock.script([{"status": 418, "body": {"custom": True}, "headers": {"x-extra": "1"}}])
+    r = oai_post(openai_mock)
+    assert r.status_code == 418 and r.json() == {"custom": True} and r.headers["x-extra"] == "1"
+
+
+def test_script_applies_only_to_valid_requests(openai_mock):
+    """Strictness errors are not masked by the script: a bad request keeps its own answer."""
+    openai_mock.script([{"status": 429}])
+    assert oai_post(openai_mock, key="wrong").status_code == 401
+    assert oai_post(openai_mock).status_code == 429
+
+
+def test_fail_rate(openai_mock):
+    openai_mock.fail_rate(1.0, [503])
+    assert {oai_post(openai_mock).status_code for _ in range(4)} == {503}
+    openai_mock.fail_rate(0.5, [429, 500], seed=7)
+    codes = [oai_post(openai_mock).status_code for _ in range(40)]
+    assert set(codes) <= {200, 429, 500} and 5 < codes.count(200) < 35
+    openai_mock.fail_rate(0)
+    assert oai_post(openai_mock).status_code == 200
+
+
+def test_fail_rate_cleared_by_reset(azure_mock):
+    azure_mock.fail_rate(1.0, [500])
+    assert az_post(azure_mock).status_code == 500
+    azure_mock.reset()
+    assert az_post(azure_mock).status_code == 200
+
+
+def test_x_mock_status_header(openai_mock, azure_mock):
+    r = oai_post(openai_mock, headers={"x-mock-status": "429", "x-mock-retry-after": "1"})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert oai_post(openai_mock).status_code == 200
+    r = az_post(azure_mock, headers={"x-mock-status": "503"})
+    assert r.status_code == 503
+
+
+def test_control_api_errors(openai_mock):
+    r = requests.post(openai_mock.url("/__mock/script"), data="{", timeout=T)
+    assert r.status_code == 400
+    r = requests.post(openai_mock.url("/__mock/script"), json={"status": 500}, timeout=T)
+    assert r.status_code == 400
+    r = requests.post(openai_mock.url("/__mock/nope"), json={}, timeout=T)
+    assert r.status_code == 404
+    assert requests.get(openai_mock.url("/__mock/health"), timeout=T).json()["ok"] is True
+    assert openai_mock.requests() == []  # control calls are not logged
+
+
+# ----------------------------------------------------------------------------------------------
+# TLS with SNI check, CLI
+
+
+def test_tls_sni_check(mock_factory, make_cert):
+    host = "llmf-local.openai.azure.com"
+    cert, key = make_cert(host)
+    m = mock_factory("azure", tls_cert=cert, tls_key=key, expect_sni=host)
+    assert m.base_url.startswith("https://")
+    ctx = ssl.create_default_context(cafile=cert)
+    with socket.create_connection(("127.0.0.1", m.port), timeout=T) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            body = json.dumps(CHAT).encode()
+            s.sendall(b"POST " + az_path().encode() + b" HTTP/1.1\r\nHost: " + host.encode() +
+                      b"\r\napi-key: " + AZURE_KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: " +
+                      str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert m.last_request()["sni"] == host
+    bad = ssl.create_default_context(cafile=cert)
+    bad.check_hostname = False
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with socket.create_connection(("127.0.0.1", m.port), timeout=T) as raw:
+            with bad.wrap_socket(raw, server_hostname="other.example.com") as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.recv(10)
+    errs = m.tls_errors()
+    assert errs and errs[-1]["sni"] == "other.example.com"
+
+
+def test_cli_runs_standalone():
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "mocks" / "upstream.py"),
+                             "--provider", "azure", "--port", "0", "--api-key", "k1", "--resource", "res1",
+                             "--api-versions", "2024-10-21", "--deployments", "dep1=gpt-4", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert wait_for_port(port)
+        r = requests.post(f"http://127.0.0.1:{port}{az_path('dep1')}", json=CHAT, timeout=T,
+                          headers={"Host": "res1.openai.azure.com", "api-key": "k1"})
+        assert r.status_code == 200 and r.json()["model"] == "gpt-4"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+def test_start_returns_server_and_thread():
+    from mocks.upstream import start
+
+    server, thread = start("openai", port=0, host="*")
+    try:
+        assert server.port > 0 and thread.is_alive()
+        r = requests.get(f"http://127.0.0.1:{server.port}/v1/models", timeout=T,
+                         headers={"Authorization": f"Bearer {OPENAI_KEY}"})
+        assert r.status_code == 200
+    finally:
+        server.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_x_mock_status_per_name_and_count(openai_mock, azure_mock):
+    h = {"x-mock-status-openai": "429", "x-mock-count": "2"}
+    assert oai_post(openai_mock, headers=h).status_code == 429
+    assert oai_post(openai_mock).status_code == 429  # the follow-up (e.g. a retry without the header)
+    assert oai_post(openai_mock).status_code == 200
+    assert az_post(azure_mock, headers=h).status_code == 200  # not for the azure mock
