@@ -205,7 +205,12 @@ def require_envoy(wasm_path: str | os.PathLike | None = DEFAULT_WASM):
 @pytest.fixture(scope="session")
 def _session_stack(_openai_server, _azure_server):
     require_envoy()
-    s = EnvoyStack(clusters={"openai": _openai_server.port, "azure": _azure_server.port})
+    # envoy/local.yaml as shipped, except that cooldowns are off: they are shared state that would
+    # carry one test's failures into the next. Cooldown tests run their own stack.
+    cfg = harness.file_plugin_config()
+    for target in cfg["targets"]:
+        target["cooldown"] = False
+    s = EnvoyStack(plugin_config=cfg, clusters={"openai": _openai_server.port, "azure": _azure_server.port})
     s.start()
     yield s
     s.stop()
@@ -220,7 +225,7 @@ def _check_vm(request, stack: EnvoyStack, offset: int):
 
 @pytest.fixture
 def stack(request, _session_stack, openai_mock, azure_mock) -> EnvoyStack:
-    """The shared Envoy (envoy/local.yaml as shipped) in front of openai_mock and azure_mock."""
+    """The shared Envoy (envoy/local.yaml, cooldowns off) in front of openai_mock and azure_mock."""
     if not _session_stack.running:
         pytest.fail("the shared Envoy is not running any more:\n" + _session_stack.log_text[-3000:])
     offset = _session_stack.log_offset()
