@@ -158,7 +158,7 @@ impl Chain {
         let here = self
             .hops
             .get(self.pos)
-            .map_or(false, |h| self.tries_here < h.max_tries);
+            .is_some_and(|h| self.tries_here < h.max_tries);
         here || self.pos + 1 < self.hops.len()
     }
 

@@ -945,9 +945,11 @@ mod tests {
         assert!(c.cache.is_none());
     }
 
+    type Mutation = Box<dyn FnOnce(&mut Value)>;
+
     #[test]
     fn invalid_configs_name_the_field() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "targets[1].api_version",
                 Box::new(|v| {

@@ -50,7 +50,7 @@ fn envoy_transport_failure(
     if !matches!(status, 502..=504) {
         return None;
     }
-    let plain = content_type.map_or(true, |ct| ct.starts_with(b"text/plain"));
+    let plain = content_type.is_none_or(|ct| ct.starts_with(b"text/plain"));
     if !plain {
         return None;
     }

@@ -18,6 +18,8 @@ pub enum Rejection {
     UpstreamUnavailable { target: String, timeout: bool },
     /// The request budget (`deadline`) ran out before any attempt answered.
     DeadlineExceeded,
+    /// The filter has no valid configuration.
+    NotConfigured,
 }
 
 pub struct LocalReply {
@@ -35,6 +37,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable { timeout: true, .. } => 504,
             Rejection::UpstreamUnavailable { timeout: false, .. } => 502,
             Rejection::DeadlineExceeded => 504,
+            Rejection::NotConfigured => 503,
         }
     }
 
@@ -48,6 +51,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable { timeout: true, .. } => "upstream_timeout",
             Rejection::UpstreamUnavailable { timeout: false, .. } => "upstream_unavailable",
             Rejection::DeadlineExceeded => "deadline_exceeded",
+            Rejection::NotConfigured => "gateway_not_configured",
         }
     }
 
@@ -57,7 +61,9 @@ impl Rejection {
             | Rejection::BodyTooLarge { .. }
             | Rejection::InvalidBody { .. }
             | Rejection::NoTarget { .. } => "invalid_request_error",
-            Rejection::UpstreamUnavailable { .. } | Rejection::DeadlineExceeded => "server_error",
+            Rejection::UpstreamUnavailable { .. }
+            | Rejection::DeadlineExceeded
+            | Rejection::NotConfigured => "server_error",
         }
     }
 
@@ -77,6 +83,7 @@ impl Rejection {
                 format!("The upstream '{target}' could not be reached and no other target was left.")
             }
             Rejection::DeadlineExceeded => "The gateway's request deadline was spent before any target answered.".to_string(),
+            Rejection::NotConfigured => "The gateway has no valid configuration; see Envoy's log.".to_string(),
         }
     }
 
@@ -139,6 +146,7 @@ mod tests {
                 "upstream_unavailable",
             ),
             (Rejection::DeadlineExceeded, 504, "deadline_exceeded"),
+            (Rejection::NotConfigured, 503, "gateway_not_configured"),
         ];
         for (rejection, status, code) in cases {
             let reply = rejection.reply();

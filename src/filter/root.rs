@@ -7,13 +7,14 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{Action, ContextType};
 
 use super::exchange::{Exchange, Runtime};
 use super::host;
 use super::http::Http;
 use super::shared;
 use crate::config::{self, ProcessEnv};
+use crate::reply::Rejection;
 
 const TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY_TICKS: u32 = 40;
@@ -105,6 +106,23 @@ impl Root {
     }
 }
 
+/// Answers every request with 503 when there is no valid configuration.
+struct Unconfigured;
+
+impl Context for Unconfigured {}
+
+impl HttpContext for Unconfigured {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let reply = Rejection::NotConfigured.reply();
+        host::send_reply(
+            reply.status,
+            &[("content-type", "application/json")],
+            &reply.body,
+        );
+        Action::Pause
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -172,7 +190,7 @@ impl RootContext for Root {
         let now = host::now_ms();
         self.fire_due_timers(now);
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks % SWEEP_EVERY_TICKS == 0 {
+        if self.ticks.is_multiple_of(SWEEP_EVERY_TICKS) {
             self.sweep_cache(now);
         }
         // Callouts whose request is gone (client disconnected) are forgotten.
@@ -180,12 +198,16 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let runtime = self.runtime.clone()?;
-        Some(Box::new(Http::new(
-            runtime,
-            context_id,
-            self.timers.clone(),
-        )))
+        match self.runtime.clone() {
+            Some(runtime) => Some(Box::new(Http::new(
+                runtime,
+                context_id,
+                self.timers.clone(),
+            ))),
+            // Envoy refuses a filter whose configure failed, so this is not expected; the SDK
+            // would panic on `None`, so answer instead.
+            None => Some(Box::new(Unconfigured)),
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
