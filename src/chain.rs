@@ -78,7 +78,10 @@ pub enum GiveUpReason {
 /// Why a retry was not taken although the target had tries left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoRetry {
+    /// The Retry-After is longer than `max_retry_wait`.
     RetryAfterTooLong,
+    /// Waiting the Retry-After would leave no budget for the retry.
+    RetryAfterOverBudget,
 }
 
 #[derive(Debug, Clone)]
@@ -118,7 +121,9 @@ impl Chain {
             None => Vec::new(),
         };
         let hop = hops.get(pos)?.clone();
-        let deadline_ms = now_ms.saturating_add(deadline.as_millis() as u64);
+        // Saturating: a `Duration` can hold more milliseconds than a `u64`.
+        let deadline_ms =
+            now_ms.saturating_add(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX));
         let chain = Chain {
             hops,
             pos,
@@ -194,7 +199,7 @@ impl Chain {
             let delay = failure.retry_after.unwrap_or(Duration::ZERO);
             if delay > self.max_retry_wait {
                 no_retry = Some(NoRetry::RetryAfterTooLong);
-            } else if delay + MIN_ATTEMPT <= remaining {
+            } else if delay.saturating_add(MIN_ATTEMPT) <= remaining {
                 self.tries_here += 1;
                 self.attempts += 1;
                 let timeout = hop.timeout.min(remaining - delay);
@@ -207,7 +212,7 @@ impl Chain {
                     None,
                 );
             } else {
-                return (Step::GiveUp(GiveUpReason::BudgetSpent), None);
+                no_retry = Some(NoRetry::RetryAfterOverBudget);
             }
         }
         let mut skipped = Vec::new();
@@ -228,7 +233,11 @@ impl Chain {
             };
             return (step, no_retry);
         }
-        (Step::GiveUp(GiveUpReason::Exhausted), no_retry)
+        let reason = match no_retry {
+            Some(NoRetry::RetryAfterOverBudget) => GiveUpReason::BudgetSpent,
+            _ => GiveUpReason::Exhausted,
+        };
+        (Step::GiveUp(reason), no_retry)
     }
 }
 
@@ -397,8 +406,22 @@ mod tests {
                 Some(NoRetry::RetryAfterTooLong)
             )
         );
-        // Fits the cap but not the budget: the wait would spend it.
+        // Fits the cap but not the budget: fail over at once with what is left...
         let mut c = start(&[(0, 1, 10), (1, 0, 10)], 3);
+        assert_eq!(
+            c.next(&throttled(4 * S), 0, none),
+            (
+                Step::Failover {
+                    from: 0,
+                    to: 1,
+                    timeout: 3 * S,
+                    skipped: vec![]
+                },
+                Some(NoRetry::RetryAfterOverBudget)
+            )
+        );
+        // ... and with no other target, the budget is what ended the chain.
+        let mut c = start(&[(0, 1, 10)], 3);
         assert_eq!(
             c.next(&throttled(4 * S), 0, none).0,
             Step::GiveUp(GiveUpReason::BudgetSpent)

@@ -26,16 +26,29 @@ const TARGET_HEADER: &str = "x-llm-failover-target";
 const ATTEMPTS_HEADER: &str = "x-llm-failover-attempts";
 const CACHE_HEADER: &str = "x-llm-failover-cache";
 
-/// Client headers carried on every callout (tracing, content negotiation).
-const FORWARDED: [&str; 7] = [
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "accept",
+/// Client headers a callout does not carry: the rest go to every attempt alike, as they do to
+/// the routed one. Credentials are replaced by the target's; `accept-encoding` is dropped from
+/// every attempt so that the filter can read what comes back (error bodies, usage, the cache).
+const NOT_FORWARDED: [&str; 14] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "expect",
+    "proxy-connection",
+    "proxy-authorization",
+    "authorization",
+    "api-key",
     "accept-encoding",
-    "user-agent",
-    "content-type",
+    CLUSTER_HEADER,
 ];
+
+fn forwarded_to_callouts(name: &str) -> bool {
+    !name.starts_with(':') && !name.starts_with("x-envoy-") && !NOT_FORWARDED.contains(&name)
+}
 
 /// Response headers never copied from a callout answer to the client.
 const HOP_BY_HOP: [&str; 6] = [
@@ -134,7 +147,7 @@ pub struct Exchange {
     request_id: String,
     op: Option<Operation>,
     client_path: String,
-    forwarded: Vec<(&'static str, String)>,
+    forwarded: Vec<(String, String)>,
     allowed: Option<Vec<usize>>,
     key_name: String,
     no_cache: bool,
@@ -217,9 +230,11 @@ impl Exchange {
             .collect();
         self.no_cache = get("cache-control")
             .is_some_and(|v| v.windows(8).any(|w| w.eq_ignore_ascii_case(b"no-cache")));
-        for name in FORWARDED {
-            if let Some(v) = get(name).and_then(|v| std::str::from_utf8(v).ok()) {
-                self.forwarded.push((name, v.to_string()));
+        for (name, value) in &headers {
+            if forwarded_to_callouts(name) {
+                if let Ok(v) = std::str::from_utf8(value) {
+                    self.forwarded.push((name.clone(), v.to_string()));
+                }
             }
         }
         host::increment(self.rt.metrics.requests, 1);
@@ -423,8 +438,8 @@ impl Exchange {
                 Some(&timeout.as_millis().max(1).to_string()),
             );
         }
-        if self.cache_key.is_some() {
-            // Ask for an identity body so the answer can be cached as is.
+        if self.op.is_some() {
+            // Identity bodies, so error bodies, usage and cache entries can be read.
             host::set_header(map, "accept-encoding", None);
         }
     }
@@ -556,12 +571,13 @@ impl Exchange {
                 status_class(status, None),
                 now.saturating_sub(self.attempt_started_ms),
             );
-            if (200..300).contains(&status.unwrap_or(0)) {
-                if let Some(t) = self.target(target) {
-                    if t.cooldown.is_some() {
-                        shared::record_success(&t.name);
-                    }
+            // Any answer that is not a failure shows the target is up.
+            if let Some(t) = self.target(target) {
+                if t.cooldown.is_some() {
+                    shared::record_success(&t.name);
                 }
+            }
+            if (200..300).contains(&status.unwrap_or(0)) {
                 self.usage = Some(UsageScanner::default());
             }
         }
@@ -723,17 +739,21 @@ impl Exchange {
         let failed_over = chain.failed_over();
         self.chain = Some(chain);
         let what = describe(&answer, failure.as_ref().map(|f| f.kind));
-        if no_retry == Some(NoRetry::RetryAfterTooLong) {
+        if let Some(why) = no_retry {
+            let why = match why {
+                NoRetry::RetryAfterTooLong => "is over max_retry_wait",
+                NoRetry::RetryAfterOverBudget => "does not fit the deadline",
+            };
             log::info!(
-                "{} no retry on target={}: retry-after {:?} is over max_retry_wait",
+                "{} no retry on target={}: retry-after {}ms {why}",
                 self.tag(),
                 self.target_name(current),
-                answer.retry_after.unwrap_or_default()
+                answer.retry_after.unwrap_or_default().as_millis()
             );
         }
         match step {
             Step::Deliver => (
-                self.deliver(answer, None, attempts, failed_over),
+                self.deliver(answer, None, attempts, failed_over, false),
                 Effect::None,
             ),
             Step::GiveUp(reason) => {
@@ -755,10 +775,10 @@ impl Exchange {
                         );
                     }
                 }
-                (
-                    self.deliver(answer, failure.map(|f| f.kind), attempts, failed_over),
-                    Effect::None,
-                )
+                let budget_spent = reason == GiveUpReason::BudgetSpent;
+                let failure = failure.map(|f| f.kind);
+                let flow = self.deliver(answer, failure, attempts, failed_over, budget_spent);
+                (flow, Effect::None)
             }
             Step::Retry {
                 target,
@@ -863,10 +883,7 @@ impl Exchange {
             headers.push(((*name).to_string(), value.clone()));
         }
         for (name, value) in &self.forwarded {
-            if *name == "accept-encoding" && self.cache_key.is_some() {
-                continue;
-            }
-            headers.push(((*name).to_string(), value.clone()));
+            headers.push((name.clone(), value.clone()));
         }
         Some((t.cluster.clone(), headers, body))
     }
@@ -879,6 +896,7 @@ impl Exchange {
         failure: Option<FailureKind>,
         attempts: u32,
         failed_over: bool,
+        budget_spent: bool,
     ) -> Flow {
         let target = self
             .chain
@@ -901,9 +919,14 @@ impl Exchange {
             ours.push((CACHE_HEADER, "miss"));
         }
         if let Some(kind @ (FailureKind::Unreachable | FailureKind::Timeout)) = failure {
-            let rejection = Rejection::UpstreamUnavailable {
-                target: name.clone(),
-                timeout: kind == FailureKind::Timeout,
+            let rejection = if kind == FailureKind::Timeout && budget_spent {
+                // The attempt's timeout was what was left of the deadline.
+                Rejection::DeadlineExceeded
+            } else {
+                Rejection::UpstreamUnavailable {
+                    target: name.clone(),
+                    timeout: kind == FailureKind::Timeout,
+                }
             };
             let reply = rejection.reply();
             ours.push(("content-type", "application/json"));
