@@ -72,6 +72,19 @@ validate: setup build $(ISTIO_VALIDATOR)
 
 test: setup lint unit build validate integration fuzz-short
 
+# Benchmarks: plain Envoy, a no-op Wasm filter (bench/noop) and llm-failover side by side on
+# loopback, nginx as upstream, wrk as load; writes BENCHMARKS.md (about 2.5 minutes).
+.PHONY: bench-tools
+bench-tools:
+	@missing=""; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v wasm-opt >/dev/null || missing="$$missing binaryen"; \
+	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
+
+bench: setup build bench-tools
+	$(PY) bench/run.py
+
 # Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
 # for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for
 # FUZZ_SHORT_SECONDS and is part of `make test`. Crashes are saved in fuzz/artifacts/<target>/.

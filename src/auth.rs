@@ -15,9 +15,10 @@ pub fn presented_key<'a>(
 ) -> Option<&'a [u8]> {
     if let Some(auth) = authorization {
         let auth = trim(auth);
-        let scheme = auth.get(..7)?;
+        // A header too short to be a bearer token leaves the choice to `api-key`.
+        let scheme = auth.get(..7).unwrap_or_default();
         if scheme.eq_ignore_ascii_case(b"bearer ") {
-            let key = trim(auth.get(7..)?);
+            let key = trim(auth.get(7..).unwrap_or_default());
             if !key.is_empty() {
                 return Some(key);
             }

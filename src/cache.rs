@@ -51,16 +51,24 @@ pub struct Entry {
 const MAGIC: u8 = 0xC1;
 
 impl Entry {
+    /// Empty (read back as no entry) when `target` or `content_type` is longer than the 65535
+    /// bytes their length fields hold.
     pub fn encode(&self) -> Vec<u8> {
+        let (Ok(target_len), Ok(type_len)) = (
+            u16::try_from(self.target.len()),
+            u16::try_from(self.content_type.len()),
+        ) else {
+            return Vec::new();
+        };
         let mut out = Vec::with_capacity(
             1 + 32 + 8 + 4 + self.target.len() + self.content_type.len() + self.body.len(),
         );
         out.push(MAGIC);
         out.extend_from_slice(&self.digest);
         out.extend_from_slice(&self.expires_ms.to_le_bytes());
-        out.extend_from_slice(&(self.target.len() as u16).to_le_bytes());
+        out.extend_from_slice(&target_len.to_le_bytes());
         out.extend_from_slice(self.target.as_bytes());
-        out.extend_from_slice(&(self.content_type.len() as u16).to_le_bytes());
+        out.extend_from_slice(&type_len.to_le_bytes());
         out.extend_from_slice(self.content_type.as_bytes());
         out.extend_from_slice(&self.body);
         out

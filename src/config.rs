@@ -173,7 +173,7 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    strategy: Option<RawStrategy>,
+    strategy: Option<Value>,
     targets: Option<Vec<Value>>,
     #[serde(default)]
     keys: Option<Vec<Value>>,
@@ -285,14 +285,18 @@ const MAX_CACHE_ENTRIES: u32 = 1_000_000;
 
 /// Parses and validates the plugin configuration.
 pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
-    let raw: RawConfig = serde_json::from_slice(json).map_err(|e| json_error("", &e))?;
+    let value: Value = serde_json::from_slice(json).map_err(|e| json_error("", &e))?;
+    let raw: RawConfig = from_object(value, "")?;
 
-    let strategy = raw.strategy.unwrap_or(RawStrategy {
-        mode: None,
-        on_status_codes: None,
-        failover_on_content_filter: None,
-        max_retry_wait: None,
-    });
+    let strategy = match raw.strategy {
+        Some(value) => from_object(value, "strategy")?,
+        None => RawStrategy {
+            mode: None,
+            on_status_codes: None,
+            failover_on_content_filter: None,
+            max_retry_wait: None,
+        },
+    };
     match strategy.mode.as_deref() {
         None | Some("fallback") => {}
         Some("loadbalance") => {
@@ -432,8 +436,25 @@ fn json_error(field: &str, e: &serde_json::Error) -> ConfigError {
     ConfigError::new(at, format!("{e}"))
 }
 
+/// serde would also read a struct from a JSON array, field by field in order; the schema has
+/// objects only.
+fn from_object<T: serde::de::DeserializeOwned>(
+    value: Value,
+    field: &str,
+) -> Result<T, ConfigError> {
+    if !value.is_object() {
+        let at = if field.is_empty() {
+            "configuration"
+        } else {
+            field
+        };
+        return Err(ConfigError::new(at, "must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| json_error(field, &e))
+}
+
 fn parse_target(value: Value, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
-    let raw: RawTarget = serde_json::from_value(value).map_err(|e| json_error(field, &e))?;
+    let raw: RawTarget = from_object(value, field)?;
     let provider = match raw.provider.as_deref() {
         Some("openai") => Provider::OpenAi,
         Some("azure") => Provider::Azure,
@@ -538,6 +559,13 @@ fn parse_target(value: Value, field: &str, env: &dyn Env) -> Result<Target, Conf
                         "conflicts with deployments[\"*\"]; set one of them",
                     ));
                 }
+                // Checked here so the error names `deployment`, not `deployments["*"]`.
+                if d.is_empty() || !d.bytes().all(is_url_safe) {
+                    return Err(ConfigError::new(
+                        format!("{field}.deployment"),
+                        "deployment names are letters, digits, '-', '_' or '.'",
+                    ));
+                }
                 deployments.insert("*".to_string(), d);
             }
             if deployments.is_empty() {
@@ -616,9 +644,17 @@ fn resolve_credential(
             format!("missing: set {hint}"),
         ));
     }
+    // Errors below name a field the target sets, in the order the fields are read.
+    let used = if raw.api_key_env.is_some() {
+        "api_key_env"
+    } else if raw.azure_ad_token_env.is_some() {
+        "azure_ad_token_env"
+    } else {
+        "api_key"
+    };
     if set > 1 {
         return Err(ConfigError::new(
-            format!("{field}.api_key_env"),
+            format!("{field}.{used}"),
             "set only one of api_key_env, api_key, azure_ad_token_env",
         ));
     }
@@ -652,7 +688,7 @@ fn resolve_credential(
     };
     if !secret.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Err(ConfigError::new(
-            format!("{field}.api_key_env"),
+            format!("{field}.{used}"),
             "the credential has characters not allowed in a header value",
         ));
     }
@@ -669,7 +705,7 @@ fn parse_cooldown(value: Option<Value>, field: &str) -> Result<Option<Cooldown>,
         None => return Ok(Some(default)),
         Some(Value::Bool(false)) => return Ok(None),
         Some(Value::Bool(true)) => return Ok(Some(default)),
-        Some(v) => serde_json::from_value(v).map_err(|e| json_error(field, &e))?,
+        Some(v) => from_object(v, field)?,
     };
     if raw.enabled == Some(false) {
         return Ok(None);
@@ -703,7 +739,7 @@ fn parse_key(
     targets: &[Target],
     env: &dyn Env,
 ) -> Result<GatewayKey, ConfigError> {
-    let raw: RawKey = serde_json::from_value(value).map_err(|e| json_error(field, &e))?;
+    let raw: RawKey = from_object(value, field)?;
     let name = raw
         .name
         .ok_or_else(|| ConfigError::new(format!("{field}.name"), "missing"))?;
@@ -778,7 +814,7 @@ fn parse_key(
 }
 
 fn parse_cache(value: Value) -> Result<Option<CacheSettings>, ConfigError> {
-    let raw: RawCache = serde_json::from_value(value).map_err(|e| json_error("cache", &e))?;
+    let raw: RawCache = from_object(value, "cache")?;
     if raw.enabled != Some(true) {
         return Ok(None);
     }

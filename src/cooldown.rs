@@ -66,7 +66,7 @@ pub fn after_failure(
     match cooldown {
         Some(d) => {
             let until = now_ms
-                .saturating_add(d.as_millis() as u64)
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .max(state.until_ms);
             (
                 State {

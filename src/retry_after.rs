@@ -39,7 +39,8 @@ fn number(v: &[u8]) -> Option<f64> {
         return None;
     }
     let n: f64 = s.parse().ok()?;
-    (n.is_finite() && n >= 0.0).then(|| n.min(MAX.as_secs_f64() * 1000.0))
+    // Digits too many for an f64 read as infinity: clamped like any other long wait.
+    (n >= 0.0).then(|| n.min(MAX.as_secs_f64() * 1000.0))
 }
 
 /// IMF-fixdate, e.g. `Wed, 21 Oct 2015 07:28:00 GMT`.

@@ -1,6 +1,9 @@
 //! Client request -> request for one target: which operation it is, what its body says, and the
 //! body a target gets (its `model` and `override_params`).
 
+use std::fmt;
+
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -72,6 +75,9 @@ pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
         Some(_) => return Err("the body is not a JSON object".to_string()),
     }
     let peek: Peek = serde_json::from_slice(body).map_err(|e| format!("invalid JSON ({e})"))?;
+    // `Peek` skips the other fields unchecked; check them as strictly as `body_for` and the
+    // cache key will read them, so a body accepted here can be rewritten.
+    serde_json::from_slice::<Checked>(body).map_err(|e| format!("invalid JSON ({e})"))?;
     let model = match peek.model {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
@@ -83,6 +89,49 @@ pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
         Some(_) => return Err("'stream' must be a boolean".to_string()),
     };
     Ok(BodyInfo { model, stream })
+}
+
+/// Any JSON value, read in full (strings and numbers validated) but not kept.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
 }
 
 /// The body `target` gets: the client's, unless the target sets `model` or `override_params`.

