@@ -826,13 +826,16 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
         f"| `dist/llm_failover.wasm` (as built by `make build`) | {size:,} |",
     ]
     if sizes.get("filter_wasm_opt"):
-        lines.append(f"| the same after `wasm-opt -Oz` ({sizes['wasm_opt_version']}) | {sizes['filter_wasm_opt']:,} |")
+        lines.append(f"| the same through `wasm-opt -Oz` again ({sizes['wasm_opt_version']}) | {sizes['filter_wasm_opt']:,} |")
     else:
         lines.append(f"| the same after `wasm-opt -Oz` | n/a ({sizes['wasm_opt_version']}) |")
     lines.append(f"| no-op filter (`bench/noop`, same release profile) | {sizes['noop']:,} |")
     lines += [
         "",
         f"Budget: {SIZE_BUDGET_BYTES // 1024} KiB ({SIZE_BUDGET_BYTES:,} bytes) for `dist/llm_failover.wasm`.",
+        "",
+        "Where the time and the bytes go, and why the req/s and size targets are not met: "
+        "[docs/performance.md](docs/performance.md).",
         "",
         "## Machine",
         "",

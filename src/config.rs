@@ -6,7 +6,13 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+/// A part of the config kept as text until its own schema reads it: every part is deserialized
+/// straight from text (one deserializer per type keeps the wasm small), and the errors of a part
+/// can name its index.
+type Part = Box<RawValue>;
 
 /// Environment lookup, injected so tests do not depend on the process environment.
 pub trait Env {
@@ -173,12 +179,12 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    strategy: Option<Value>,
-    targets: Option<Vec<Value>>,
+    strategy: Option<Part>,
+    targets: Option<Vec<Part>>,
     #[serde(default)]
-    keys: Option<Vec<Value>>,
+    keys: Option<Vec<Part>>,
     #[serde(default)]
-    cache: Option<Value>,
+    cache: Option<Part>,
     #[serde(default)]
     deadline: Option<String>,
     #[serde(default)]
@@ -230,7 +236,7 @@ struct RawTarget {
     #[serde(default)]
     deployment: Option<String>,
     #[serde(default)]
-    cooldown: Option<Value>,
+    cooldown: Option<Part>,
 }
 
 #[derive(Deserialize)]
@@ -285,11 +291,12 @@ const MAX_CACHE_ENTRIES: u32 = 1_000_000;
 
 /// Parses and validates the plugin configuration.
 pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
-    let value: Value = serde_json::from_slice(json).map_err(|e| json_error("", &e))?;
-    let raw: RawConfig = from_object(value, "")?;
+    let text = std::str::from_utf8(json)
+        .map_err(|_| ConfigError::new("configuration", "is not UTF-8 text"))?;
+    let raw: RawConfig = from_object(text, "")?;
 
     let strategy = match raw.strategy {
-        Some(value) => from_object(value, "strategy")?,
+        Some(part) => from_object(part.get(), "strategy")?,
         None => RawStrategy {
             mode: None,
             on_status_codes: None,
@@ -351,7 +358,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
     let mut targets: Vec<Target> = Vec::with_capacity(raw_targets.len());
     for (i, value) in raw_targets.into_iter().enumerate() {
         let field = format!("targets[{i}]");
-        let t = parse_target(value, &field, env)?;
+        let t = parse_target(value.get(), &field, env)?;
         if targets.iter().any(|o| o.name == t.name) {
             return Err(ConfigError::new(
                 format!("{field}.name"),
@@ -373,7 +380,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
             let mut keys: Vec<GatewayKey> = Vec::with_capacity(list.len());
             for (i, value) in list.into_iter().enumerate() {
                 let field = format!("keys[{i}]");
-                let k = parse_key(value, &field, &targets, env)?;
+                let k = parse_key(value.get(), &field, &targets, env)?;
                 if keys.iter().any(|o| o.name == k.name) {
                     return Err(ConfigError::new(
                         format!("{field}.name"),
@@ -394,7 +401,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
 
     let cache = match raw.cache {
         None => None,
-        Some(value) => parse_cache(value)?,
+        Some(value) => parse_cache(value.get())?,
     };
 
     let deadline = opt_duration(raw.deadline.as_deref(), "deadline", DEFAULT_DEADLINE)?;
@@ -438,11 +445,8 @@ fn json_error(field: &str, e: &serde_json::Error) -> ConfigError {
 
 /// serde would also read a struct from a JSON array, field by field in order; the schema has
 /// objects only.
-fn from_object<T: serde::de::DeserializeOwned>(
-    value: Value,
-    field: &str,
-) -> Result<T, ConfigError> {
-    if !value.is_object() {
+fn from_object<T: serde::de::DeserializeOwned>(text: &str, field: &str) -> Result<T, ConfigError> {
+    if !text.trim_start().starts_with('{') {
         let at = if field.is_empty() {
             "configuration"
         } else {
@@ -450,11 +454,11 @@ fn from_object<T: serde::de::DeserializeOwned>(
         };
         return Err(ConfigError::new(at, "must be a JSON object"));
     }
-    serde_json::from_value(value).map_err(|e| json_error(field, &e))
+    serde_json::from_str(text).map_err(|e| json_error(field, &e))
 }
 
-fn parse_target(value: Value, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
-    let raw: RawTarget = from_object(value, field)?;
+fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
+    let raw: RawTarget = from_object(text, field)?;
     let provider = match raw.provider.as_deref() {
         Some("openai") => Provider::OpenAi,
         Some("azure") => Provider::Azure,
@@ -695,17 +699,19 @@ fn resolve_credential(
     Ok(credential)
 }
 
-fn parse_cooldown(value: Option<Value>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
+fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
     let default = Cooldown {
         after_failures: DEFAULT_COOLDOWN_FAILURES,
         duration: DEFAULT_COOLDOWN,
         max_duration: DEFAULT_COOLDOWN_MAX,
     };
-    let raw: RawCooldown = match value {
+    let raw: RawCooldown = match part {
         None => return Ok(Some(default)),
-        Some(Value::Bool(false)) => return Ok(None),
-        Some(Value::Bool(true)) => return Ok(Some(default)),
-        Some(v) => from_object(v, field)?,
+        Some(part) => match part.get().trim() {
+            "false" => return Ok(None),
+            "true" => return Ok(Some(default)),
+            text => from_object(text, field)?,
+        },
     };
     if raw.enabled == Some(false) {
         return Ok(None);
@@ -734,12 +740,12 @@ fn parse_cooldown(value: Option<Value>, field: &str) -> Result<Option<Cooldown>,
 }
 
 fn parse_key(
-    value: Value,
+    text: &str,
     field: &str,
     targets: &[Target],
     env: &dyn Env,
 ) -> Result<GatewayKey, ConfigError> {
-    let raw: RawKey = from_object(value, field)?;
+    let raw: RawKey = from_object(text, field)?;
     let name = raw
         .name
         .ok_or_else(|| ConfigError::new(format!("{field}.name"), "missing"))?;
@@ -813,8 +819,8 @@ fn parse_key(
     })
 }
 
-fn parse_cache(value: Value) -> Result<Option<CacheSettings>, ConfigError> {
-    let raw: RawCache = from_object(value, "cache")?;
+fn parse_cache(text: &str) -> Result<Option<CacheSettings>, ConfigError> {
+    let raw: RawCache = from_object(text, "cache")?;
     if raw.enabled != Some(true) {
         return Ok(None);
     }
@@ -862,23 +868,16 @@ fn opt_duration(s: Option<&str>, field: &str, default: Duration) -> Result<Durat
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit_ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1.0)
+        (n, 1)
     } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000.0)
+        (n, 1000)
     } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000.0)
+        (n, 60_000)
     } else {
         return None;
     };
-    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return None;
-    }
-    let value: f64 = num.parse().ok()?;
-    let ms = value * unit_ms;
-    if !ms.is_finite() || !(0.0..=86_400_000.0).contains(&ms) {
-        return None;
-    }
-    Some(Duration::from_millis(ms.round() as u64))
+    let ms = crate::retry_after::scaled_decimal(num, unit_ms)?;
+    (ms <= 86_400_000).then(|| Duration::from_millis(ms))
 }
 
 fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {

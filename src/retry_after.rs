@@ -20,27 +20,44 @@ pub fn parse<'a>(
             .map(|(_, v)| v)
     };
     for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
-        if let Some(ms) = find(name).and_then(number) {
-            return Some(Duration::from_secs_f64(ms / 1000.0).min(MAX));
+        if let Some(us) = find(name).and_then(|v| number(v, 1000)) {
+            return Some(Duration::from_micros(us).min(MAX));
         }
     }
     let value = find("retry-after")?;
-    if let Some(secs) = number(value) {
-        return Some(Duration::from_secs_f64(secs).min(MAX));
+    if let Some(ms) = number(value, 1000) {
+        return Some(Duration::from_millis(ms).min(MAX));
     }
     let text = std::str::from_utf8(value).ok()?;
     let at = http_date_unix(text.trim())?;
     Some(Duration::from_secs(at.saturating_sub(now_unix_secs)).min(MAX))
 }
 
-fn number(v: &[u8]) -> Option<f64> {
-    let s = std::str::from_utf8(v).ok()?.trim();
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+fn number(v: &[u8], scale: u64) -> Option<u64> {
+    scaled_decimal(std::str::from_utf8(v).ok()?.trim(), scale)
+}
+
+/// A non-negative decimal such as `"1.25"` times `scale` (1000 -> 1250), without floating point.
+/// Digits finer than the scale are dropped; values too large saturate (callers clamp them).
+pub fn scaled_decimal(s: &str, scale: u64) -> Option<u64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
         return None;
     }
-    let n: f64 = s.parse().ok()?;
-    // Digits too many for an f64 read as infinity: clamped like any other long wait.
-    (n >= 0.0).then(|| n.min(MAX.as_secs_f64() * 1000.0))
+    let mut value = int.bytes().fold(0u64, |v, b| {
+        v.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+    });
+    value = value.saturating_mul(scale);
+    let mut unit = scale;
+    for b in frac.bytes() {
+        unit /= 10;
+        if unit == 0 {
+            break;
+        }
+        value = value.saturating_add(u64::from(b - b'0') * unit);
+    }
+    Some(value)
 }
 
 /// IMF-fixdate, e.g. `Wed, 21 Oct 2015 07:28:00 GMT`.

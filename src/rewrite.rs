@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -74,10 +74,11 @@ pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
         Some(b'{') => {}
         Some(_) => return Err("the body is not a JSON object".to_string()),
     }
-    let peek: Peek = serde_json::from_slice(body).map_err(|e| format!("invalid JSON ({e})"))?;
-    // `Peek` skips the other fields unchecked; check them as strictly as `body_for` and the
-    // cache key will read them, so a body accepted here can be rewritten.
-    serde_json::from_slice::<Checked>(body).map_err(|e| format!("invalid JSON ({e})"))?;
+    // One pass: `model` and `stream` are kept, every other value is checked as strictly as
+    // `body_for` and the cache key will read it.
+    let peek: CheckedPeek =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON ({e})"))?;
+    let peek = peek.0;
     let model = match peek.model {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
@@ -93,6 +94,46 @@ pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
 
 /// Any JSON value, read in full (strings and numbers validated) but not kept.
 struct Checked;
+
+struct CheckedPeek(Peek);
+
+impl<'de> Deserialize<'de> for CheckedPeek {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(PeekVisitor)
+    }
+}
+
+struct PeekVisitor;
+
+impl<'de> Visitor<'de> for PeekVisitor {
+    type Value = CheckedPeek;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CheckedPeek, A::Error> {
+        let mut peek = Peek {
+            model: None,
+            stream: None,
+        };
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                // A duplicate is refused: providers would not agree on which value counts.
+                "model" if peek.model.is_some() => return Err(A::Error::duplicate_field("model")),
+                "stream" if peek.stream.is_some() => {
+                    return Err(A::Error::duplicate_field("stream"))
+                }
+                "model" => peek.model = Some(map.next_value()?),
+                "stream" => peek.stream = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<Checked>()?;
+                }
+            }
+        }
+        Ok(CheckedPeek(peek))
+    }
+}
 
 impl<'de> Deserialize<'de> for Checked {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -253,6 +294,8 @@ mod tests {
             b"{",
             br#"{"model": 5}"#,
             br#"{"stream": "yes"}"#,
+            br#"{"model": "a", "model": "b"}"#,
+            br#"{"stream": true, "stream": false}"#,
             br#"{"a":1} trailing"#,
             b"\xff\xfe",
         ] {

@@ -159,6 +159,8 @@ pub struct Exchange {
     cache_body: Option<Vec<u8>>,
     usage: Option<UsageScanner>,
     dispatched: Option<u32>,
+    /// Client headers that `address_routed` must remove, if present.
+    client_has: [bool; 3],
 }
 
 impl Exchange {
@@ -182,6 +184,7 @@ impl Exchange {
             cache_body: None,
             usage: None,
             dispatched: None,
+            client_has: [false; 3],
         }
     }
 
@@ -237,19 +240,28 @@ impl Exchange {
                 }
             }
         }
+        self.client_has = [
+            get("authorization").is_some(),
+            get("api-key").is_some(),
+            get("accept-encoding").is_some(),
+        ];
         host::increment(self.rt.metrics.requests, 1);
 
-        // Whatever happens next, a client never chooses the cluster.
-        let first = self.targets().first().copied();
-        let first_cluster = first
-            .and_then(|i| self.target(i))
-            .map(|t| t.cluster.clone())
-            .unwrap_or_default();
-        host::set_header(
-            MapType::HttpRequestHeaders,
-            CLUSTER_HEADER,
-            Some(&first_cluster),
-        );
+        // Whatever happens next, a client never chooses the cluster: operations pause here and
+        // are answered locally or addressed by `address_routed`, which sets it.
+        let is_op = Operation::from_request(&method, &self.client_path).is_some();
+        if !is_op {
+            let first = self.targets().first().copied();
+            let first_cluster = first
+                .and_then(|i| self.target(i))
+                .map(|t| t.cluster.clone())
+                .unwrap_or_default();
+            host::set_header(
+                MapType::HttpRequestHeaders,
+                CLUSTER_HEADER,
+                Some(&first_cluster),
+            );
+        }
 
         if let Some(keys) = &self.rt.config.keys {
             let presented = auth::presented_key(get("authorization"), get("api-key"));
@@ -262,7 +274,13 @@ impl Exchange {
                         .and_then(|i| self.target(*i))
                         .map(|t| t.cluster.clone())
                         .unwrap_or_default();
-                    host::set_header(MapType::HttpRequestHeaders, CLUSTER_HEADER, Some(&cluster));
+                    if !is_op {
+                        host::set_header(
+                            MapType::HttpRequestHeaders,
+                            CLUSTER_HEADER,
+                            Some(&cluster),
+                        );
+                    }
                     self.allowed = Some(allowed);
                 }
                 None => {
@@ -415,22 +433,27 @@ impl Exchange {
 
     /// Points the routed request at target `i`: path, host, credential, cluster, timeout.
     fn address_routed(&mut self, i: usize, timeout: Option<Duration>, _has_body: bool) {
+        let map = MapType::HttpRequestHeaders;
         let Some(t) = self.target(i) else { return };
+        host::set_header(map, CLUSTER_HEADER, Some(&t.cluster));
         let model = rewrite::model_for(t, &self.info);
         let Ok(addr) = provider::address(t, self.op, model, &self.client_path) else {
             return;
         };
-        let cluster = t.cluster.clone();
-        let map = MapType::HttpRequestHeaders;
-        for name in CLIENT_CREDENTIAL_HEADERS {
-            host::set_header(map, name, None);
+        let credential = self.rt.credentials.get(i);
+        for (name, present) in CLIENT_CREDENTIAL_HEADERS.iter().zip(self.client_has) {
+            // Setting the target's credential replaces a client header of the same name.
+            if present && credential.is_none_or(|(c, _)| c != name) {
+                host::set_header(map, name, None);
+            }
         }
-        if let Some((name, value)) = self.rt.credentials.get(i) {
+        if let Some((name, value)) = credential {
             host::set_header(map, name, Some(value));
         }
-        host::set_header(map, ":path", Some(&addr.path));
+        if addr.path != self.client_path {
+            host::set_header(map, ":path", Some(&addr.path));
+        }
         host::set_header(map, ":authority", Some(&addr.authority));
-        host::set_header(map, CLUSTER_HEADER, Some(&cluster));
         if let Some(timeout) = timeout {
             host::set_header(
                 map,
@@ -438,7 +461,7 @@ impl Exchange {
                 Some(&timeout.as_millis().max(1).to_string()),
             );
         }
-        if self.op.is_some() {
+        if self.op.is_some() && self.client_has[2] {
             // Identity bodies, so error bodies, usage and cache entries can be read.
             host::set_header(map, "accept-encoding", None);
         }
@@ -461,9 +484,7 @@ impl Exchange {
                 (ATTEMPTS_HEADER, "0"),
             ];
             host::send_reply(200, &headers, &entry.body);
-            host::set_filter_state("llm_failover.target", &entry.target);
-            host::set_filter_state("llm_failover.attempts", "0");
-            host::set_filter_state("llm_failover.failover", "false");
+            record_state(&entry.target, 0, false);
             return Some(Action::Pause);
         }
         host::increment(self.rt.metrics.cache_misses, 1);
@@ -496,13 +517,17 @@ impl Exchange {
         }
         let status =
             host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| parse_status(&s));
-        self.add_outcome_headers(1);
         if !judge::needs_judging(self.config(), status) {
+            self.add_outcome_headers(1);
             self.routed_answered(status);
             return (Action::Continue, Effect::None);
         }
-        let content_type = host::header(MapType::HttpResponseHeaders, "content-type");
+        // A failure candidate: `deliver` labels whatever answer the client finally gets.
         let headers = host::headers(MapType::HttpResponseHeaders);
+        let content_type = headers
+            .iter()
+            .find(|(n, _)| n == "content-type")
+            .map(|(_, v)| v.clone());
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             host::now_ms() / 1000,
@@ -654,14 +679,13 @@ impl Exchange {
 
     fn add_outcome_headers(&mut self, attempts: u32) {
         let map = MapType::HttpResponseHeaders;
-        if let Some(target) = self.chain.as_ref().and_then(Chain::current_target) {
-            let name = self.target_name(target).to_string();
+        let target = self.chain.as_ref().and_then(Chain::current_target);
+        let name = target.map_or("", |t| self.target_name(t)).to_string();
+        if !name.is_empty() {
             host::set_header(map, TARGET_HEADER, Some(&name));
-            host::set_filter_state("llm_failover.target", &name);
         }
         host::set_header(map, ATTEMPTS_HEADER, Some(&attempts.to_string()));
-        host::set_filter_state("llm_failover.attempts", &attempts.to_string());
-        host::set_filter_state("llm_failover.failover", "false");
+        record_state(&name, attempts, false);
         if self.config().cache.is_some() {
             host::set_header(map, CACHE_HEADER, Some("miss"));
         }
@@ -844,6 +868,14 @@ impl Exchange {
             Some(token) => {
                 self.phase = Phase::Callout { token };
                 self.dispatched = Some(token);
+                // So the access log shows the failover even if the client leaves before the end.
+                if let Some(chain) = &self.chain {
+                    record_state(
+                        self.target_name(target),
+                        chain.attempts(),
+                        chain.failed_over(),
+                    );
+                }
                 (Flow::Hold, Effect::None)
             }
             None => {
@@ -904,12 +936,7 @@ impl Exchange {
             .and_then(Chain::current_target)
             .unwrap_or(0);
         let name = self.target_name(target).to_string();
-        host::set_filter_state("llm_failover.target", &name);
-        host::set_filter_state("llm_failover.attempts", &attempts.to_string());
-        host::set_filter_state(
-            "llm_failover.failover",
-            if failed_over { "true" } else { "false" },
-        );
+        record_state(&name, attempts, failed_over);
         let attempts_text = attempts.to_string();
         let mut ours: Vec<(&str, &str)> = vec![
             (TARGET_HEADER, name.as_str()),
@@ -935,7 +962,10 @@ impl Exchange {
             return Flow::Replied;
         }
         let Some(headers) = answer.headers else {
-            // The routed response itself: it already carries our headers.
+            // The routed response itself, still held: label it.
+            for (name, value) in &ours {
+                host::set_header(MapType::HttpResponseHeaders, name, Some(value));
+            }
             return Flow::Resume;
         };
         let status = u32::from(answer.status.unwrap_or(502));
@@ -1033,6 +1063,14 @@ impl Exchange {
             format!("[ctx={} req={}]", self.context_id, self.request_id)
         }
     }
+}
+
+/// Filter state for the access log: `%FILTER_STATE(wasm.llm_failover.<field>:PLAIN)%`.
+fn record_state(target: &str, attempts: u32, failed_over: bool) {
+    host::set_filter_state("llm_failover.target", target);
+    host::set_filter_state("llm_failover.attempts", &attempts.to_string());
+    let failover = if failed_over { "true" } else { "false" };
+    host::set_filter_state("llm_failover.failover", failover);
 }
 
 fn parse_status(bytes: &[u8]) -> Option<u16> {
