@@ -76,7 +76,8 @@ $(ISTIO_VALIDATOR): tools/validate-istio/package.json tools/validate-istio/packa
 validate: setup build $(ISTIO_VALIDATOR)
 	$(PY) tools/validate.py
 
-test: setup lint unit build validate integration fuzz-short
+# pytest runs last, so its summary closes the output.
+test: setup lint unit build validate fuzz-short integration
 
 # Benchmarks: plain Envoy, a no-op Wasm filter (bench/noop) and llm-failover side by side on
 # loopback, nginx as upstream, wrk as load; writes BENCHMARKS.md (about 2.5 minutes).
@@ -110,14 +111,14 @@ fuzz-tools:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 fuzz-build: fuzz-tools
-	cd fuzz && cargo +nightly fuzz build $(FUZZ_FLAGS)
+	cd fuzz && env -u MAKEFLAGS cargo +nightly fuzz build $(FUZZ_FLAGS)
 
 fuzz: $(addprefix fuzz-run-,$(FUZZ_TARGETS))
 
 # Output lines carry the target's name, so runs in parallel stay readable.
 fuzz-run-%: fuzz-build
 	mkdir -p fuzz/corpus/$*
-	set -o pipefail; cd fuzz && cargo +nightly fuzz run $(FUZZ_FLAGS) $* corpus/$* seeds/$* -- \
+	set -o pipefail; cd fuzz && env -u MAKEFLAGS cargo +nightly fuzz run $(FUZZ_FLAGS) $* corpus/$* seeds/$* -- \
 	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 $(FUZZ_DICT_$*) \
 	  2>&1 | sed -u 's/^/[$*] /'
 
