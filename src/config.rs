@@ -5,14 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use crate::json::{self, Value};
 
-/// A part of the config kept as text until its own schema reads it: every part is deserialized
-/// straight from text (one deserializer per type keeps the wasm small), and the errors of a part
-/// can name its index.
-type Part = Box<RawValue>;
+/// A part of the config read by its own schema, so that the errors of a part can name its index.
+type Part<'a> = &'a Value;
 
 /// Environment lookup, injected so tests do not depend on the process environment.
 pub trait Env {
@@ -125,7 +121,8 @@ pub struct Target {
     pub retries: u32,
     pub timeout: Duration,
     pub model: Option<String>,
-    pub override_params: Option<Map<String, Value>>,
+    /// An object, keys sorted and not repeated.
+    pub override_params: Option<json::Object>,
     pub azure: Option<AzureSettings>,
     pub cooldown: Option<Cooldown>,
 }
@@ -175,105 +172,60 @@ impl Config {
 
 // ---- raw JSON shape -------------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    strategy: Option<Part>,
-    targets: Option<Vec<Part>>,
-    #[serde(default)]
-    keys: Option<Vec<Part>>,
-    #[serde(default)]
-    cache: Option<Part>,
-    #[serde(default)]
+struct RawConfig<'a> {
+    strategy: Option<Part<'a>>,
+    targets: Option<&'a [Value]>,
+    keys: Option<&'a [Value]>,
+    cache: Option<Part<'a>>,
     deadline: Option<String>,
-    #[serde(default)]
     max_request_body_bytes: Option<u64>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawStrategy {
-    #[serde(default)]
     mode: Option<String>,
-    #[serde(default)]
     on_status_codes: Option<Vec<u16>>,
-    #[serde(default)]
     failover_on_content_filter: Option<bool>,
-    #[serde(default)]
     max_retry_wait: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTarget {
-    #[serde(default)]
+struct RawTarget<'a> {
     name: Option<String>,
     provider: Option<String>,
     cluster: Option<String>,
-    #[serde(default)]
     host: Option<String>,
-    #[serde(default)]
     api_key_env: Option<String>,
-    #[serde(default)]
     api_key: Option<String>,
-    #[serde(default)]
     azure_ad_token_env: Option<String>,
-    #[serde(default)]
     retries: Option<u32>,
-    #[serde(default)]
     timeout: Option<String>,
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
-    override_params: Option<Map<String, Value>>,
-    #[serde(default)]
+    override_params: Option<json::Object>,
     resource_name: Option<String>,
-    #[serde(default)]
     api_version: Option<String>,
-    #[serde(default)]
-    deployments: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    /// The model -> deployment map, and its `"*"` entry apart.
+    deployments: Option<(BTreeMap<String, String>, Option<String>)>,
     deployment: Option<String>,
-    #[serde(default)]
-    cooldown: Option<Part>,
+    cooldown: Option<Part<'a>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCooldown {
-    #[serde(default)]
     enabled: Option<bool>,
-    #[serde(default)]
     after_failures: Option<u32>,
-    #[serde(default)]
     duration: Option<String>,
-    #[serde(default)]
     max_duration: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawKey {
     name: Option<String>,
-    #[serde(default)]
     key_sha256: Option<String>,
-    #[serde(default)]
     key_env: Option<String>,
-    #[serde(default)]
     targets: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCache {
-    #[serde(default)]
     enabled: Option<bool>,
-    #[serde(default)]
     ttl: Option<String>,
-    #[serde(default)]
     max_entries: Option<u32>,
-    #[serde(default)]
     max_body_bytes: Option<u64>,
 }
 
@@ -293,10 +245,12 @@ const MAX_CACHE_ENTRIES: u32 = 1_000_000;
 pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
     let text = std::str::from_utf8(json)
         .map_err(|_| ConfigError::new("configuration", "is not UTF-8 text"))?;
-    let raw: RawConfig = from_object(text, "")?;
+    let doc = json::parse(text.as_bytes())
+        .map_err(|e| ConfigError::new("configuration", format!("invalid JSON ({e})")))?;
+    let raw = RawConfig::read(&doc)?;
 
     let strategy = match raw.strategy {
-        Some(part) => from_object(part.get(), "strategy")?,
+        Some(part) => RawStrategy::read(part)?,
         None => RawStrategy {
             mode: None,
             on_status_codes: None,
@@ -356,9 +310,9 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
         return Err(ConfigError::new("targets", "empty (at least one target)"));
     }
     let mut targets: Vec<Target> = Vec::with_capacity(raw_targets.len());
-    for (i, value) in raw_targets.into_iter().enumerate() {
+    for (i, value) in raw_targets.iter().enumerate() {
         let field = format!("targets[{i}]");
-        let t = parse_target(value.get(), &field, env)?;
+        let t = parse_target(value, &field, env)?;
         if targets.iter().any(|o| o.name == t.name) {
             return Err(ConfigError::new(
                 format!("{field}.name"),
@@ -378,9 +332,9 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
                 ));
             }
             let mut keys: Vec<GatewayKey> = Vec::with_capacity(list.len());
-            for (i, value) in list.into_iter().enumerate() {
+            for (i, value) in list.iter().enumerate() {
                 let field = format!("keys[{i}]");
-                let k = parse_key(value.get(), &field, &targets, env)?;
+                let k = parse_key(value, &field, &targets, env)?;
                 if keys.iter().any(|o| o.name == k.name) {
                     return Err(ConfigError::new(
                         format!("{field}.name"),
@@ -401,7 +355,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
 
     let cache = match raw.cache {
         None => None,
-        Some(value) => parse_cache(value.get())?,
+        Some(value) => parse_cache(value)?,
     };
 
     let deadline = opt_duration(raw.deadline.as_deref(), "deadline", DEFAULT_DEADLINE)?;
@@ -433,32 +387,286 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
     })
 }
 
-fn json_error(field: &str, e: &serde_json::Error) -> ConfigError {
-    // serde's messages name the unknown or mistyped field ("unknown field `x`, expected ...").
-    let at = if field.is_empty() {
-        "configuration".to_string()
-    } else {
-        field.to_string()
-    };
-    ConfigError::new(at, format!("{e}"))
+/// The members of one object of the schema. Unknown and repeated fields are refused (naming the
+/// object) as serde's `deny_unknown_fields` structs did; a null member counts as absent.
+struct Fields<'a, 'f> {
+    at: &'f str,
+    members: &'a json::Object,
 }
 
-/// serde would also read a struct from a JSON array, field by field in order; the schema has
-/// objects only.
-fn from_object<T: serde::de::DeserializeOwned>(text: &str, field: &str) -> Result<T, ConfigError> {
-    if !text.trim_start().starts_with('{') {
+impl<'a, 'f> Fields<'a, 'f> {
+    /// `field` is empty for the whole configuration.
+    fn of(v: &'a Value, field: &'f str, known: &[&str]) -> Result<Fields<'a, 'f>, ConfigError> {
         let at = if field.is_empty() {
             "configuration"
         } else {
             field
         };
-        return Err(ConfigError::new(at, "must be a JSON object"));
+        let Value::Object(members) = v else {
+            return Err(ConfigError::new(at, "must be a JSON object"));
+        };
+        for (i, (k, _)) in members.iter().enumerate() {
+            if !known.contains(&k.as_str()) {
+                let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "unknown field `{k}`, expected one of {}",
+                        expected.join(", ")
+                    ),
+                ));
+            }
+            if members.iter().take(i).any(|(p, _)| p == k) {
+                return Err(ConfigError::new(at, format!("duplicate field `{k}`")));
+            }
+        }
+        Ok(Fields { at, members })
     }
-    serde_json::from_str(text).map_err(|e| json_error(field, &e))
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        json::get(self.members, name).filter(|v| **v != Value::Null)
+    }
+
+    fn wrong_type(&self, name: &str, expected: &str) -> ConfigError {
+        ConfigError::new(
+            self.at,
+            format!("invalid type for `{name}`: expected {expected}"),
+        )
+    }
+
+    fn string(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.wrong_type(name, "a string")),
+        }
+    }
+
+    fn bool(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(self.wrong_type(name, "a boolean")),
+        }
+    }
+
+    fn u64(&self, name: &str) -> Result<Option<u64>, ConfigError> {
+        self.get(name)
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| self.wrong_type(name, "an unsigned integer"))
+            })
+            .transpose()
+    }
+
+    fn u32(&self, name: &str) -> Result<Option<u32>, ConfigError> {
+        self.u64(name)?
+            .map(|n| {
+                u32::try_from(n).map_err(|_| self.wrong_type(name, "an integer up to 4294967295"))
+            })
+            .transpose()
+    }
+
+    fn array(&self, name: &str) -> Result<Option<&'a [Value]>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Array(items)) => Ok(Some(items)),
+            Some(_) => Err(self.wrong_type(name, "an array")),
+        }
+    }
+
+    /// An array whose every element `read` accepts.
+    fn list<T>(
+        &self,
+        name: &str,
+        expected: &str,
+        read: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, ConfigError> {
+        self.array(name)?
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|v| read(v).ok_or_else(|| self.wrong_type(name, expected)))
+                    .collect()
+            })
+            .transpose()
+    }
+
+    fn object(&self, name: &str) -> Result<Option<&'a json::Object>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Object(o)) => Ok(Some(o)),
+            Some(_) => Err(self.wrong_type(name, "an object")),
+        }
+    }
 }
 
-fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
-    let raw: RawTarget = from_object(text, field)?;
+impl<'a> RawConfig<'a> {
+    fn read(v: &'a Value) -> Result<Self, ConfigError> {
+        let f = Fields::of(
+            v,
+            "",
+            &[
+                "strategy",
+                "targets",
+                "keys",
+                "cache",
+                "deadline",
+                "max_request_body_bytes",
+            ],
+        )?;
+        Ok(RawConfig {
+            strategy: f.get("strategy"),
+            targets: f.array("targets")?,
+            keys: f.array("keys")?,
+            cache: f.get("cache"),
+            deadline: f.string("deadline")?,
+            max_request_body_bytes: f.u64("max_request_body_bytes")?,
+        })
+    }
+}
+
+impl RawStrategy {
+    fn read(v: &Value) -> Result<Self, ConfigError> {
+        let f = Fields::of(
+            v,
+            "strategy",
+            &[
+                "mode",
+                "on_status_codes",
+                "failover_on_content_filter",
+                "max_retry_wait",
+            ],
+        )?;
+        Ok(RawStrategy {
+            mode: f.string("mode")?,
+            on_status_codes: f.list("on_status_codes", "integers up to 65535", |v| {
+                v.as_u64().and_then(|n| u16::try_from(n).ok())
+            })?,
+            failover_on_content_filter: f.bool("failover_on_content_filter")?,
+            max_retry_wait: f.string("max_retry_wait")?,
+        })
+    }
+}
+
+impl<'a> RawTarget<'a> {
+    fn read(v: &'a Value, field: &str) -> Result<Self, ConfigError> {
+        let f = Fields::of(
+            v,
+            field,
+            &[
+                "name",
+                "provider",
+                "cluster",
+                "host",
+                "api_key_env",
+                "api_key",
+                "azure_ad_token_env",
+                "retries",
+                "timeout",
+                "model",
+                "override_params",
+                "resource_name",
+                "api_version",
+                "deployments",
+                "deployment",
+                "cooldown",
+            ],
+        )?;
+        let deployments = match f.object("deployments")? {
+            None => None,
+            Some(members) => {
+                let (mut map, mut star) = (BTreeMap::new(), None);
+                for (model, dep) in members {
+                    let Value::String(dep) = dep else {
+                        return Err(f.wrong_type("deployments", "an object of strings"));
+                    };
+                    // A repeated model: the last one counts.
+                    if model == "*" {
+                        star = Some(dep.clone());
+                    } else {
+                        map.insert(model.clone(), dep.clone());
+                    }
+                }
+                Some((map, star))
+            }
+        };
+        let override_params = match f.object("override_params")? {
+            None => None,
+            Some(members) => match json::into_canonical(Value::Object(members.clone())) {
+                Value::Object(o) => Some(o),
+                _ => None,
+            },
+        };
+        Ok(RawTarget {
+            name: f.string("name")?,
+            provider: f.string("provider")?,
+            cluster: f.string("cluster")?,
+            host: f.string("host")?,
+            api_key_env: f.string("api_key_env")?,
+            api_key: f.string("api_key")?,
+            azure_ad_token_env: f.string("azure_ad_token_env")?,
+            retries: f.u32("retries")?,
+            timeout: f.string("timeout")?,
+            model: f.string("model")?,
+            override_params,
+            resource_name: f.string("resource_name")?,
+            api_version: f.string("api_version")?,
+            deployments,
+            deployment: f.string("deployment")?,
+            cooldown: f.get("cooldown"),
+        })
+    }
+}
+
+impl RawCooldown {
+    fn read(v: &Value, field: &str) -> Result<Self, ConfigError> {
+        let f = Fields::of(
+            v,
+            field,
+            &["enabled", "after_failures", "duration", "max_duration"],
+        )?;
+        Ok(RawCooldown {
+            enabled: f.bool("enabled")?,
+            after_failures: f.u32("after_failures")?,
+            duration: f.string("duration")?,
+            max_duration: f.string("max_duration")?,
+        })
+    }
+}
+
+impl RawKey {
+    fn read(v: &Value, field: &str) -> Result<Self, ConfigError> {
+        let f = Fields::of(v, field, &["name", "key_sha256", "key_env", "targets"])?;
+        Ok(RawKey {
+            name: f.string("name")?,
+            key_sha256: f.string("key_sha256")?,
+            key_env: f.string("key_env")?,
+            targets: f.list("targets", "an array of strings", |v| {
+                v.as_str().map(str::to_string)
+            })?,
+        })
+    }
+}
+
+impl RawCache {
+    fn read(v: &Value) -> Result<Self, ConfigError> {
+        let f = Fields::of(
+            v,
+            "cache",
+            &["enabled", "ttl", "max_entries", "max_body_bytes"],
+        )?;
+        Ok(RawCache {
+            enabled: f.bool("enabled")?,
+            ttl: f.string("ttl")?,
+            max_entries: f.u32("max_entries")?,
+            max_body_bytes: f.u64("max_body_bytes")?,
+        })
+    }
+}
+
+fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
+    let raw = RawTarget::read(v, field)?;
     let provider = match raw.provider.as_deref() {
         Some("openai") => Provider::OpenAi,
         Some("azure") => Provider::Azure,
@@ -555,9 +763,9 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
                     "must be a version like \"2024-10-21\"",
                 ));
             }
-            let mut deployments = raw.deployments.unwrap_or_default();
+            let (deployments, mut default_deployment) = raw.deployments.unwrap_or_default();
             if let Some(d) = raw.deployment {
-                if deployments.contains_key("*") {
+                if default_deployment.is_some() {
                     return Err(ConfigError::new(
                         format!("{field}.deployment"),
                         "conflicts with deployments[\"*\"]; set one of them",
@@ -570,15 +778,21 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
                         "deployment names are letters, digits, '-', '_' or '.'",
                     ));
                 }
-                deployments.insert("*".to_string(), d);
+                default_deployment = Some(d);
             }
-            if deployments.is_empty() {
+            if deployments.is_empty() && default_deployment.is_none() {
                 return Err(ConfigError::new(
                     format!("{field}.deployments"),
                     "missing (required for provider \"azure\": a model -> deployment map, or `deployment`)",
                 ));
             }
-            for (model, dep) in &deployments {
+            // In key order, `"*"` among the others: the first bad one is named.
+            let star = default_deployment.as_deref().map(|d| ("*", d));
+            let (before, after): (Vec<_>, Vec<_>) = deployments
+                .iter()
+                .map(|(m, d)| (m.as_str(), d.as_str()))
+                .partition(|(m, _)| *m < "*");
+            for (model, dep) in before.into_iter().chain(star).chain(after) {
                 if dep.is_empty() || !dep.bytes().all(is_url_safe) {
                     return Err(ConfigError::new(
                         format!("{field}.deployments[{model:?}]"),
@@ -586,7 +800,6 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
                     ));
                 }
             }
-            let default_deployment = deployments.remove("*");
             (
                 host,
                 Some(AzureSettings {
@@ -625,7 +838,7 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
 }
 
 fn resolve_credential(
-    raw: &RawTarget,
+    raw: &RawTarget<'_>,
     provider: Provider,
     field: &str,
     env: &dyn Env,
@@ -699,7 +912,7 @@ fn resolve_credential(
     Ok(credential)
 }
 
-fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
+fn parse_cooldown(part: Option<Part<'_>>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
     let default = Cooldown {
         after_failures: DEFAULT_COOLDOWN_FAILURES,
         duration: DEFAULT_COOLDOWN,
@@ -707,11 +920,9 @@ fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, C
     };
     let raw: RawCooldown = match part {
         None => return Ok(Some(default)),
-        Some(part) => match part.get().trim() {
-            "false" => return Ok(None),
-            "true" => return Ok(Some(default)),
-            text => from_object(text, field)?,
-        },
+        Some(Value::Bool(false)) => return Ok(None),
+        Some(Value::Bool(true)) => return Ok(Some(default)),
+        Some(part) => RawCooldown::read(part, field)?,
     };
     if raw.enabled == Some(false) {
         return Ok(None);
@@ -740,12 +951,12 @@ fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, C
 }
 
 fn parse_key(
-    text: &str,
+    v: &Value,
     field: &str,
     targets: &[Target],
     env: &dyn Env,
 ) -> Result<GatewayKey, ConfigError> {
-    let raw: RawKey = from_object(text, field)?;
+    let raw = RawKey::read(v, field)?;
     let name = raw
         .name
         .ok_or_else(|| ConfigError::new(format!("{field}.name"), "missing"))?;
@@ -803,12 +1014,11 @@ fn parse_key(
                         format!("no target named {n:?}"),
                     )
                 })?;
-                if !idx.contains(&i) {
-                    idx.push(i);
+                // Chain order is the order of `targets`, whatever order the key lists them in.
+                if let Err(at) = idx.binary_search(&i) {
+                    idx.insert(at, i);
                 }
             }
-            // Chain order is the order of `targets`, whatever order the key lists them in.
-            idx.sort_unstable();
             idx
         }
     };
@@ -819,8 +1029,8 @@ fn parse_key(
     })
 }
 
-fn parse_cache(text: &str) -> Result<Option<CacheSettings>, ConfigError> {
-    let raw: RawCache = from_object(text, "cache")?;
+fn parse_cache(v: &Value) -> Result<Option<CacheSettings>, ConfigError> {
+    let raw = RawCache::read(v)?;
     if raw.enabled != Some(true) {
         return Ok(None);
     }
@@ -912,7 +1122,7 @@ fn is_url_safe(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::collections::HashMap;
 
     pub struct MapEnv(pub HashMap<&'static str, &'static str>);

@@ -53,6 +53,33 @@ pub fn get<'a>(object: &'a [(String, Value)], key: &str) -> Option<&'a Value> {
     object.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
+/// The named members of an object, as serde reads them into a struct's optional fields: a null
+/// member is absent, a null object has none. `None` if `v` is neither an object nor null, or a
+/// named member repeats.
+pub fn fields<'a, const N: usize>(
+    v: &'a Value,
+    names: [&str; N],
+) -> Option<[Option<&'a Value>; N]> {
+    let mut out = [None; N];
+    let object = match v {
+        Value::Null => return Some(out),
+        Value::Object(o) => o,
+        _ => return None,
+    };
+    let mut seen = [false; N];
+    for (k, v) in object {
+        if let Some(i) = names.iter().position(|n| n == k) {
+            let (seen, slot) = (seen.get_mut(i)?, out.get_mut(i)?);
+            if *seen {
+                return None;
+            }
+            *seen = true;
+            *slot = Some(v).filter(|v| **v != Value::Null);
+        }
+    }
+    Some(out)
+}
+
 /// Why a text is not JSON, with the byte offset where that was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
@@ -487,17 +514,57 @@ pub fn to_string(v: &Value) -> String {
 
 /// `object`'s members sorted by key, the last of each repeated key only.
 pub fn canonical_members(object: &[(String, Value)]) -> Vec<&(String, Value)> {
-    let mut members: Vec<&(String, Value)> = object.iter().collect();
-    // Stable: equal keys keep document order, so the last of a run is the one that counts.
-    members.sort_by(|a, b| a.0.cmp(&b.0));
+    let members: Vec<&(String, Value)> = object.iter().collect();
     let mut out: Vec<&(String, Value)> = Vec::with_capacity(members.len());
-    for m in members {
+    // Stable: equal keys keep document order, so the last of a run is the one that counts.
+    for m in merge_sort(members) {
         match out.last_mut() {
             Some(last) if last.0 == m.0 => *last = m,
             _ => out.push(m),
         }
     }
     out
+}
+
+/// A stable sort by key (bottom-up merge sort): smaller in Wasm than the standard library's.
+fn merge_sort(mut items: Vec<&(String, Value)>) -> Vec<&(String, Value)> {
+    let n = items.len();
+    let mut buf: Vec<&(String, Value)> = Vec::with_capacity(n);
+    let mut width = 1;
+    while width < n {
+        buf.clear();
+        let mut start = 0;
+        while start < n {
+            let mid = (start + width).min(n);
+            let end = (start + 2 * width).min(n);
+            let (mut i, mut j) = (start, mid);
+            while i < mid || j < end {
+                let take_left = match (items.get(i), items.get(j)) {
+                    (Some(a), Some(b)) if j < end && i < mid => a.0 <= b.0,
+                    _ => i < mid,
+                };
+                let next = if take_left { i } else { j };
+                if let Some(m) = items.get(next) {
+                    buf.push(m);
+                }
+                if take_left {
+                    i += 1;
+                } else {
+                    j += 1;
+                }
+            }
+            start = end;
+        }
+        std::mem::swap(&mut items, &mut buf);
+        width *= 2;
+    }
+    items
+}
+
+/// `v` with every object's members sorted by key and a repeated key's last value only.
+pub fn into_canonical(v: Value) -> Value {
+    // The canonical text read back (it is always valid JSON).
+    parse(&to_vec(&v)).unwrap_or(v)
 }
 
 fn write(out: &mut Vec<u8>, v: &Value) {
@@ -614,8 +681,11 @@ mod tests {
 
     #[test]
     fn scans_named_members_and_refuses_repeats() {
-        let [m, s] = scan_object(br#"{"x": [1, {"model": 2}], "model": "m"}"#, ["model", "stream"])
-            .unwrap();
+        let [m, s] = scan_object(
+            br#"{"x": [1, {"model": 2}], "model": "m"}"#,
+            ["model", "stream"],
+        )
+        .unwrap();
         assert_eq!(m, Some(Value::String("m".into())));
         assert_eq!(s, None);
         assert!(scan_object(br#"{"model": 1, "model": 1}"#, ["model"]).is_err());

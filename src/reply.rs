@@ -1,7 +1,7 @@
 //! Replies the filter itself gives, in OpenAI's error shape:
 //! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`.
 
-use serde_json::json;
+use crate::json::{self, Value};
 
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,17 +88,17 @@ impl Rejection {
     }
 
     pub fn reply(&self) -> LocalReply {
-        let body = json!({
-            "error": {
-                "message": self.message(),
-                "type": self.kind(),
-                "param": null,
-                "code": self.code(),
-            }
-        });
+        let text = |s: &str| Value::String(s.to_string());
+        let error = vec![
+            ("message".to_string(), text(&self.message())),
+            ("type".to_string(), text(self.kind())),
+            ("param".to_string(), Value::Null),
+            ("code".to_string(), text(self.code())),
+        ];
+        let body = Value::Object(vec![("error".to_string(), Value::Object(error))]);
         LocalReply {
             status: self.status(),
-            body: body.to_string().into_bytes(),
+            body: json::to_vec(&body),
         }
     }
 }
