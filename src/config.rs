@@ -315,7 +315,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
         let t = parse_target(value, &field, env)?;
         if targets.iter().any(|o| o.name == t.name) {
             return Err(ConfigError::new(
-                format!("{field}.name"),
+                sub(&field, "name"),
                 format!("duplicate target name {:?}", t.name),
             ));
         }
@@ -337,7 +337,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
                 let k = parse_key(value, &field, &targets, env)?;
                 if keys.iter().any(|o| o.name == k.name) {
                     return Err(ConfigError::new(
-                        format!("{field}.name"),
+                        sub(&field, "name"),
                         format!("duplicate key name {:?}", k.name),
                     ));
                 }
@@ -388,10 +388,12 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
 }
 
 /// The members of one object of the schema. Unknown and repeated fields are refused (naming the
-/// object) as serde's `deny_unknown_fields` structs did; a null member counts as absent.
+/// object) as serde's `deny_unknown_fields` structs did; a null member counts as absent. A member
+/// of the wrong type reads as absent and is reported by [`Fields::done`] (the first one read).
 struct Fields<'a, 'f> {
     at: &'f str,
     members: &'a json::Object,
+    error: Option<ConfigError>,
 }
 
 impl<'a, 'f> Fields<'a, 'f> {
@@ -407,103 +409,94 @@ impl<'a, 'f> Fields<'a, 'f> {
         };
         for (i, (k, _)) in members.iter().enumerate() {
             if !known.contains(&k.as_str()) {
-                let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
-                return Err(ConfigError::new(
-                    at,
-                    format!(
-                        "unknown field `{k}`, expected one of {}",
-                        expected.join(", ")
-                    ),
-                ));
+                let mut problem = format!("unknown field `{k}`, expected one of ");
+                for (j, name) in known.iter().enumerate() {
+                    if j > 0 {
+                        problem.push_str(", ");
+                    }
+                    problem.push('`');
+                    problem.push_str(name);
+                    problem.push('`');
+                }
+                return Err(ConfigError::new(at, problem));
             }
             if members.iter().take(i).any(|(p, _)| p == k) {
                 return Err(ConfigError::new(at, format!("duplicate field `{k}`")));
             }
         }
-        Ok(Fields { at, members })
+        Ok(Fields {
+            at,
+            members,
+            error: None,
+        })
+    }
+
+    /// The first type error, if any.
+    fn done(self) -> Result<(), ConfigError> {
+        self.error.map_or(Ok(()), Err)
     }
 
     fn get(&self, name: &str) -> Option<&'a Value> {
         json::get(self.members, name).filter(|v| **v != Value::Null)
     }
 
-    fn wrong_type(&self, name: &str, expected: &str) -> ConfigError {
-        ConfigError::new(
-            self.at,
-            format!("invalid type for `{name}`: expected {expected}"),
-        )
-    }
-
-    fn string(&self, name: &str) -> Result<Option<String>, ConfigError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(self.wrong_type(name, "a string")),
-        }
-    }
-
-    fn bool(&self, name: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(self.wrong_type(name, "a boolean")),
-        }
-    }
-
-    fn u64(&self, name: &str) -> Result<Option<u64>, ConfigError> {
-        self.get(name)
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| self.wrong_type(name, "an unsigned integer"))
-            })
-            .transpose()
-    }
-
-    fn u32(&self, name: &str) -> Result<Option<u32>, ConfigError> {
-        self.u64(name)?
-            .map(|n| {
-                u32::try_from(n).map_err(|_| self.wrong_type(name, "an integer up to 4294967295"))
-            })
-            .transpose()
-    }
-
-    fn array(&self, name: &str) -> Result<Option<&'a [Value]>, ConfigError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Array(items)) => Ok(Some(items)),
-            Some(_) => Err(self.wrong_type(name, "an array")),
-        }
-    }
-
-    /// An array whose every element `read` accepts.
-    fn list<T>(
-        &self,
+    /// `read` of the member, if it is present; a type error if `read` refuses it.
+    fn read<T>(
+        &mut self,
         name: &str,
         expected: &str,
-        read: impl Fn(&Value) -> Option<T>,
-    ) -> Result<Option<Vec<T>>, ConfigError> {
-        self.array(name)?
-            .map(|items| {
-                items
-                    .iter()
-                    .map(|v| read(v).ok_or_else(|| self.wrong_type(name, expected)))
-                    .collect()
-            })
-            .transpose()
+        read: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Option<T> {
+        let v = self.get(name)?;
+        let out = read(v);
+        if out.is_none() && self.error.is_none() {
+            self.error = Some(ConfigError::new(
+                self.at,
+                format!("invalid type for `{name}`: expected {expected}"),
+            ));
+        }
+        out
     }
 
-    fn object(&self, name: &str) -> Result<Option<&'a json::Object>, ConfigError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Object(o)) => Ok(Some(o)),
-            Some(_) => Err(self.wrong_type(name, "an object")),
-        }
+    fn string(&mut self, name: &str) -> Option<String> {
+        self.read(name, "a string", |v| v.as_str().map(str::to_string))
+    }
+
+    fn bool(&mut self, name: &str) -> Option<bool> {
+        self.read(name, "a boolean", |v| match v {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        })
+    }
+
+    fn u64(&mut self, name: &str) -> Option<u64> {
+        self.read(name, "an unsigned integer", Value::as_u64)
+    }
+
+    fn u32(&mut self, name: &str) -> Option<u32> {
+        self.read(name, "an integer up to 4294967295", |v| {
+            v.as_u64().and_then(|n| u32::try_from(n).ok())
+        })
+    }
+
+    fn array(&mut self, name: &str) -> Option<&'a [Value]> {
+        self.read(name, "an array", |v| match v {
+            Value::Array(items) => Some(items.as_slice()),
+            _ => None,
+        })
+    }
+
+    fn object(&mut self, name: &str, expected: &str) -> Option<&'a json::Object> {
+        self.read(name, expected, |v| match v {
+            Value::Object(o) => Some(o),
+            _ => None,
+        })
     }
 }
 
 impl<'a> RawConfig<'a> {
     fn read(v: &'a Value) -> Result<Self, ConfigError> {
-        let f = Fields::of(
+        let mut f = Fields::of(
             v,
             "",
             &[
@@ -515,20 +508,21 @@ impl<'a> RawConfig<'a> {
                 "max_request_body_bytes",
             ],
         )?;
-        Ok(RawConfig {
+        let raw = RawConfig {
             strategy: f.get("strategy"),
-            targets: f.array("targets")?,
-            keys: f.array("keys")?,
+            targets: f.array("targets"),
+            keys: f.array("keys"),
             cache: f.get("cache"),
-            deadline: f.string("deadline")?,
-            max_request_body_bytes: f.u64("max_request_body_bytes")?,
-        })
+            deadline: f.string("deadline"),
+            max_request_body_bytes: f.u64("max_request_body_bytes"),
+        };
+        f.done().map(|_| raw)
     }
 }
 
 impl RawStrategy {
     fn read(v: &Value) -> Result<Self, ConfigError> {
-        let f = Fields::of(
+        let mut f = Fields::of(
             v,
             "strategy",
             &[
@@ -538,20 +532,25 @@ impl RawStrategy {
                 "max_retry_wait",
             ],
         )?;
-        Ok(RawStrategy {
-            mode: f.string("mode")?,
-            on_status_codes: f.list("on_status_codes", "integers up to 65535", |v| {
-                v.as_u64().and_then(|n| u16::try_from(n).ok())
-            })?,
-            failover_on_content_filter: f.bool("failover_on_content_filter")?,
-            max_retry_wait: f.string("max_retry_wait")?,
-        })
+        let raw = RawStrategy {
+            mode: f.string("mode"),
+            on_status_codes: f.read("on_status_codes", "integers up to 65535", |v| match v {
+                Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|n| u16::try_from(n).ok()))
+                    .collect(),
+                _ => None,
+            }),
+            failover_on_content_filter: f.bool("failover_on_content_filter"),
+            max_retry_wait: f.string("max_retry_wait"),
+        };
+        f.done().map(|_| raw)
     }
 }
 
 impl<'a> RawTarget<'a> {
     fn read(v: &'a Value, field: &str) -> Result<Self, ConfigError> {
-        let f = Fields::of(
+        let mut f = Fields::of(
             v,
             field,
             &[
@@ -573,96 +572,109 @@ impl<'a> RawTarget<'a> {
                 "cooldown",
             ],
         )?;
-        let deployments = match f.object("deployments")? {
-            None => None,
-            Some(members) => {
+        let raw = RawTarget {
+            name: f.string("name"),
+            provider: f.string("provider"),
+            cluster: f.string("cluster"),
+            host: f.string("host"),
+            api_key_env: f.string("api_key_env"),
+            api_key: f.string("api_key"),
+            azure_ad_token_env: f.string("azure_ad_token_env"),
+            retries: f.u32("retries"),
+            timeout: f.string("timeout"),
+            model: f.string("model"),
+            override_params: f.object("override_params", "an object").and_then(|o| {
+                match json::into_canonical(Value::Object(o.clone())) {
+                    Value::Object(o) => Some(o),
+                    _ => None,
+                }
+            }),
+            resource_name: f.string("resource_name"),
+            api_version: f.string("api_version"),
+            deployments: f.read("deployments", "an object of strings", |v| {
+                let Value::Object(members) = v else {
+                    return None;
+                };
                 let (mut map, mut star) = (BTreeMap::new(), None);
                 for (model, dep) in members {
-                    let Value::String(dep) = dep else {
-                        return Err(f.wrong_type("deployments", "an object of strings"));
-                    };
+                    let dep = dep.as_str()?.to_string();
                     // A repeated model: the last one counts.
                     if model == "*" {
-                        star = Some(dep.clone());
+                        star = Some(dep);
                     } else {
-                        map.insert(model.clone(), dep.clone());
+                        map.insert(model.clone(), dep);
                     }
                 }
                 Some((map, star))
-            }
-        };
-        let override_params = match f.object("override_params")? {
-            None => None,
-            Some(members) => match json::into_canonical(Value::Object(members.clone())) {
-                Value::Object(o) => Some(o),
-                _ => None,
-            },
-        };
-        Ok(RawTarget {
-            name: f.string("name")?,
-            provider: f.string("provider")?,
-            cluster: f.string("cluster")?,
-            host: f.string("host")?,
-            api_key_env: f.string("api_key_env")?,
-            api_key: f.string("api_key")?,
-            azure_ad_token_env: f.string("azure_ad_token_env")?,
-            retries: f.u32("retries")?,
-            timeout: f.string("timeout")?,
-            model: f.string("model")?,
-            override_params,
-            resource_name: f.string("resource_name")?,
-            api_version: f.string("api_version")?,
-            deployments,
-            deployment: f.string("deployment")?,
+            }),
+            deployment: f.string("deployment"),
             cooldown: f.get("cooldown"),
-        })
+        };
+        f.done().map(|_| raw)
     }
 }
 
 impl RawCooldown {
     fn read(v: &Value, field: &str) -> Result<Self, ConfigError> {
-        let f = Fields::of(
+        let mut f = Fields::of(
             v,
             field,
             &["enabled", "after_failures", "duration", "max_duration"],
         )?;
-        Ok(RawCooldown {
-            enabled: f.bool("enabled")?,
-            after_failures: f.u32("after_failures")?,
-            duration: f.string("duration")?,
-            max_duration: f.string("max_duration")?,
-        })
+        let raw = RawCooldown {
+            enabled: f.bool("enabled"),
+            after_failures: f.u32("after_failures"),
+            duration: f.string("duration"),
+            max_duration: f.string("max_duration"),
+        };
+        f.done().map(|_| raw)
     }
 }
 
 impl RawKey {
     fn read(v: &Value, field: &str) -> Result<Self, ConfigError> {
-        let f = Fields::of(v, field, &["name", "key_sha256", "key_env", "targets"])?;
-        Ok(RawKey {
-            name: f.string("name")?,
-            key_sha256: f.string("key_sha256")?,
-            key_env: f.string("key_env")?,
-            targets: f.list("targets", "an array of strings", |v| {
-                v.as_str().map(str::to_string)
-            })?,
-        })
+        let mut f = Fields::of(v, field, &["name", "key_sha256", "key_env", "targets"])?;
+        let raw = RawKey {
+            name: f.string("name"),
+            key_sha256: f.string("key_sha256"),
+            key_env: f.string("key_env"),
+            targets: f.read("targets", "an array of strings", |v| match v {
+                Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => None,
+            }),
+        };
+        f.done().map(|_| raw)
     }
 }
 
 impl RawCache {
     fn read(v: &Value) -> Result<Self, ConfigError> {
-        let f = Fields::of(
+        let mut f = Fields::of(
             v,
             "cache",
             &["enabled", "ttl", "max_entries", "max_body_bytes"],
         )?;
-        Ok(RawCache {
-            enabled: f.bool("enabled")?,
-            ttl: f.string("ttl")?,
-            max_entries: f.u32("max_entries")?,
-            max_body_bytes: f.u64("max_body_bytes")?,
-        })
+        let raw = RawCache {
+            enabled: f.bool("enabled"),
+            ttl: f.string("ttl"),
+            max_entries: f.u32("max_entries"),
+            max_body_bytes: f.u64("max_body_bytes"),
+        };
+        f.done().map(|_| raw)
     }
+}
+
+/// `field.name`: the path of a member of the object at `field`.
+#[inline(never)]
+fn sub(field: &str, name: &str) -> String {
+    let mut path = String::with_capacity(field.len() + 1 + name.len());
+    path.push_str(field);
+    path.push('.');
+    path.push_str(name);
+    path
 }
 
 fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
@@ -672,44 +684,44 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
         Some("azure") => Provider::Azure,
         Some(other) => {
             return Err(ConfigError::new(
-                format!("{field}.provider"),
+                sub(field, "provider"),
                 format!("unknown provider {other:?} (expected \"openai\" or \"azure\")"),
             ))
         }
-        None => return Err(ConfigError::new(format!("{field}.provider"), "missing")),
+        None => return Err(ConfigError::new(sub(field, "provider"), "missing")),
     };
     let credential = resolve_credential(&raw, provider, field, env)?;
     let name = raw.name.unwrap_or_else(|| provider.as_str().to_string());
     if !is_name(&name) {
         return Err(ConfigError::new(
-            format!("{field}.name"),
+            sub(field, "name"),
             "must be 1-64 characters of letters, digits, '_' or '-' (it appears in stats and headers)",
         ));
     }
     let cluster = raw
         .cluster
-        .ok_or_else(|| ConfigError::new(format!("{field}.cluster"), "missing"))?;
+        .ok_or_else(|| ConfigError::new(sub(field, "cluster"), "missing"))?;
     if cluster.is_empty() || cluster.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         return Err(ConfigError::new(
-            format!("{field}.cluster"),
+            sub(field, "cluster"),
             "must be a non-empty Envoy cluster name",
         ));
     }
     let retries = raw.retries.unwrap_or(0);
     if retries > 10 {
         return Err(ConfigError::new(
-            format!("{field}.retries"),
+            sub(field, "retries"),
             "at most 10 (use more targets instead)",
         ));
     }
     let timeout = opt_duration(
         raw.timeout.as_deref(),
-        &format!("{field}.timeout"),
+        &sub(field, "timeout"),
         DEFAULT_TIMEOUT,
     )?;
     if let Some(model) = &raw.model {
         if model.is_empty() {
-            return Err(ConfigError::new(format!("{field}.model"), "empty"));
+            return Err(ConfigError::new(sub(field, "model"), "empty"));
         }
     }
 
@@ -738,7 +750,7 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
                 (None, Some(r)) => {
                     if !is_dns_label(r) {
                         return Err(ConfigError::new(
-                            format!("{field}.resource_name"),
+                            sub(field, "resource_name"),
                             "must be a DNS label (letters, digits, '-')",
                         ));
                     }
@@ -746,20 +758,20 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
                 }
                 (None, None) => {
                     return Err(ConfigError::new(
-                        format!("{field}.resource_name"),
+                        sub(field, "resource_name"),
                         "missing (required for provider \"azure\" unless `host` is set)",
                     ))
                 }
             };
             let api_version = raw.api_version.ok_or_else(|| {
                 ConfigError::new(
-                    format!("{field}.api_version"),
+                    sub(field, "api_version"),
                     "missing (required for provider \"azure\")",
                 )
             })?;
             if api_version.is_empty() || !api_version.bytes().all(is_url_safe) {
                 return Err(ConfigError::new(
-                    format!("{field}.api_version"),
+                    sub(field, "api_version"),
                     "must be a version like \"2024-10-21\"",
                 ));
             }
@@ -767,14 +779,14 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
             if let Some(d) = raw.deployment {
                 if default_deployment.is_some() {
                     return Err(ConfigError::new(
-                        format!("{field}.deployment"),
+                        sub(field, "deployment"),
                         "conflicts with deployments[\"*\"]; set one of them",
                     ));
                 }
                 // Checked here so the error names `deployment`, not `deployments["*"]`.
                 if d.is_empty() || !d.bytes().all(is_url_safe) {
                     return Err(ConfigError::new(
-                        format!("{field}.deployment"),
+                        sub(field, "deployment"),
                         "deployment names are letters, digits, '-', '_' or '.'",
                     ));
                 }
@@ -782,7 +794,7 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
             }
             if deployments.is_empty() && default_deployment.is_none() {
                 return Err(ConfigError::new(
-                    format!("{field}.deployments"),
+                    sub(field, "deployments"),
                     "missing (required for provider \"azure\": a model -> deployment map, or `deployment`)",
                 ));
             }
@@ -816,11 +828,11 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
     {
         return Err(ConfigError::new(
-            format!("{field}.host"),
+            sub(field, "host"),
             "must be a host name, optionally with :port",
         ));
     }
-    let cooldown = parse_cooldown(raw.cooldown, &format!("{field}.cooldown"))?;
+    let cooldown = parse_cooldown(raw.cooldown, &sub(field, "cooldown"))?;
 
     Ok(Target {
         name,
@@ -857,7 +869,7 @@ fn resolve_credential(
             Provider::Azure => "api_key_env or azure_ad_token_env",
         };
         return Err(ConfigError::new(
-            format!("{field}.api_key_env"),
+            sub(field, "api_key_env"),
             format!("missing: set {hint}"),
         ));
     }
@@ -896,7 +908,7 @@ fn resolve_credential(
     } else {
         let key = raw.api_key.clone().unwrap_or_default();
         if key.trim().is_empty() {
-            return Err(ConfigError::new(format!("{field}.api_key"), "empty"));
+            return Err(ConfigError::new(sub(field, "api_key"), "empty"));
         }
         Credential::ApiKey(key.trim().to_string())
     };
@@ -929,17 +941,17 @@ fn parse_cooldown(part: Option<Part<'_>>, field: &str) -> Result<Option<Cooldown
     }
     let duration = opt_duration(
         raw.duration.as_deref(),
-        &format!("{field}.duration"),
+        &sub(field, "duration"),
         DEFAULT_COOLDOWN,
     )?;
     let max_duration = opt_duration(
         raw.max_duration.as_deref(),
-        &format!("{field}.max_duration"),
+        &sub(field, "max_duration"),
         DEFAULT_COOLDOWN_MAX.max(duration),
     )?;
     if max_duration < duration {
         return Err(ConfigError::new(
-            format!("{field}.max_duration"),
+            sub(field, "max_duration"),
             "must not be shorter than duration",
         ));
     }
@@ -959,10 +971,10 @@ fn parse_key(
     let raw = RawKey::read(v, field)?;
     let name = raw
         .name
-        .ok_or_else(|| ConfigError::new(format!("{field}.name"), "missing"))?;
+        .ok_or_else(|| ConfigError::new(sub(field, "name"), "missing"))?;
     if !is_name(&name) {
         return Err(ConfigError::new(
-            format!("{field}.name"),
+            sub(field, "name"),
             "must be 1-64 characters of letters, digits, '_' or '-'",
         ));
     }
@@ -978,7 +990,7 @@ fn parse_key(
             let key = key.trim();
             if key.is_empty() {
                 return Err(ConfigError::new(
-                    format!("{field}.key_env"),
+                    sub(field, "key_env"),
                     format!("environment variable {var:?} is not set or empty in the VM"),
                 ));
             }
@@ -1002,7 +1014,7 @@ fn parse_key(
         Some(names) => {
             if names.is_empty() {
                 return Err(ConfigError::new(
-                    format!("{field}.targets"),
+                    sub(field, "targets"),
                     "empty (omit it to allow every target)",
                 ));
             }

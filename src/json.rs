@@ -257,7 +257,8 @@ impl Parser<'_> {
     }
 
     fn text(&self, start: usize) -> String {
-        String::from_utf8_lossy(self.b.get(start..self.i).unwrap_or_default()).into_owned()
+        let text = self.b.get(start..self.i).unwrap_or_default();
+        text.iter().map(|b| char::from(*b)).collect()
     }
 
     fn literal(&mut self, word: &[u8], v: Value) -> Result<Value, Error> {
@@ -509,7 +510,7 @@ pub fn to_vec(v: &Value) -> Vec<u8> {
 }
 
 pub fn to_string(v: &Value) -> String {
-    String::from_utf8_lossy(&to_vec(v)).into_owned()
+    String::from_utf8(to_vec(v)).unwrap_or_default()
 }
 
 /// `object`'s members sorted by key, the last of each repeated key only.
