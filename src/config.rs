@@ -31,6 +31,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    // One call per error site rather than the conversions inlined at each (Wasm size).
+    #[inline(never)]
     fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError {
             field: field.into(),
@@ -447,15 +449,21 @@ impl<'a, 'f> Fields<'a, 'f> {
         expected: &str,
         read: impl FnOnce(&'a Value) -> Option<T>,
     ) -> Option<T> {
-        let v = self.get(name)?;
-        let out = read(v);
-        if out.is_none() && self.error.is_none() {
+        let out = read(self.get(name)?);
+        if out.is_none() {
+            self.wrong_type(name, expected);
+        }
+        out
+    }
+
+    #[inline(never)]
+    fn wrong_type(&mut self, name: &str, expected: &str) {
+        if self.error.is_none() {
             self.error = Some(ConfigError::new(
                 self.at,
                 format!("invalid type for `{name}`: expected {expected}"),
             ));
         }
-        out
     }
 
     fn string(&mut self, name: &str) -> Option<String> {

@@ -61,23 +61,30 @@ pub fn fields<'a, const N: usize>(
     names: [&str; N],
 ) -> Option<[Option<&'a Value>; N]> {
     let mut out = [None; N];
+    fields_into(v, &names, &mut out).then_some(out)
+}
+
+fn fields_into<'a>(v: &'a Value, names: &[&str], out: &mut [Option<&'a Value>]) -> bool {
     let object = match v {
-        Value::Null => return Some(out),
+        Value::Null => return true,
         Value::Object(o) => o,
-        _ => return None,
+        _ => return false,
     };
-    let mut seen = [false; N];
+    // `names` has at most 64 entries.
+    let mut seen = 0u64;
     for (k, v) in object {
         if let Some(i) = names.iter().position(|n| n == k) {
-            let (seen, slot) = (seen.get_mut(i)?, out.get_mut(i)?);
-            if *seen {
-                return None;
+            let (bit, Some(slot)) = (1u64 << (i % 64), out.get_mut(i)) else {
+                return false;
+            };
+            if seen & bit != 0 {
+                return false;
             }
-            *seen = true;
+            seen |= bit;
             *slot = Some(v).filter(|v| **v != Value::Null);
         }
     }
-    Some(out)
+    true
 }
 
 /// Why a text is not JSON, with the byte offset where that was found.
@@ -124,7 +131,7 @@ pub fn scan_object<const N: usize>(
     }
     p.i += 1;
     let mut key = String::new();
-    p.members(|p, key_start| {
+    p.members(&mut |p, key_start| {
         key.clear();
         p.string_body(Some(&mut key))?;
         p.colon()?;
@@ -226,7 +233,7 @@ impl Parser<'_> {
                 self.i += 1;
                 if c == b'[' {
                     let mut items = Vec::new();
-                    self.elements(|p| {
+                    self.elements(&mut |p| {
                         if let Some(v) = p.value(depth, keep)? {
                             if keep {
                                 items.push(v);
@@ -237,7 +244,7 @@ impl Parser<'_> {
                     Value::Array(items)
                 } else {
                     let mut members = Vec::new();
-                    self.members(|p, _| {
+                    self.members(&mut |p, _| {
                         let mut key = String::new();
                         p.string_body(keep.then_some(&mut key))?;
                         p.colon()?;
@@ -272,7 +279,7 @@ impl Parser<'_> {
     /// After `[`: the elements and the closing `]`.
     fn elements(
         &mut self,
-        mut each: impl FnMut(&mut Self) -> Result<(), Error>,
+        each: &mut dyn FnMut(&mut Self) -> Result<(), Error>,
     ) -> Result<(), Error> {
         self.ws();
         if self.peek() == Some(b']') {
@@ -297,7 +304,7 @@ impl Parser<'_> {
     /// (with the quote's offset) and reads the key, the colon and the value.
     fn members(
         &mut self,
-        mut each: impl FnMut(&mut Self, usize) -> Result<(), Error>,
+        each: &mut dyn FnMut(&mut Self, usize) -> Result<(), Error>,
     ) -> Result<(), Error> {
         self.ws();
         if self.peek() == Some(b'}') {
@@ -486,18 +493,17 @@ fn overflows_f64(int: &[u8], frac: &[u8], exp: i64) -> bool {
     if (int.len() as i64).saturating_add(exp) < LIMIT.len() as i64 {
         return false;
     }
-    let digits: Vec<u8> = int.iter().chain(frac).copied().collect();
-    let Some(first) = digits.iter().position(|d| *d != b'0') else {
+    let digits = || int.iter().chain(frac);
+    let Some(first) = digits().position(|d| *d != b'0') else {
         return false;
     };
-    let last = digits.iter().rposition(|d| *d != b'0').unwrap_or(first);
-    // value = 0.D × 10^scale
+    // value = 0.D × 10^scale, D the digits from the first non-zero one
     let scale = int.len() as i64 - first as i64 + exp;
-    let significant = digits.get(first..=last).unwrap_or_default();
     match scale.cmp(&(LIMIT.len() as i64)) {
         std::cmp::Ordering::Less => false,
         std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Equal => significant >= LIMIT,
+        // Digit by digit; D a proper prefix of LIMIT is below it, anything else is not.
+        std::cmp::Ordering::Equal => digits().skip(first).cmp(LIMIT) != std::cmp::Ordering::Less,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Replies the filter itself gives, in OpenAI's error shape:
 //! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`.
 
-use crate::json::{self, Value};
+use crate::json;
 
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,17 +88,17 @@ impl Rejection {
     }
 
     pub fn reply(&self) -> LocalReply {
-        let text = |s: &str| Value::String(s.to_string());
-        let error = vec![
-            ("message".to_string(), text(&self.message())),
-            ("type".to_string(), text(self.kind())),
-            ("param".to_string(), Value::Null),
-            ("code".to_string(), text(self.code())),
-        ];
-        let body = Value::Object(vec![("error".to_string(), Value::Object(error))]);
+        // Canonical JSON (keys sorted), as serde_json wrote it.
+        let mut body = br#"{"error":{"code":"#.to_vec();
+        json::write_str(&mut body, self.code());
+        body.extend_from_slice(br#","message":"#);
+        json::write_str(&mut body, &self.message());
+        body.extend_from_slice(br#","param":null,"type":"#);
+        json::write_str(&mut body, self.kind());
+        body.extend_from_slice(b"}}");
         LocalReply {
             status: self.status(),
-            body: json::to_vec(&body),
+            body,
         }
     }
 }
