@@ -226,7 +226,7 @@ impl Parser<'_> {
                 }
             }
             b'[' | b'{' => {
-                let depth = depth - 1;
+                let depth = depth.saturating_sub(1);
                 if depth == 0 {
                     return Err(self.err("recursion limit exceeded"));
                 }
@@ -234,11 +234,8 @@ impl Parser<'_> {
                 if c == b'[' {
                     let mut items = Vec::new();
                     self.elements(&mut |p| {
-                        if let Some(v) = p.value(depth, keep)? {
-                            if keep {
-                                items.push(v);
-                            }
-                        }
+                        // `None` when not kept.
+                        items.extend(p.value(depth, keep)?);
                         Ok(())
                     })?;
                     Value::Array(items)
@@ -249,9 +246,7 @@ impl Parser<'_> {
                         p.string_body(keep.then_some(&mut key))?;
                         p.colon()?;
                         if let Some(v) = p.value(depth, keep)? {
-                            if keep {
-                                members.push((key, v));
-                            }
+                            members.push((key, v));
                         }
                         Ok(())
                     })?;
