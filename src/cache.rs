@@ -12,8 +12,9 @@ pub type Digest = [u8; 32];
 pub const SLOT_PREFIX: &str = "llm_failover.cache.";
 
 /// The cache key of a request: SHA-256 over the gateway key's name, the operation and the
-/// canonical JSON of the body (object keys sorted, insignificant white space dropped), so two
-/// bodies that differ only in key order or spacing share an entry. `None` if the body is not JSON.
+/// canonical JSON of the body (object keys sorted, a repeated key's last value, insignificant white
+/// space dropped, numbers as written), so two bodies that differ only in key order or spacing
+/// share an entry. `None` if the body is not JSON.
 pub fn key(key_name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
     let canonical = json::to_vec(&json::parse(body).ok()?);
     let mut material = Vec::with_capacity(key_name.len() + canonical.len() + 24);
