@@ -95,13 +95,14 @@ bench: setup build bench-tools
 # Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
 # for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for
 # FUZZ_SHORT_SECONDS and is part of `make test`. Crashes are saved in fuzz/artifacts/<target>/.
-FUZZ_TARGETS := config_parse rewrite chain cache retry_after
+FUZZ_TARGETS := config_parse rewrite chain cache retry_after json
 FUZZ_SECONDS ?= 600
 FUZZ_SHORT_SECONDS ?= 10
 FUZZ_FLAGS := --sanitizer none
 FUZZ_DICT_config_parse := -dict=dicts/json.dict
 FUZZ_DICT_rewrite := -dict=dicts/json.dict
 FUZZ_DICT_cache := -dict=dicts/json.dict
+FUZZ_DICT_json := -dict=dicts/json.dict
 FUZZ_DICT_retry_after := -dict=dicts/http.dict
 
 .PHONY: fuzz-tools fuzz-build fuzz-short

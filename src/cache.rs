@@ -2,9 +2,8 @@
 //! `max_entries` slots (a direct-mapped cache), so memory is bounded by construction however many
 //! distinct prompts arrive: a new entry evicts whatever held its slot.
 
-use serde_json::Value;
-
 use crate::auth::sha256;
+use crate::json;
 use crate::rewrite::Operation;
 
 pub type Digest = [u8; 32];
@@ -13,12 +12,11 @@ pub type Digest = [u8; 32];
 pub const SLOT_PREFIX: &str = "llm_failover.cache.";
 
 /// The cache key of a request: SHA-256 over the gateway key's name, the operation and the
-/// canonical JSON of the body (object keys sorted, insignificant white space dropped), so two
-/// bodies that differ only in key order or spacing share an entry. `None` if the body is not JSON.
+/// canonical JSON of the body (object keys sorted, a repeated key's last value, insignificant white
+/// space dropped, numbers as written), so two bodies that differ only in key order or spacing
+/// share an entry. `None` if the body is not JSON.
 pub fn key(key_name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
-    let doc: Value = serde_json::from_slice(body).ok()?;
-    // serde_json's default map is ordered by key: serialising gives the canonical form.
-    let canonical = serde_json::to_vec(&doc).ok()?;
+    let canonical = json::to_vec(&json::parse(body).ok()?);
     let mut material = Vec::with_capacity(key_name.len() + canonical.len() + 24);
     material.extend_from_slice(key_name.as_bytes());
     material.push(0);

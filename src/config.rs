@@ -5,14 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use crate::json::{self, Value};
 
-/// A part of the config kept as text until its own schema reads it: every part is deserialized
-/// straight from text (one deserializer per type keeps the wasm small), and the errors of a part
-/// can name its index.
-type Part = Box<RawValue>;
+/// A part of the config read by its own schema, so that the errors of a part can name its index.
+type Part<'a> = &'a Value;
 
 /// Environment lookup, injected so tests do not depend on the process environment.
 pub trait Env {
@@ -35,6 +31,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    // One call per error site rather than the conversions inlined at each (Wasm size).
+    #[inline(never)]
     fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError {
             field: field.into(),
@@ -125,7 +123,8 @@ pub struct Target {
     pub retries: u32,
     pub timeout: Duration,
     pub model: Option<String>,
-    pub override_params: Option<Map<String, Value>>,
+    /// An object, keys sorted and not repeated.
+    pub override_params: Option<json::Object>,
     pub azure: Option<AzureSettings>,
     pub cooldown: Option<Cooldown>,
 }
@@ -175,105 +174,60 @@ impl Config {
 
 // ---- raw JSON shape -------------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    strategy: Option<Part>,
-    targets: Option<Vec<Part>>,
-    #[serde(default)]
-    keys: Option<Vec<Part>>,
-    #[serde(default)]
-    cache: Option<Part>,
-    #[serde(default)]
+struct RawConfig<'a> {
+    strategy: Option<Part<'a>>,
+    targets: Option<&'a [Value]>,
+    keys: Option<&'a [Value]>,
+    cache: Option<Part<'a>>,
     deadline: Option<String>,
-    #[serde(default)]
     max_request_body_bytes: Option<u64>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawStrategy {
-    #[serde(default)]
     mode: Option<String>,
-    #[serde(default)]
     on_status_codes: Option<Vec<u16>>,
-    #[serde(default)]
     failover_on_content_filter: Option<bool>,
-    #[serde(default)]
     max_retry_wait: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTarget {
-    #[serde(default)]
+struct RawTarget<'a> {
     name: Option<String>,
     provider: Option<String>,
     cluster: Option<String>,
-    #[serde(default)]
     host: Option<String>,
-    #[serde(default)]
     api_key_env: Option<String>,
-    #[serde(default)]
     api_key: Option<String>,
-    #[serde(default)]
     azure_ad_token_env: Option<String>,
-    #[serde(default)]
     retries: Option<u32>,
-    #[serde(default)]
     timeout: Option<String>,
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
-    override_params: Option<Map<String, Value>>,
-    #[serde(default)]
+    override_params: Option<json::Object>,
     resource_name: Option<String>,
-    #[serde(default)]
     api_version: Option<String>,
-    #[serde(default)]
-    deployments: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    /// The model -> deployment map, and its `"*"` entry apart.
+    deployments: Option<(BTreeMap<String, String>, Option<String>)>,
     deployment: Option<String>,
-    #[serde(default)]
-    cooldown: Option<Part>,
+    cooldown: Option<Part<'a>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCooldown {
-    #[serde(default)]
     enabled: Option<bool>,
-    #[serde(default)]
     after_failures: Option<u32>,
-    #[serde(default)]
     duration: Option<String>,
-    #[serde(default)]
     max_duration: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawKey {
     name: Option<String>,
-    #[serde(default)]
     key_sha256: Option<String>,
-    #[serde(default)]
     key_env: Option<String>,
-    #[serde(default)]
     targets: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCache {
-    #[serde(default)]
     enabled: Option<bool>,
-    #[serde(default)]
     ttl: Option<String>,
-    #[serde(default)]
     max_entries: Option<u32>,
-    #[serde(default)]
     max_body_bytes: Option<u64>,
 }
 
@@ -293,10 +247,12 @@ const MAX_CACHE_ENTRIES: u32 = 1_000_000;
 pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
     let text = std::str::from_utf8(json)
         .map_err(|_| ConfigError::new("configuration", "is not UTF-8 text"))?;
-    let raw: RawConfig = from_object(text, "")?;
+    let doc = json::parse(text.as_bytes())
+        .map_err(|e| ConfigError::new("configuration", format!("invalid JSON ({e})")))?;
+    let raw = RawConfig::read(&doc)?;
 
     let strategy = match raw.strategy {
-        Some(part) => from_object(part.get(), "strategy")?,
+        Some(part) => RawStrategy::read(part)?,
         None => RawStrategy {
             mode: None,
             on_status_codes: None,
@@ -356,12 +312,12 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
         return Err(ConfigError::new("targets", "empty (at least one target)"));
     }
     let mut targets: Vec<Target> = Vec::with_capacity(raw_targets.len());
-    for (i, value) in raw_targets.into_iter().enumerate() {
+    for (i, value) in raw_targets.iter().enumerate() {
         let field = format!("targets[{i}]");
-        let t = parse_target(value.get(), &field, env)?;
+        let t = parse_target(value, &field, env)?;
         if targets.iter().any(|o| o.name == t.name) {
             return Err(ConfigError::new(
-                format!("{field}.name"),
+                sub(&field, "name"),
                 format!("duplicate target name {:?}", t.name),
             ));
         }
@@ -378,12 +334,12 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
                 ));
             }
             let mut keys: Vec<GatewayKey> = Vec::with_capacity(list.len());
-            for (i, value) in list.into_iter().enumerate() {
+            for (i, value) in list.iter().enumerate() {
                 let field = format!("keys[{i}]");
-                let k = parse_key(value.get(), &field, &targets, env)?;
+                let k = parse_key(value, &field, &targets, env)?;
                 if keys.iter().any(|o| o.name == k.name) {
                     return Err(ConfigError::new(
-                        format!("{field}.name"),
+                        sub(&field, "name"),
                         format!("duplicate key name {:?}", k.name),
                     ));
                 }
@@ -401,7 +357,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
 
     let cache = match raw.cache {
         None => None,
-        Some(value) => parse_cache(value.get())?,
+        Some(value) => parse_cache(value)?,
     };
 
     let deadline = opt_duration(raw.deadline.as_deref(), "deadline", DEFAULT_DEADLINE)?;
@@ -433,75 +389,347 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
     })
 }
 
-fn json_error(field: &str, e: &serde_json::Error) -> ConfigError {
-    // serde's messages name the unknown or mistyped field ("unknown field `x`, expected ...").
-    let at = if field.is_empty() {
-        "configuration".to_string()
-    } else {
-        field.to_string()
-    };
-    ConfigError::new(at, format!("{e}"))
+/// The members of one object of the schema. Unknown and repeated fields are refused (naming the
+/// object) as serde's `deny_unknown_fields` structs did; a null member counts as absent. A member
+/// of the wrong type reads as absent and is reported by [`Fields::done`] (the first one read).
+struct Fields<'a, 'f> {
+    at: &'f str,
+    members: &'a json::Object,
+    error: Option<ConfigError>,
 }
 
-/// serde would also read a struct from a JSON array, field by field in order; the schema has
-/// objects only.
-fn from_object<T: serde::de::DeserializeOwned>(text: &str, field: &str) -> Result<T, ConfigError> {
-    if !text.trim_start().starts_with('{') {
+impl<'a, 'f> Fields<'a, 'f> {
+    /// `field` is empty for the whole configuration.
+    fn of(v: &'a Value, field: &'f str, known: &[&str]) -> Result<Fields<'a, 'f>, ConfigError> {
         let at = if field.is_empty() {
             "configuration"
         } else {
             field
         };
-        return Err(ConfigError::new(at, "must be a JSON object"));
+        let Value::Object(members) = v else {
+            return Err(ConfigError::new(at, "must be a JSON object"));
+        };
+        for (i, (k, _)) in members.iter().enumerate() {
+            if !known.contains(&k.as_str()) {
+                let mut problem = format!("unknown field `{k}`, expected one of ");
+                for (j, name) in known.iter().enumerate() {
+                    if j > 0 {
+                        problem.push_str(", ");
+                    }
+                    problem.push('`');
+                    problem.push_str(name);
+                    problem.push('`');
+                }
+                return Err(ConfigError::new(at, problem));
+            }
+            if members.iter().take(i).any(|(p, _)| p == k) {
+                return Err(ConfigError::new(at, format!("duplicate field `{k}`")));
+            }
+        }
+        Ok(Fields {
+            at,
+            members,
+            error: None,
+        })
     }
-    serde_json::from_str(text).map_err(|e| json_error(field, &e))
+
+    /// The first type error, if any.
+    fn done(self) -> Result<(), ConfigError> {
+        self.error.map_or(Ok(()), Err)
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        json::get(self.members, name).filter(|v| **v != Value::Null)
+    }
+
+    /// `read` of the member, if it is present; a type error if `read` refuses it.
+    fn read<T>(
+        &mut self,
+        name: &str,
+        expected: &str,
+        read: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Option<T> {
+        let out = read(self.get(name)?);
+        if out.is_none() {
+            self.wrong_type(name, expected);
+        }
+        out
+    }
+
+    #[inline(never)]
+    fn wrong_type(&mut self, name: &str, expected: &str) {
+        if self.error.is_none() {
+            self.error = Some(ConfigError::new(
+                self.at,
+                format!("invalid type for `{name}`: expected {expected}"),
+            ));
+        }
+    }
+
+    fn string(&mut self, name: &str) -> Option<String> {
+        self.read(name, "a string", |v| v.as_str().map(str::to_string))
+    }
+
+    fn bool(&mut self, name: &str) -> Option<bool> {
+        self.read(name, "a boolean", |v| match v {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        })
+    }
+
+    fn u64(&mut self, name: &str) -> Option<u64> {
+        self.read(name, "an unsigned integer", Value::as_u64)
+    }
+
+    fn u32(&mut self, name: &str) -> Option<u32> {
+        self.read(name, "an integer up to 4294967295", |v| {
+            v.as_u64().and_then(|n| u32::try_from(n).ok())
+        })
+    }
+
+    fn array(&mut self, name: &str) -> Option<&'a [Value]> {
+        self.read(name, "an array", |v| match v {
+            Value::Array(items) => Some(items.as_slice()),
+            _ => None,
+        })
+    }
+
+    fn object(&mut self, name: &str, expected: &str) -> Option<&'a json::Object> {
+        self.read(name, expected, |v| match v {
+            Value::Object(o) => Some(o),
+            _ => None,
+        })
+    }
 }
 
-fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
-    let raw: RawTarget = from_object(text, field)?;
+impl<'a> RawConfig<'a> {
+    fn read(v: &'a Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::of(
+            v,
+            "",
+            &[
+                "strategy",
+                "targets",
+                "keys",
+                "cache",
+                "deadline",
+                "max_request_body_bytes",
+            ],
+        )?;
+        let raw = RawConfig {
+            strategy: f.get("strategy"),
+            targets: f.array("targets"),
+            keys: f.array("keys"),
+            cache: f.get("cache"),
+            deadline: f.string("deadline"),
+            max_request_body_bytes: f.u64("max_request_body_bytes"),
+        };
+        f.done().map(|_| raw)
+    }
+}
+
+impl RawStrategy {
+    fn read(v: &Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::of(
+            v,
+            "strategy",
+            &[
+                "mode",
+                "on_status_codes",
+                "failover_on_content_filter",
+                "max_retry_wait",
+            ],
+        )?;
+        let raw = RawStrategy {
+            mode: f.string("mode"),
+            on_status_codes: f.read("on_status_codes", "integers up to 65535", |v| match v {
+                Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|n| u16::try_from(n).ok()))
+                    .collect(),
+                _ => None,
+            }),
+            failover_on_content_filter: f.bool("failover_on_content_filter"),
+            max_retry_wait: f.string("max_retry_wait"),
+        };
+        f.done().map(|_| raw)
+    }
+}
+
+impl<'a> RawTarget<'a> {
+    fn read(v: &'a Value, field: &str) -> Result<Self, ConfigError> {
+        let mut f = Fields::of(
+            v,
+            field,
+            &[
+                "name",
+                "provider",
+                "cluster",
+                "host",
+                "api_key_env",
+                "api_key",
+                "azure_ad_token_env",
+                "retries",
+                "timeout",
+                "model",
+                "override_params",
+                "resource_name",
+                "api_version",
+                "deployments",
+                "deployment",
+                "cooldown",
+            ],
+        )?;
+        let raw = RawTarget {
+            name: f.string("name"),
+            provider: f.string("provider"),
+            cluster: f.string("cluster"),
+            host: f.string("host"),
+            api_key_env: f.string("api_key_env"),
+            api_key: f.string("api_key"),
+            azure_ad_token_env: f.string("azure_ad_token_env"),
+            retries: f.u32("retries"),
+            timeout: f.string("timeout"),
+            model: f.string("model"),
+            override_params: f.object("override_params", "an object").and_then(|o| {
+                match json::into_canonical(Value::Object(o.clone())) {
+                    Value::Object(o) => Some(o),
+                    _ => None,
+                }
+            }),
+            resource_name: f.string("resource_name"),
+            api_version: f.string("api_version"),
+            deployments: f.read("deployments", "an object of strings", |v| {
+                let Value::Object(members) = v else {
+                    return None;
+                };
+                let (mut map, mut star) = (BTreeMap::new(), None);
+                for (model, dep) in members {
+                    let dep = dep.as_str()?.to_string();
+                    // A repeated model: the last one counts.
+                    if model == "*" {
+                        star = Some(dep);
+                    } else {
+                        map.insert(model.clone(), dep);
+                    }
+                }
+                Some((map, star))
+            }),
+            deployment: f.string("deployment"),
+            cooldown: f.get("cooldown"),
+        };
+        f.done().map(|_| raw)
+    }
+}
+
+impl RawCooldown {
+    fn read(v: &Value, field: &str) -> Result<Self, ConfigError> {
+        let mut f = Fields::of(
+            v,
+            field,
+            &["enabled", "after_failures", "duration", "max_duration"],
+        )?;
+        let raw = RawCooldown {
+            enabled: f.bool("enabled"),
+            after_failures: f.u32("after_failures"),
+            duration: f.string("duration"),
+            max_duration: f.string("max_duration"),
+        };
+        f.done().map(|_| raw)
+    }
+}
+
+impl RawKey {
+    fn read(v: &Value, field: &str) -> Result<Self, ConfigError> {
+        let mut f = Fields::of(v, field, &["name", "key_sha256", "key_env", "targets"])?;
+        let raw = RawKey {
+            name: f.string("name"),
+            key_sha256: f.string("key_sha256"),
+            key_env: f.string("key_env"),
+            targets: f.read("targets", "an array of strings", |v| match v {
+                Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => None,
+            }),
+        };
+        f.done().map(|_| raw)
+    }
+}
+
+impl RawCache {
+    fn read(v: &Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::of(
+            v,
+            "cache",
+            &["enabled", "ttl", "max_entries", "max_body_bytes"],
+        )?;
+        let raw = RawCache {
+            enabled: f.bool("enabled"),
+            ttl: f.string("ttl"),
+            max_entries: f.u32("max_entries"),
+            max_body_bytes: f.u64("max_body_bytes"),
+        };
+        f.done().map(|_| raw)
+    }
+}
+
+/// `field.name`: the path of a member of the object at `field`.
+#[inline(never)]
+fn sub(field: &str, name: &str) -> String {
+    let mut path = String::with_capacity(field.len() + 1 + name.len());
+    path.push_str(field);
+    path.push('.');
+    path.push_str(name);
+    path
+}
+
+fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
+    let raw = RawTarget::read(v, field)?;
     let provider = match raw.provider.as_deref() {
         Some("openai") => Provider::OpenAi,
         Some("azure") => Provider::Azure,
         Some(other) => {
             return Err(ConfigError::new(
-                format!("{field}.provider"),
+                sub(field, "provider"),
                 format!("unknown provider {other:?} (expected \"openai\" or \"azure\")"),
             ))
         }
-        None => return Err(ConfigError::new(format!("{field}.provider"), "missing")),
+        None => return Err(ConfigError::new(sub(field, "provider"), "missing")),
     };
     let credential = resolve_credential(&raw, provider, field, env)?;
     let name = raw.name.unwrap_or_else(|| provider.as_str().to_string());
     if !is_name(&name) {
         return Err(ConfigError::new(
-            format!("{field}.name"),
+            sub(field, "name"),
             "must be 1-64 characters of letters, digits, '_' or '-' (it appears in stats and headers)",
         ));
     }
     let cluster = raw
         .cluster
-        .ok_or_else(|| ConfigError::new(format!("{field}.cluster"), "missing"))?;
+        .ok_or_else(|| ConfigError::new(sub(field, "cluster"), "missing"))?;
     if cluster.is_empty() || cluster.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         return Err(ConfigError::new(
-            format!("{field}.cluster"),
+            sub(field, "cluster"),
             "must be a non-empty Envoy cluster name",
         ));
     }
     let retries = raw.retries.unwrap_or(0);
     if retries > 10 {
         return Err(ConfigError::new(
-            format!("{field}.retries"),
+            sub(field, "retries"),
             "at most 10 (use more targets instead)",
         ));
     }
     let timeout = opt_duration(
         raw.timeout.as_deref(),
-        &format!("{field}.timeout"),
+        &sub(field, "timeout"),
         DEFAULT_TIMEOUT,
     )?;
     if let Some(model) = &raw.model {
         if model.is_empty() {
-            return Err(ConfigError::new(format!("{field}.model"), "empty"));
+            return Err(ConfigError::new(sub(field, "model"), "empty"));
         }
     }
 
@@ -530,7 +758,7 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
                 (None, Some(r)) => {
                     if !is_dns_label(r) {
                         return Err(ConfigError::new(
-                            format!("{field}.resource_name"),
+                            sub(field, "resource_name"),
                             "must be a DNS label (letters, digits, '-')",
                         ));
                     }
@@ -538,47 +766,53 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
                 }
                 (None, None) => {
                     return Err(ConfigError::new(
-                        format!("{field}.resource_name"),
+                        sub(field, "resource_name"),
                         "missing (required for provider \"azure\" unless `host` is set)",
                     ))
                 }
             };
             let api_version = raw.api_version.ok_or_else(|| {
                 ConfigError::new(
-                    format!("{field}.api_version"),
+                    sub(field, "api_version"),
                     "missing (required for provider \"azure\")",
                 )
             })?;
             if api_version.is_empty() || !api_version.bytes().all(is_url_safe) {
                 return Err(ConfigError::new(
-                    format!("{field}.api_version"),
+                    sub(field, "api_version"),
                     "must be a version like \"2024-10-21\"",
                 ));
             }
-            let mut deployments = raw.deployments.unwrap_or_default();
+            let (deployments, mut default_deployment) = raw.deployments.unwrap_or_default();
             if let Some(d) = raw.deployment {
-                if deployments.contains_key("*") {
+                if default_deployment.is_some() {
                     return Err(ConfigError::new(
-                        format!("{field}.deployment"),
+                        sub(field, "deployment"),
                         "conflicts with deployments[\"*\"]; set one of them",
                     ));
                 }
                 // Checked here so the error names `deployment`, not `deployments["*"]`.
                 if d.is_empty() || !d.bytes().all(is_url_safe) {
                     return Err(ConfigError::new(
-                        format!("{field}.deployment"),
+                        sub(field, "deployment"),
                         "deployment names are letters, digits, '-', '_' or '.'",
                     ));
                 }
-                deployments.insert("*".to_string(), d);
+                default_deployment = Some(d);
             }
-            if deployments.is_empty() {
+            if deployments.is_empty() && default_deployment.is_none() {
                 return Err(ConfigError::new(
-                    format!("{field}.deployments"),
+                    sub(field, "deployments"),
                     "missing (required for provider \"azure\": a model -> deployment map, or `deployment`)",
                 ));
             }
-            for (model, dep) in &deployments {
+            // In key order, `"*"` among the others: the first bad one is named.
+            let star = default_deployment.as_deref().map(|d| ("*", d));
+            let (before, after): (Vec<_>, Vec<_>) = deployments
+                .iter()
+                .map(|(m, d)| (m.as_str(), d.as_str()))
+                .partition(|(m, _)| *m < "*");
+            for (model, dep) in before.into_iter().chain(star).chain(after) {
                 if dep.is_empty() || !dep.bytes().all(is_url_safe) {
                     return Err(ConfigError::new(
                         format!("{field}.deployments[{model:?}]"),
@@ -586,7 +820,6 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
                     ));
                 }
             }
-            let default_deployment = deployments.remove("*");
             (
                 host,
                 Some(AzureSettings {
@@ -603,11 +836,11 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
     {
         return Err(ConfigError::new(
-            format!("{field}.host"),
+            sub(field, "host"),
             "must be a host name, optionally with :port",
         ));
     }
-    let cooldown = parse_cooldown(raw.cooldown, &format!("{field}.cooldown"))?;
+    let cooldown = parse_cooldown(raw.cooldown, &sub(field, "cooldown"))?;
 
     Ok(Target {
         name,
@@ -625,7 +858,7 @@ fn parse_target(text: &str, field: &str, env: &dyn Env) -> Result<Target, Config
 }
 
 fn resolve_credential(
-    raw: &RawTarget,
+    raw: &RawTarget<'_>,
     provider: Provider,
     field: &str,
     env: &dyn Env,
@@ -644,7 +877,7 @@ fn resolve_credential(
             Provider::Azure => "api_key_env or azure_ad_token_env",
         };
         return Err(ConfigError::new(
-            format!("{field}.api_key_env"),
+            sub(field, "api_key_env"),
             format!("missing: set {hint}"),
         ));
     }
@@ -683,7 +916,7 @@ fn resolve_credential(
     } else {
         let key = raw.api_key.clone().unwrap_or_default();
         if key.trim().is_empty() {
-            return Err(ConfigError::new(format!("{field}.api_key"), "empty"));
+            return Err(ConfigError::new(sub(field, "api_key"), "empty"));
         }
         Credential::ApiKey(key.trim().to_string())
     };
@@ -699,7 +932,7 @@ fn resolve_credential(
     Ok(credential)
 }
 
-fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
+fn parse_cooldown(part: Option<Part<'_>>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
     let default = Cooldown {
         after_failures: DEFAULT_COOLDOWN_FAILURES,
         duration: DEFAULT_COOLDOWN,
@@ -707,28 +940,26 @@ fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, C
     };
     let raw: RawCooldown = match part {
         None => return Ok(Some(default)),
-        Some(part) => match part.get().trim() {
-            "false" => return Ok(None),
-            "true" => return Ok(Some(default)),
-            text => from_object(text, field)?,
-        },
+        Some(Value::Bool(false)) => return Ok(None),
+        Some(Value::Bool(true)) => return Ok(Some(default)),
+        Some(part) => RawCooldown::read(part, field)?,
     };
     if raw.enabled == Some(false) {
         return Ok(None);
     }
     let duration = opt_duration(
         raw.duration.as_deref(),
-        &format!("{field}.duration"),
+        &sub(field, "duration"),
         DEFAULT_COOLDOWN,
     )?;
     let max_duration = opt_duration(
         raw.max_duration.as_deref(),
-        &format!("{field}.max_duration"),
+        &sub(field, "max_duration"),
         DEFAULT_COOLDOWN_MAX.max(duration),
     )?;
     if max_duration < duration {
         return Err(ConfigError::new(
-            format!("{field}.max_duration"),
+            sub(field, "max_duration"),
             "must not be shorter than duration",
         ));
     }
@@ -740,18 +971,18 @@ fn parse_cooldown(part: Option<Part>, field: &str) -> Result<Option<Cooldown>, C
 }
 
 fn parse_key(
-    text: &str,
+    v: &Value,
     field: &str,
     targets: &[Target],
     env: &dyn Env,
 ) -> Result<GatewayKey, ConfigError> {
-    let raw: RawKey = from_object(text, field)?;
+    let raw = RawKey::read(v, field)?;
     let name = raw
         .name
-        .ok_or_else(|| ConfigError::new(format!("{field}.name"), "missing"))?;
+        .ok_or_else(|| ConfigError::new(sub(field, "name"), "missing"))?;
     if !is_name(&name) {
         return Err(ConfigError::new(
-            format!("{field}.name"),
+            sub(field, "name"),
             "must be 1-64 characters of letters, digits, '_' or '-'",
         ));
     }
@@ -767,7 +998,7 @@ fn parse_key(
             let key = key.trim();
             if key.is_empty() {
                 return Err(ConfigError::new(
-                    format!("{field}.key_env"),
+                    sub(field, "key_env"),
                     format!("environment variable {var:?} is not set or empty in the VM"),
                 ));
             }
@@ -791,7 +1022,7 @@ fn parse_key(
         Some(names) => {
             if names.is_empty() {
                 return Err(ConfigError::new(
-                    format!("{field}.targets"),
+                    sub(field, "targets"),
                     "empty (omit it to allow every target)",
                 ));
             }
@@ -803,12 +1034,11 @@ fn parse_key(
                         format!("no target named {n:?}"),
                     )
                 })?;
-                if !idx.contains(&i) {
-                    idx.push(i);
+                // Chain order is the order of `targets`, whatever order the key lists them in.
+                if let Err(at) = idx.binary_search(&i) {
+                    idx.insert(at, i);
                 }
             }
-            // Chain order is the order of `targets`, whatever order the key lists them in.
-            idx.sort_unstable();
             idx
         }
     };
@@ -819,8 +1049,8 @@ fn parse_key(
     })
 }
 
-fn parse_cache(text: &str) -> Result<Option<CacheSettings>, ConfigError> {
-    let raw: RawCache = from_object(text, "cache")?;
+fn parse_cache(v: &Value) -> Result<Option<CacheSettings>, ConfigError> {
+    let raw = RawCache::read(v)?;
     if raw.enabled != Some(true) {
         return Ok(None);
     }
@@ -912,7 +1142,7 @@ fn is_url_safe(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::collections::HashMap;
 
     pub struct MapEnv(pub HashMap<&'static str, &'static str>);

@@ -4,6 +4,7 @@
 
 use crate::chain::{Failure, FailureKind, Outcome};
 use crate::config::Config;
+use crate::json::{self, Value};
 
 /// Whether an answer with this status needs its body read before it can be judged (a failure
 /// status, something Envoy may have generated, or a possible content-filter refusal).
@@ -74,28 +75,22 @@ fn envoy_transport_failure(
 /// Azure's content filter: `{"error": {"code": "content_filter", ...}}` (also seen with the code
 /// in `innererror`).
 fn is_content_filter(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Body {
-        error: Option<Error>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Error {
-        code: Option<serde_json::Value>,
-        innererror: Option<Inner>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Inner {
-        code: Option<serde_json::Value>,
-    }
-    let Ok(Body { error: Some(e) }) = serde_json::from_slice::<Body>(body) else {
+    let Ok(doc) = json::parse(body) else {
         return false;
     };
-    let code = e.code.as_ref().and_then(|c| c.as_str());
-    let inner = e
-        .innererror
-        .and_then(|i| i.code)
-        .and_then(|c| c.as_str().map(str::to_owned));
-    code == Some("content_filter") || inner.as_deref() == Some("ResponsibleAIPolicyViolation")
+    // Read as the serde structs it replaced: `{"error": {"code": any, "innererror": {"code":
+    // any}}}`, each level an object (or absent / null below the top), no repeated field.
+    let Some([Some(error)]) = json::fields(&doc, ["error"]) else {
+        return false;
+    };
+    let Some([code, inner]) = json::fields(error, ["code", "innererror"]) else {
+        return false;
+    };
+    let Some([inner_code]) = inner.map_or(Some([None]), |i| json::fields(i, ["code"])) else {
+        return false;
+    };
+    code.and_then(Value::as_str) == Some("content_filter")
+        || inner_code.and_then(Value::as_str) == Some("ResponsibleAIPolicyViolation")
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! failures.
 //!
 //! Pure modules (no `proxy_wasm`, unit-tested on the host): `config`, `provider`, `rewrite`,
-//! `judge`, `chain`, `cooldown`, `cache`, `auth`, `retry_after`, `reply`, `usage`.
+//! `judge`, `json`, `chain`, `cooldown`, `cache`, `auth`, `retry_after`, `reply`, `usage`.
 //! Glue (only built for wasm32): `filter`.
 
 pub mod auth;
@@ -11,6 +11,7 @@ pub mod cache;
 pub mod chain;
 pub mod config;
 pub mod cooldown;
+pub mod json;
 pub mod judge;
 pub mod provider;
 pub mod reply;

@@ -1,7 +1,7 @@
 //! Replies the filter itself gives, in OpenAI's error shape:
 //! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`.
 
-use serde_json::json;
+use crate::json;
 
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,17 +88,17 @@ impl Rejection {
     }
 
     pub fn reply(&self) -> LocalReply {
-        let body = json!({
-            "error": {
-                "message": self.message(),
-                "type": self.kind(),
-                "param": null,
-                "code": self.code(),
-            }
-        });
+        // Canonical JSON (keys sorted), as serde_json wrote it.
+        let mut body = br#"{"error":{"code":"#.to_vec();
+        json::write_str(&mut body, self.code());
+        body.extend_from_slice(br#","message":"#);
+        json::write_str(&mut body, &self.message());
+        body.extend_from_slice(br#","param":null,"type":"#);
+        json::write_str(&mut body, self.kind());
+        body.extend_from_slice(b"}}");
         LocalReply {
             status: self.status(),
-            body: body.to_string().into_bytes(),
+            body,
         }
     }
 }

@@ -1,13 +1,8 @@
 //! Client request -> request for one target: which operation it is, what its body says, and the
 //! body a target gets (its `model` and `override_params`).
 
-use std::fmt;
-
-use serde::de::{Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
-use serde_json::{Map, Value};
-
 use crate::config::Target;
+use crate::json::{self, Value};
 
 /// The operations the filter rewrites and fails over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,14 +52,6 @@ pub struct BodyInfo {
     pub stream: bool,
 }
 
-#[derive(Deserialize)]
-struct Peek {
-    #[serde(default)]
-    model: Option<Value>,
-    #[serde(default)]
-    stream: Option<Value>,
-}
-
 /// Checks that `body` is one JSON object and reads `model` and `stream` from it, without
 /// building the whole document.
 pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
@@ -75,104 +62,21 @@ pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
         Some(_) => return Err("the body is not a JSON object".to_string()),
     }
     // One pass: `model` and `stream` are kept, every other value is checked as strictly as
-    // `body_for` and the cache key will read it.
-    let peek: CheckedPeek =
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON ({e})"))?;
-    let peek = peek.0;
-    let model = match peek.model {
+    // `body_for` and the cache key will read it. A duplicate is refused: providers would not
+    // agree on which value counts.
+    let [model, stream] =
+        json::scan_object(body, ["model", "stream"]).map_err(|e| format!("invalid JSON ({e})"))?;
+    let model = match model {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
         Some(_) => return Err("'model' must be a string".to_string()),
     };
-    let stream = match peek.stream {
+    let stream = match stream {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
         Some(_) => return Err("'stream' must be a boolean".to_string()),
     };
     Ok(BodyInfo { model, stream })
-}
-
-/// Any JSON value, read in full (strings and numbers validated) but not kept.
-struct Checked;
-
-struct CheckedPeek(Peek);
-
-impl<'de> Deserialize<'de> for CheckedPeek {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(PeekVisitor)
-    }
-}
-
-struct PeekVisitor;
-
-impl<'de> Visitor<'de> for PeekVisitor {
-    type Value = CheckedPeek;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CheckedPeek, A::Error> {
-        let mut peek = Peek {
-            model: None,
-            stream: None,
-        };
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                // A duplicate is refused: providers would not agree on which value counts.
-                "model" if peek.model.is_some() => return Err(A::Error::duplicate_field("model")),
-                "stream" if peek.stream.is_some() => {
-                    return Err(A::Error::duplicate_field("stream"))
-                }
-                "model" => peek.model = Some(map.next_value()?),
-                "stream" => peek.stream = Some(map.next_value()?),
-                _ => {
-                    map.next_value::<Checked>()?;
-                }
-            }
-        }
-        Ok(CheckedPeek(peek))
-    }
-}
-
-impl<'de> Deserialize<'de> for Checked {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Checked)
-    }
-}
-
-impl<'de> Visitor<'de> for Checked {
-    type Value = Checked;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_unit<E>(self) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(Checked)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_entry::<Checked, Checked>()?.is_some() {}
-        Ok(Checked)
-    }
 }
 
 /// The body `target` gets: the client's, unless the target sets `model` or `override_params`.
@@ -181,14 +85,16 @@ pub fn body_for(target: &Target, body: &[u8]) -> Option<Vec<u8>> {
     if target.model.is_none() && target.override_params.is_none() {
         return None;
     }
-    let mut doc: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    let Ok(Value::Object(mut doc)) = json::parse(body) else {
+        return None;
+    };
     if let Some(model) = &target.model {
-        doc.insert("model".to_string(), Value::String(model.clone()));
+        doc.push(("model".to_string(), Value::String(model.clone())));
     }
     if let Some(overrides) = &target.override_params {
         merge(&mut doc, overrides);
     }
-    serde_json::to_vec(&doc).ok()
+    Some(json::to_vec(&Value::Object(doc)))
 }
 
 /// The model `target` is asked for: its own `model` if set, else the client's.
@@ -196,14 +102,14 @@ pub fn model_for<'a>(target: &'a Target, info: &'a BodyInfo) -> Option<&'a str> 
     target.model.as_deref().or(info.model.as_deref())
 }
 
-/// Deep merge: objects merge key by key, anything else replaces.
-fn merge(into: &mut Map<String, Value>, from: &Map<String, Value>) {
+/// Deep merge: objects merge key by key, anything else replaces. A key may repeat in `into`
+/// (the last one counts, as when it is written out); `from` has no repeated keys.
+fn merge(into: &mut json::Object, from: &json::Object) {
     for (k, v) in from {
-        match (into.get_mut(k), v) {
-            (Some(Value::Object(dst)), Value::Object(src)) => merge(dst, src),
-            _ => {
-                into.insert(k.clone(), v.clone());
-            }
+        let last = into.iter_mut().rev().find(|(key, _)| key == k);
+        match (last, v) {
+            (Some((_, Value::Object(dst))), Value::Object(src)) => merge(dst, src),
+            _ => into.push((k.clone(), v.clone())),
         }
     }
 }
@@ -212,7 +118,7 @@ fn merge(into: &mut Map<String, Value>, from: &Map<String, Value>) {
 mod tests {
     use super::*;
     use crate::config::{self, Env};
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     struct NoEnv;
     impl Env for NoEnv {

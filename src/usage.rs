@@ -2,7 +2,7 @@
 //! stream (`stream_options.include_usage`). Only the tail of a body is kept, so reading usage
 //! never buffers a response.
 
-use serde::Deserialize;
+use crate::json;
 
 /// Bytes of a body's end that are kept; `usage` is among the last fields OpenAI and Azure send.
 pub const TAIL: usize = 2048;
@@ -33,14 +33,6 @@ impl UsageScanner {
     }
 }
 
-#[derive(Deserialize)]
-struct Raw {
-    #[serde(default)]
-    prompt_tokens: Option<u64>,
-    #[serde(default)]
-    completion_tokens: Option<u64>,
-}
-
 /// The last `"usage": {...}` object in `body`, if any.
 pub fn from_body(body: &[u8]) -> Option<Usage> {
     const NEEDLE: &[u8] = b"\"usage\"";
@@ -55,18 +47,32 @@ pub fn from_body(body: &[u8]) -> Option<Usage> {
         if let Some(rest) = rest.strip_prefix(b":") {
             let rest = skip_ws(rest);
             if rest.first() == Some(&b'{') {
-                let mut it = serde_json::Deserializer::from_slice(rest).into_iter::<Raw>();
-                if let Some(Ok(raw)) = it.next() {
-                    return Some(Usage {
-                        prompt: raw.prompt_tokens.unwrap_or(0),
-                        completion: raw.completion_tokens.unwrap_or(0),
-                    });
+                if let Some(usage) = read_usage(rest) {
+                    return Some(usage);
                 }
             }
         }
         end = at;
     }
     None
+}
+
+/// The object at the start of `text` (what follows it is not read) as `{"prompt_tokens": u64,
+/// "completion_tokens": u64}`, both optional, other fields ignored.
+fn read_usage(text: &[u8]) -> Option<Usage> {
+    let doc = json::parse_prefix(text).ok()?;
+    if !matches!(doc, json::Value::Object(_)) {
+        return None;
+    }
+    let [prompt, completion] = json::fields(&doc, ["prompt_tokens", "completion_tokens"])?;
+    let count = |v: Option<&json::Value>| match v {
+        None => Some(0),
+        Some(v) => v.as_u64(),
+    };
+    Some(Usage {
+        prompt: count(prompt)?,
+        completion: count(completion)?,
+    })
 }
 
 fn skip_ws(s: &[u8]) -> &[u8] {
