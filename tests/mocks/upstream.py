@@ -555,7 +555,7 @@ class MockHandler(BaseHTTPRequestHandler):
         if extra_headers:
             headers.update({k: str(v) for k, v in extra_headers.items()})
         headers["Content-Length"] = str(len(body))
-        self._status = status
+        self._set_status(status)
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -563,6 +563,14 @@ class MockHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
         self.wfile.flush()
+
+    def _set_status(self, status: int):
+        # Recorded before the answer is written, so a client that reads the request log right
+        # after its answer never sees the status missing.
+        self._status = status
+        rec = getattr(self, "_rec", None)
+        if rec is not None:
+            rec["status"] = status
 
     def _send_control(self, status: int, obj):
         body = json.dumps(obj, indent=1).encode()
@@ -588,6 +596,7 @@ class MockHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self._status = None
+        self._rec = None
         split = urlsplit(self.path)
         path = split.path
         try:
@@ -599,6 +608,7 @@ class MockHandler(BaseHTTPRequestHandler):
             self._control(path, split.query, body)
             return
         rec = self._record(split, body)
+        self._rec = rec
         try:
             self._handle_api(rec, path, split.query, body)
         except _Abort:
@@ -1144,7 +1154,7 @@ class MockHandler(BaseHTTPRequestHandler):
         headers["Cache-Control"] = "no-cache"
         headers["Transfer-Encoding"] = "chunked"
         headers.update(extra)
-        self._status = 200
+        self._set_status(200)
         self.send_response(200)
         for k, v in headers.items():
             self.send_header(k, v)
