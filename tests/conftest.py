@@ -223,15 +223,20 @@ def _check_vm(request, stack: EnvoyStack, offset: int):
             pytest.fail("the Wasm VM failed / panicked during the test:\n" + "\n".join(bad[:40]))
 
 
+def use_shared_stack(request, shared: EnvoyStack, what: str):
+    """Lends a long-lived Envoy to one test; its log must show no VM failure during the test."""
+    if not shared.running:
+        pytest.fail(f"{what} is not running any more:\n" + shared.log_text[-3000:])
+    offset = shared.log_offset()
+    _register(request, "_llmf_stacks", (shared, offset))
+    yield shared
+    _check_vm(request, shared, offset)
+
+
 @pytest.fixture
 def stack(request, _session_stack, openai_mock, azure_mock) -> EnvoyStack:
     """The shared Envoy (envoy/local.yaml, cooldowns off) in front of openai_mock and azure_mock."""
-    if not _session_stack.running:
-        pytest.fail("the shared Envoy is not running any more:\n" + _session_stack.log_text[-3000:])
-    offset = _session_stack.log_offset()
-    _register(request, "_llmf_stacks", (_session_stack, offset))
-    yield _session_stack
-    _check_vm(request, _session_stack, offset)
+    yield from use_shared_stack(request, _session_stack, "the shared Envoy")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import _check_vm, _register, require_envoy
+from conftest import require_envoy, use_shared_stack
 from harness import (OPENAI_KEY, EnvoyStack, azure_target, file_plugin_config, free_port, openai_target,
                      plugin_config, wait_for)
 from mocks.upstream import _approx_tokens
@@ -58,12 +58,7 @@ def _module_stack(_openai_server, _azure_server):
 @pytest.fixture
 def gw(request, _module_stack, openai_mock, azure_mock) -> EnvoyStack:
     """This module's Envoy; like conftest's `stack`, its log must show no VM failure after each test."""
-    if not _module_stack.running:
-        pytest.fail("this module's Envoy is not running any more:\n" + _module_stack.log_text[-3000:])
-    offset = _module_stack.log_offset()
-    _register(request, "_llmf_stacks", (_module_stack, offset))
-    yield _module_stack
-    _check_vm(request, _module_stack, offset)
+    yield from use_shared_stack(request, _module_stack, "this module's Envoy")
 
 
 def chat_body(prompt=None, model="gpt-4o", **extra) -> dict:
