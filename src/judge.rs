@@ -15,6 +15,18 @@ pub fn needs_judging(config: &Config, status: Option<u16>) -> bool {
     }
 }
 
+/// Whether judging a held answer with this status reads its body: only Envoy's own
+/// transport-failure replies (502-504) and content-filter refusals (400, when they are not failed
+/// over) are told apart by their bodies. The rest is judged on the status alone, so a held 429 or
+/// 500 is never copied out of Envoy.
+pub fn needs_body(config: &Config, status: Option<u16>) -> bool {
+    match status {
+        Some(502..=504) => true,
+        Some(400) => config.is_failure_status(400) && !config.failover_on_content_filter,
+        _ => false,
+    }
+}
+
 /// What the answer was, for the log and for the client reply of a transport failure.
 pub fn outcome(
     config: &Config,
@@ -120,6 +132,52 @@ mod tests {
     }
 
     const CF: &[u8] = br#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter","status":400}}"#;
+
+    #[test]
+    fn a_body_not_read_never_changes_the_judgement() {
+        // The filter skips reading a held answer's body when `needs_body` says so: for every
+        // status, the outcome must then be the same as with the body it did not read.
+        let bodies: [&[u8]; 5] = [
+            b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            b"upstream request timeout",
+            b"no healthy upstream",
+            CF,
+            br#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+        ];
+        let types = [
+            None,
+            Some(&b"text/plain"[..]),
+            Some(&b"application/json"[..]),
+        ];
+        let configs = [
+            config(json!({})),
+            config(json!({"on_status_codes": [400, 429, 500]})),
+            config(json!({"on_status_codes": [400], "failover_on_content_filter": true})),
+            config(json!({"on_status_codes": [429]})),
+        ];
+        let mut read = 0;
+        for c in &configs {
+            for status in (100..=599).map(Some).chain([None]) {
+                if needs_body(c, status) {
+                    read += 1;
+                    continue;
+                }
+                for body in bodies {
+                    for ct in types {
+                        let ra = Some(Duration::from_secs(2));
+                        assert_eq!(
+                            outcome(c, status, ct, body, ra),
+                            outcome(c, status, ct, b"", ra),
+                            "{status:?} {ct:?} {}",
+                            String::from_utf8_lossy(body)
+                        );
+                    }
+                }
+            }
+        }
+        // 502-504 always, and 400 where a content filter refusal is not failed over.
+        assert_eq!(read, 3 * 4 + 1);
+    }
 
     #[test]
     fn statuses_are_judged_by_on_status_codes() {

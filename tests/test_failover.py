@@ -473,6 +473,26 @@ def test_cooldown_shared_by_all_workers(gateway, mocks, cooldown, trip, lasts, t
             assert_served(r, "openai", attempts=1)
 
 
+def test_a_success_resets_the_consecutive_failures(gateway, mocks):
+    """`after_failures` counts failures in a row: a success in between starts the count again, so
+    2 failures, a success and 2 more failures (default after_failures 3) start no cooldown."""
+    stack = gateway([target("openai"), target("azure")])
+    for _ in range(2):
+        script(mocks, {"openai": [503, 503]})
+        for _ in range(2):
+            assert_served(chat(stack)[0], "azure", attempts=2)
+        assert_served(chat(stack)[0], "openai", attempts=1)
+    assert len(mocks["openai"].requests()) == 6
+    assert stack.counter("llm_failover.cooldowns.target.openai") == 0
+    assert stack.counter("llm_failover.cooldown_skips.target.openai") == 0
+    # Without the successes the same failures trip it: the third in a row starts the cooldown.
+    script(mocks, {"openai": [503, 503, 503]})
+    for _ in range(3):
+        assert_served(chat(stack)[0], "azure", attempts=2)
+    assert_served(chat(stack)[0], "azure", attempts=1)
+    assert stack.counter("llm_failover.cooldowns.target.openai") == 1
+
+
 def test_all_targets_cooling_still_tries_the_first(gateway, mocks):
     """Cooldowns never refuse a request: when every target is cooling, the first is tried anyway."""
     cool = {"after_failures": 1, "duration": "20s"}

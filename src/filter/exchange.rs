@@ -2,6 +2,7 @@
 //! callouts for retries and failovers. Decisions come from `chain`, `judge`, `rewrite`; this file
 //! reads and writes headers and bodies, dispatches callouts and answers the client.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::auth;
 use crate::cache::{self, Digest, Entry};
 use crate::chain::{Chain, FailureKind, GiveUpReason, Hop, NoRetry, Outcome, Step};
 use crate::config::{Config, Target};
+use crate::cooldown;
 use crate::judge;
 use crate::provider::{self, CLIENT_CREDENTIAL_HEADERS};
 use crate::reply::Rejection;
@@ -161,6 +163,11 @@ pub struct Exchange {
     dispatched: Option<u32>,
     /// Client headers that `address_routed` must remove, if present.
     client_has: [bool; 3],
+    /// The filter state last written (target, attempts, failed over): only changes are written.
+    recorded: Option<(String, u32, bool)>,
+    /// Targets (bit i: target i) whose shared cooldown state this request read and found with no
+    /// failures: a success on them has nothing to reset, so it skips reading the state again.
+    clean: Cell<u64>,
 }
 
 impl Exchange {
@@ -185,6 +192,8 @@ impl Exchange {
             usage: None,
             dispatched: None,
             client_has: [false; 3],
+            recorded: None,
+            clean: Cell::new(0),
         }
     }
 
@@ -458,7 +467,7 @@ impl Exchange {
             host::set_header(
                 map,
                 "x-envoy-upstream-rq-timeout-ms",
-                Some(&timeout.as_millis().max(1).to_string()),
+                Some(&(timeout.as_millis() as u64).max(1).to_string()),
             );
         }
         if self.op.is_some() && self.client_has[2] {
@@ -484,7 +493,7 @@ impl Exchange {
                 (ATTEMPTS_HEADER, "0"),
             ];
             host::send_reply(200, &headers, &entry.body);
-            record_state(&entry.target, 0, false);
+            self.record_state(&entry.target, 0, false);
             return Some(Action::Pause);
         }
         host::increment(self.rt.metrics.cache_misses, 1);
@@ -565,11 +574,18 @@ impl Exchange {
                 if !end_of_stream {
                     return (Action::Pause, Effect::None);
                 }
+                let status = *status;
+                let body = if judge::needs_body(&self.rt.config, status) {
+                    host::buffer(BufferType::HttpResponseBody, body_size)
+                } else {
+                    // Judged on its status; the held body stays in Envoy for the client.
+                    Vec::new()
+                };
                 let answer = Answer {
-                    status: *status,
+                    status,
                     content_type: content_type.take(),
                     retry_after: *retry_after,
-                    body: host::buffer(BufferType::HttpResponseBody, body_size),
+                    body,
                     headers: None,
                 };
                 let (flow, effect) = self.decide(answer);
@@ -599,7 +615,10 @@ impl Exchange {
             // Any answer that is not a failure shows the target is up.
             if let Some(t) = self.target(target) {
                 if t.cooldown.is_some() {
-                    shared::record_success(&t.name);
+                    let bit = 1u64.checked_shl(target as u32).unwrap_or(0);
+                    if self.clean.get() & bit == 0 {
+                        shared::record_success(&t.name);
+                    }
                 }
             }
             if (200..300).contains(&status.unwrap_or(0)) {
@@ -685,7 +704,7 @@ impl Exchange {
             host::set_header(map, TARGET_HEADER, Some(&name));
         }
         host::set_header(map, ATTEMPTS_HEADER, Some(&attempts.to_string()));
-        record_state(&name, attempts, false);
+        self.record_state(&name, attempts, false);
         if self.config().cache.is_some() {
             host::set_header(map, CACHE_HEADER, Some("miss"));
         }
@@ -772,7 +791,7 @@ impl Exchange {
                 "{} no retry on target={}: retry-after {}ms {why}",
                 self.tag(),
                 self.target_name(current),
-                answer.retry_after.unwrap_or_default().as_millis()
+                answer.retry_after.unwrap_or_default().as_millis() as u64
             );
         }
         match step {
@@ -815,7 +834,7 @@ impl Exchange {
                     "{} retry target={} after {what} delay={}ms attempt={attempts}",
                     self.tag(),
                     self.target_name(target),
-                    delay.as_millis()
+                    delay.as_millis() as u64
                 );
                 if delay.is_zero() {
                     self.attempt(target, timeout)
@@ -869,12 +888,11 @@ impl Exchange {
                 self.phase = Phase::Callout { token };
                 self.dispatched = Some(token);
                 // So the access log shows the failover even if the client leaves before the end.
-                if let Some(chain) = &self.chain {
-                    record_state(
-                        self.target_name(target),
-                        chain.attempts(),
-                        chain.failed_over(),
-                    );
+                if let Some((attempts, failed_over)) =
+                    self.chain.as_ref().map(|c| (c.attempts(), c.failed_over()))
+                {
+                    let name = self.target_name(target).to_string();
+                    self.record_state(&name, attempts, failed_over);
                 }
                 (Flow::Hold, Effect::None)
             }
@@ -936,7 +954,7 @@ impl Exchange {
             .and_then(Chain::current_target)
             .unwrap_or(0);
         let name = self.target_name(target).to_string();
-        record_state(&name, attempts, failed_over);
+        self.record_state(&name, attempts, failed_over);
         let attempts_text = attempts.to_string();
         let mut ours: Vec<(&str, &str)> = vec![
             (TARGET_HEADER, name.as_str()),
@@ -1001,7 +1019,13 @@ impl Exchange {
 
     fn is_cooling(&self, target: usize, now: u64) -> bool {
         match self.target(target) {
-            Some(t) if t.cooldown.is_some() => shared::cooling(&t.name, now),
+            Some(t) if t.cooldown.is_some() => {
+                let state = shared::cooldown_state(&t.name);
+                if cooldown::after_success(state).is_none() && target < 64 {
+                    self.clean.set(self.clean.get() | 1 << target);
+                }
+                state.cooling(now)
+            }
             _ => false,
         }
     }
@@ -1009,9 +1033,14 @@ impl Exchange {
     fn record_cooldown(&self, target: usize, failure: Option<&crate::chain::Failure>, now: u64) {
         let Some(t) = self.target(target) else { return };
         let Some(policy) = &t.cooldown else { return };
+        let bit = 1u64.checked_shl(target as u32).unwrap_or(0);
         match failure {
+            // Read clean earlier in this request: nothing to reset (one shared-data read less
+            // per success). Another worker's failure since then is not reset by this success.
+            None if self.clean.get() & bit != 0 => {}
             None => shared::record_success(&t.name),
             Some(f) => {
+                self.clean.set(self.clean.get() & !bit);
                 let throttled = match f.kind {
                     FailureKind::Status(429) => f.retry_after,
                     _ => None,
@@ -1028,7 +1057,7 @@ impl Exchange {
                         "{} cooldown target={} for {}ms",
                         self.tag(),
                         t.name,
-                        d.as_millis()
+                        d.as_millis() as u64
                     );
                 }
             }
@@ -1056,6 +1085,23 @@ impl Exchange {
         }
     }
 
+    /// Filter state for the access log: `%FILTER_STATE(wasm.llm_failover.<field>:PLAIN)%`.
+    /// Each value is written when it differs from the last written (a host call each).
+    fn record_state(&mut self, target: &str, attempts: u32, failed_over: bool) {
+        let last = self.recorded.take();
+        if last.as_ref().is_none_or(|(t, _, _)| t != target) {
+            host::set_filter_state("llm_failover.target", target);
+        }
+        if last.as_ref().is_none_or(|(_, a, _)| *a != attempts) {
+            host::set_filter_state("llm_failover.attempts", &attempts.to_string());
+        }
+        if last.as_ref().is_none_or(|(_, _, f)| *f != failed_over) {
+            let failover = if failed_over { "true" } else { "false" };
+            host::set_filter_state("llm_failover.failover", failover);
+        }
+        self.recorded = Some((target.to_string(), attempts, failed_over));
+    }
+
     fn tag(&self) -> String {
         if self.request_id.is_empty() {
             format!("[ctx={}]", self.context_id)
@@ -1063,14 +1109,6 @@ impl Exchange {
             format!("[ctx={} req={}]", self.context_id, self.request_id)
         }
     }
-}
-
-/// Filter state for the access log: `%FILTER_STATE(wasm.llm_failover.<field>:PLAIN)%`.
-fn record_state(target: &str, attempts: u32, failed_over: bool) {
-    host::set_filter_state("llm_failover.target", target);
-    host::set_filter_state("llm_failover.attempts", &attempts.to_string());
-    let failover = if failed_over { "true" } else { "false" };
-    host::set_filter_state("llm_failover.failover", failover);
 }
 
 fn parse_status(bytes: &[u8]) -> Option<u16> {

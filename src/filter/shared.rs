@@ -13,9 +13,10 @@ fn cooldown_key(target: &str) -> String {
     format!("llm_failover.cooldown.{target}")
 }
 
-pub fn cooling(target: &str, now_ms: u64) -> bool {
+/// A target's shared cooldown state (the default, clean state when it has none).
+pub fn cooldown_state(target: &str) -> State {
     let (bytes, _) = host::shared_get(&cooldown_key(target));
-    bytes.is_some_and(|b| State::decode(&b).cooling(now_ms))
+    bytes.map(|b| State::decode(&b)).unwrap_or_default()
 }
 
 /// Records a failure; returns the cooldown it started, if any.
