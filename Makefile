@@ -79,8 +79,9 @@ validate: setup build $(ISTIO_VALIDATOR)
 # pytest runs last, so its summary closes the output.
 test: setup lint unit build validate fuzz-short integration
 
-# Benchmarks: plain Envoy, a no-op Wasm filter (bench/noop) and llm-failover side by side on
-# loopback, nginx as upstream, wrk as load; writes BENCHMARKS.md (about 2.5 minutes).
+# Benchmarks: plain Envoy, a no-op Wasm filter (bench/noop), llm-failover and the floor
+# (bench/floor) side by side on loopback, nginx as upstream, wrk as load; writes BENCHMARKS.md
+# (about 2.5 minutes).
 .PHONY: bench-tools
 bench-tools:
 	@missing=""; \

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`make bench`: llm-failover measured against plain Envoy and a no-op Wasm filter, in one run.
+"""`make bench`: llm-failover measured against plain Envoy, a no-op Wasm filter and the floor
+(bench/floor: the least a filter of this design does), in one run.
 
 Everything stays on 127.0.0.1 and every step is bounded (fixed wrk durations, deadlines on every
 wait); the whole run takes about two and a half minutes. Steps:
@@ -11,10 +12,12 @@ wait); the whole run takes about two and a half minutes. Steps:
    listener, filter chain and route; only ports, cluster endpoints, the Wasm code and the plugin
    JSON differ). Each is checked with one request (response headers, failover, cache hit), warmed
    up, then driven by wrk (Lua script for the POST body) at 32 connections and at 1 connection, in
-   rounds that interleave the variants. Envoy's CPU time, RSS and the filter's counters are read.
-3. BENCHMARKS.md is written: table, ratios, targets met or not, the size budget, the machine.
+   rounds that interleave the variants; each figure is the median over the rounds. Envoy's CPU
+   time, RSS and the filter's counters are read.
+3. BENCHMARKS.md is written: table, ratios, targets met or not, llm-failover against the floor,
+   the size budget, the machine.
 
-Usage: .venv/bin/python bench/run.py [--rounds 3] [--duration 5] [--single-duration 3]
+Usage: .venv/bin/python bench/run.py [--rounds 6] [--duration 2] [--single-duration 1]
 Experiments (BENCHMARKS.md is left alone): --only VARIANT..., --extra NAME=other.wasm,
 --extra-noop NAME=other.wasm, --body-bytes N.
 """
@@ -50,6 +53,9 @@ FILTER_WASM = ROOT / "dist" / "llm_failover.wasm"
 NOOP_DIR = ROOT / "bench" / "noop"
 NOOP_TARGET_DIR = ROOT / "target" / "bench-noop"
 NOOP_WASM = NOOP_TARGET_DIR / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+FLOOR_DIR = ROOT / "bench" / "floor"
+FLOOR_TARGET_DIR = ROOT / "target" / "bench-floor"
+FLOOR_WASM = FLOOR_TARGET_DIR / "wasm32-wasip1" / "release" / "floor_filter.wasm"
 RESULTS_DIR = ROOT / "bench" / "results"
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
@@ -60,7 +66,7 @@ TARGET_FAILOVER_VS_PLAIN = 0.5  # failover path req/s >= 0.5 x plain Envoy
 TARGET_ADDED_P50_US = 50.0  # success path p50 at 1 connection, minus plain Envoy's
 SIZE_BUDGET_BYTES = 200 * 1024  # llm_failover.wasm <= 200 KiB
 
-WARMUP_S = 3
+WARMUP_S = 2
 MANY_CONNECTIONS = 32
 WASM_OPT_FLAGS = [
     "--enable-bulk-memory",
@@ -222,7 +228,7 @@ http {{
 class Variant:
     key: str
     title: str
-    code: str | None  # "filter", "noop" or None (no Wasm filter at all)
+    code: str | None  # "filter", "noop", "floor" or None (no Wasm filter at all)
     plugin: Callable[[dict], dict] = lambda c: c
     openai_throttled: bool = False
     expect: dict = field(default_factory=dict)  # response headers the sanity request must see
@@ -267,6 +273,20 @@ VARIANTS = [
         "filter",
         plugin=cache_plugin,
         repeat_expect={"x-llm-failover-cache": "hit"},
+    ),
+    # bench/floor: the least a filter of this design does (see its src/lib.rs).
+    Variant(
+        "floor",
+        "6. floor: least filter of this design, primary healthy",
+        "floor",
+        expect={"x-llm-failover-target": "openai", "x-llm-failover-attempts": "1"},
+    ),
+    Variant(
+        "floor-failover",
+        "7. floor: least filter of this design, primary always 429",
+        "floor",
+        openai_throttled=True,
+        expect={"x-llm-failover-target": "azure", "x-llm-failover-attempts": "2"},
     ),
 ]
 
@@ -360,7 +380,7 @@ def render_envoy(
     admin_port: int,
     ok_port: int,
     throttled_port: int,
-    noop_wasm: Path,
+    probes: dict[str, Path],
 ) -> dict:
     cfg = copy.deepcopy(base)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -378,7 +398,7 @@ def render_envoy(
         filters.remove(wasm[0])
     else:
         plugin = wasm[0]["typed_config"]["config"]
-        code = variant.wasm or (FILTER_WASM if variant.code == "filter" else noop_wasm)
+        code = variant.wasm or (FILTER_WASM if variant.code == "filter" else probes[variant.code])
         plugin["vm_config"]["code"] = {"local": {"filename": str(code)}}
         conf = plugin["configuration"]
         conf["value"] = json.dumps(variant.plugin(json.loads(conf["value"])), indent=2)
@@ -476,7 +496,7 @@ def sanity_check(variant: Variant, port: int, body: str) -> None:
                 raise RuntimeError(
                     f"{variant.key}: sanity request: header {name}={headers.get(name)!r}, want {want!r}"
                 )
-        if variant.code != "filter" and "x-llm-failover-target" in headers:
+        if variant.code in (None, "noop") and "x-llm-failover-target" in headers:
             raise RuntimeError(f"{variant.key}: llm-failover headers without llm-failover")
 
 
@@ -500,7 +520,7 @@ def start_envoy(variant: Variant, ctx: dict) -> RunningEnvoy:
         admin_port,
         ctx["ok_port"],
         ctx["throttled_port"],
-        ctx["noop_wasm"],
+        ctx["probes"],
     )
     cfg_path = tmp / f"envoy-{variant.key}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -575,11 +595,22 @@ def measure_round(e: RunningEnvoy, ctx: dict) -> None:
     )
 
 
+def median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (figures taken one by one)."""
+    keys = {k for run in runs for k, v in run.items() if isinstance(v, (int, float))}
+    return {k: median([run.get(k) for run in runs]) for k in sorted(keys)}
+
+
 def summarise(e: RunningEnvoy) -> dict:
-    """Best of the rounds: the 32-connection numbers of the round with the most req/s, the
-    lowest p50 at 1 connection, the memory after the last round."""
-    best = max(e.rounds, key=lambda r: r["c32"]["rps"])
-    quickest = min(e.rounds, key=lambda r: r["c1"].get("p50_us", float("inf")))
+    """Medians over the rounds, figure by figure; the memory after the last round."""
     errors = sum(
         r[c]["non_2xx"] + r[c]["socket_errors"] for r in e.rounds for c in ("c32", "c1")
     )
@@ -590,8 +621,8 @@ def summarise(e: RunningEnvoy) -> dict:
     return {
         "key": e.variant.key,
         "title": e.variant.title,
-        "c32": best["c32"],
-        "c1": quickest["c1"],
+        "c32": medians([r["c32"] for r in e.rounds]),
+        "c1": medians([r["c1"] for r in e.rounds]),
         "rss_kib": e.rounds[-1]["rss_kib"],
         "hwm_kib": e.rounds[-1]["hwm_kib"],
         "errors": errors,
@@ -610,7 +641,8 @@ def tail(path: Path, n: int = 20) -> str:
 # ---- sizes and machine ------------------------------------------------------------------------
 
 
-def build_noop() -> Path:
+def build_probe(crate: Path, target_dir: Path, wasm: Path) -> Path:
+    """Builds one of the comparison filters (bench/noop, bench/floor)."""
     cmd = [
         "cargo",
         "build",
@@ -619,12 +651,12 @@ def build_noop() -> Path:
         "--target",
         "wasm32-wasip1",
         "--manifest-path",
-        str(NOOP_DIR / "Cargo.toml"),
+        str(crate / "Cargo.toml"),
         "--target-dir",
-        str(NOOP_TARGET_DIR),
+        str(target_dir),
     ]
     subprocess.run(cmd, check=True, timeout=600)
-    return NOOP_WASM
+    return wasm
 
 
 def wasm_opt_size(wasm: Path, tmp: Path) -> tuple[int | None, str]:
@@ -688,6 +720,54 @@ def check(met: bool) -> str:
     return "met" if met else "**NOT met**"
 
 
+def floor_section(rps: dict, cpu: dict, ratio, cpu_ratio) -> list[str]:
+    """How llm-failover compares with bench/floor, and what the floor itself allows."""
+    if "floor" not in rps or "floor-failover" not in rps:
+        return []
+
+    def shown(v: float | None) -> str:
+        return f"{v:.3f}" if v is not None else "n/a"
+
+    def extra_us(a: str, b: str) -> str:
+        return f"{cpu[a] - cpu[b]:+.1f} us" if cpu.get(a) and cpu.get(b) else "n/a"
+
+    lines = [
+        "## Against the floor",
+        "",
+        "`bench/floor` is the least a filter of this design does per request to meet the product",
+        "contract, and nothing else (hard-wired, no config, no checks): hold the headers until the",
+        "body is complete, read the headers and the body once, address the routed attempt (4 header",
+        "writes), read `:status`, write the 2 outcome headers, count the request and the attempt; on",
+        "a 429, hold it to its end, one callout with the body copy, one info log line, read the",
+        "callout's answer, answer locally, count the attempts and the failover. The targets above,",
+        "applied to it:",
+        "",
+        "| measure | req/s ratio | from CPU/req | target |",
+        "|---|---:|---:|---:|",
+        f"| 6/2 floor, success path vs no-op filter | {shown(ratio('floor', 'noop'))} "
+        f"| {cpu_ratio('floor', 'noop')} | >= {TARGET_VS_NOOP} |",
+        f"| 6/1 floor, success path vs plain Envoy | {shown(ratio('floor', 'plain'))} "
+        f"| {cpu_ratio('floor', 'plain')} | >= {TARGET_VS_PLAIN} |",
+        f"| 7/1 floor, failover path vs plain Envoy | {shown(ratio('floor-failover', 'plain'))} "
+        f"| {cpu_ratio('floor-failover', 'plain')} | >= {TARGET_FAILOVER_VS_PLAIN} |",
+        "",
+        "llm-failover against the floor (1.000 would be a filter that costs nothing beyond it):",
+        "",
+        "| measure | req/s ratio | from CPU/req | Envoy CPU/req above the floor |",
+        "|---|---:|---:|---:|",
+        f"| 3/6 success path | {shown(ratio('success', 'floor'))} | {cpu_ratio('success', 'floor')} "
+        f"| {extra_us('success', 'floor')} |",
+        f"| 4/7 failover path | {shown(ratio('failover', 'floor-failover'))} "
+        f"| {cpu_ratio('failover', 'floor-failover')} | {extra_us('failover', 'floor-failover')} |",
+        "",
+        "Where the floor's cost comes from (host calls that return data call back into Wasm to",
+        "allocate; every header write, counter and callout is a host call) and what llm-failover does",
+        "above it: [docs/performance.md](docs/performance.md).",
+        "",
+    ]
+    return lines
+
+
 def report(results: list[dict], sizes: dict, machine: dict, args, started: float) -> str:
     by = {r["key"]: r for r in results}
     rps = {k: r["c32"]["rps"] for k, r in by.items()}
@@ -707,8 +787,8 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
         f"{WARMUP_S} s warm-up each,",
         f"{args.rounds} interleaved rounds of {args.duration} s at {MANY_CONNECTIONS} connections then "
         f"{args.single_duration} s at 1 connection.",
-        "Each row is the best round: the 32-connection numbers of the round with the most req/s, the",
-        "lowest p50 at 1 connection (other processes on a shared machine only ever make numbers worse).",
+        "Every figure is the median over the rounds (a burst of load from elsewhere on a shared",
+        "machine hits one round, not the median).",
     ]
     if args.pinning:
         lines.append(
@@ -819,6 +899,9 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
         "Plain Envoy and the no-op filter get `x-llm-failover-cluster: openai` from the client, so",
         "the same `cluster_header` route serves them.",
         "",
+    ]
+    lines += floor_section(rps, cpu, ratio, cpu_ratio)
+    lines += [
         "## Size",
         "",
         "| file | bytes |",
@@ -857,13 +940,15 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
-    ap.add_argument("--duration", type=int, default=5, help="seconds at 32 connections per round (default 5)")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds per variant (default 6)")
+    ap.add_argument("--duration", type=int, default=2, help="seconds at 32 connections per round (default 2)")
     ap.add_argument(
-        "--single-duration", type=int, default=3, help="seconds at 1 connection per round (default 3)"
+        "--single-duration", type=int, default=1, help="seconds at 1 connection per round (default 1)"
     )
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--only", nargs="*", help="run only these variants (plain noop success failover cache)")
+    ap.add_argument(
+        "--only", nargs="*", help="run only these variants (plain noop success failover cache floor floor-failover)"
+    )
     ap.add_argument(
         "--extra",
         action="append",
@@ -904,7 +989,10 @@ def main() -> int:
         args.pinning = ({cpus[0]}, set(cpus[1:]))
     envoy_cpus, load_cpus = args.pinning if args.pinning else (None, None)
 
-    noop_wasm = build_noop()
+    probes = {
+        "noop": build_probe(NOOP_DIR, NOOP_TARGET_DIR, NOOP_WASM),
+        "floor": build_probe(FLOOR_DIR, FLOOR_TARGET_DIR, FLOOR_WASM),
+    }
     variants = [v for v in VARIANTS if not args.only or v.key in args.only]
     for spec, code in [(s, "filter") for s in args.extra] + [(s, "noop") for s in args.extra_noop]:
         name, _, path = spec.partition("=")
@@ -944,7 +1032,7 @@ def main() -> int:
                 "base": base,
                 "ok_port": ok_port,
                 "throttled_port": throttled_port,
-                "noop_wasm": noop_wasm,
+                "probes": probes,
                 "envoy": envoy,
                 "script": script,
                 "duration": args.duration,
@@ -970,7 +1058,7 @@ def main() -> int:
             for e in envoys:
                 stop(e.proc)
             stop(nginx, signal.SIGQUIT)
-        sizes = {"filter": FILTER_WASM.stat().st_size, "noop": noop_wasm.stat().st_size}
+        sizes = {"filter": FILTER_WASM.stat().st_size, "noop": probes["noop"].stat().st_size}
         sizes["filter_wasm_opt"], sizes["wasm_opt_version"] = wasm_opt_size(FILTER_WASM, tmp)
 
     machine = machine_info(envoy, nginx_bin)
