@@ -168,6 +168,8 @@ pub struct Exchange {
     /// Targets (bit i: target i) whose shared cooldown state this request read and found with no
     /// failures: a success on them has nothing to reset, so it skips reading the state again.
     clean: Cell<u64>,
+    /// The time, read once per host callback (0: not read yet in this one).
+    clock: Cell<u64>,
 }
 
 impl Exchange {
@@ -194,7 +196,16 @@ impl Exchange {
             client_has: [false; 3],
             recorded: None,
             clean: Cell::new(0),
+            clock: Cell::new(0),
         }
+    }
+
+    /// Unix ms, read from the host once per callback: decisions taken in one callback share it.
+    fn now(&self) -> u64 {
+        if self.clock.get() == 0 {
+            self.clock.set(host::now_ms());
+        }
+        self.clock.get()
     }
 
     fn config(&self) -> &Config {
@@ -221,6 +232,7 @@ impl Exchange {
     // ---- request phase ----------------------------------------------------------------------
 
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> Action {
+        self.clock.set(0);
         let headers = host::headers(MapType::HttpRequestHeaders);
         let get = |name: &str| {
             headers
@@ -314,7 +326,7 @@ impl Exchange {
                         max_tries: 1,
                         timeout: self.config().deadline,
                     }],
-                    host::now_ms(),
+                    self.now(),
                     self.config().deadline,
                     Duration::ZERO,
                     |_| false,
@@ -334,6 +346,7 @@ impl Exchange {
     }
 
     pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.clock.set(0);
         if !matches!(self.phase, Phase::ReadingBody) {
             return Action::Continue;
         }
@@ -356,7 +369,7 @@ impl Exchange {
                 return self.reject(&Rejection::InvalidBody { reason });
             }
         };
-        let now = host::now_ms();
+        let now = self.now();
 
         if let Some(action) = self.try_cache(now) {
             return action;
@@ -516,6 +529,7 @@ impl Exchange {
     // ---- response phase ---------------------------------------------------------------------
 
     pub fn on_response_headers(&mut self, end_of_stream: bool) -> (Action, Effect) {
+        self.clock.set(0);
         match self.phase {
             Phase::Routed => {}
             Phase::Passthrough => {
@@ -539,7 +553,7 @@ impl Exchange {
             .map(|(_, v)| v.clone());
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
-            host::now_ms() / 1000,
+            self.now() / 1000,
         );
         if end_of_stream {
             let answer = Answer {
@@ -561,6 +575,7 @@ impl Exchange {
     }
 
     pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> (Action, Effect) {
+        self.clock.set(0);
         match &mut self.phase {
             Phase::Streaming => {
                 self.observe_chunk(body_size, end_of_stream);
@@ -605,7 +620,7 @@ impl Exchange {
 
     /// The routed attempt answered with something that is not a failure: it streams through.
     fn routed_answered(&mut self, status: Option<u16>) {
-        let now = host::now_ms();
+        let now = self.now();
         if let Some(target) = self.chain.as_ref().and_then(Chain::current_target) {
             self.rt.metrics.attempt(
                 target,
@@ -688,7 +703,7 @@ impl Exchange {
         };
         let entry = Entry {
             digest,
-            expires_ms: host::now_ms() + settings.ttl.as_millis() as u64,
+            expires_ms: self.now() + settings.ttl.as_millis() as u64,
             target: self.target_name(target).to_string(),
             content_type,
             body: cached,
@@ -713,6 +728,7 @@ impl Exchange {
     // ---- callouts ---------------------------------------------------------------------------
 
     pub fn on_callout_response(&mut self, token: u32, body_size: usize) -> Effect {
+        self.clock.set(0);
         match self.phase {
             Phase::Callout { token: t } if t == token => {}
             _ => {
@@ -731,7 +747,7 @@ impl Exchange {
         let content_type = find("content-type");
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
-            host::now_ms() / 1000,
+            self.now() / 1000,
         );
         let body = host::buffer(BufferType::HttpCallResponseBody, body_size);
         let answer = Answer {
@@ -746,6 +762,7 @@ impl Exchange {
 
     /// A Retry-After wait is over: send the retry.
     pub fn fire_retry(&mut self) -> Effect {
+        self.clock.set(0);
         let Phase::Waiting { target, timeout } = self.phase else {
             return Effect::None;
         };
@@ -757,7 +774,7 @@ impl Exchange {
         let Some(mut chain) = self.chain.take() else {
             return (Flow::Resume, Effect::None);
         };
-        let now = host::now_ms();
+        let now = self.now();
         let current = chain.current_target().unwrap_or(0);
         let outcome = judge::outcome(
             self.config(),
@@ -867,7 +884,7 @@ impl Exchange {
     /// Sends the next attempt to `target` as a callout. A callout the host refuses (e.g. an
     /// unknown cluster) counts as an unreachable target.
     fn attempt(&mut self, target: usize, timeout: Duration) -> (Flow, Effect) {
-        self.attempt_started_ms = host::now_ms();
+        self.attempt_started_ms = self.now();
         let dispatched = self
             .build_callout(target)
             .and_then(|(cluster, headers, body)| {
