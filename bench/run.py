@@ -19,7 +19,7 @@ wait); the whole run takes about two and a half minutes. Steps:
 
 Usage: .venv/bin/python bench/run.py [--rounds 6] [--duration 2] [--single-duration 1]
 Experiments (BENCHMARKS.md is left alone): --only VARIANT..., --extra NAME=other.wasm,
---extra-noop NAME=other.wasm, --body-bytes N.
+--extra-noop NAME=other.wasm, --extra-floor NAME=other.wasm, --body-bytes N.
 """
 
 from __future__ import annotations
@@ -964,6 +964,13 @@ def main() -> int:
         metavar="NAME=PATH",
         help="also run another do-nothing-much filter like the no-op one (experiments)",
     )
+    ap.add_argument(
+        "--extra-floor",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run the floor variants with another build of bench/floor (experiments)",
+    )
     ap.add_argument("--body-bytes", type=int, default=0, help="pad the request body to about this size")
     ap.add_argument("--no-pin", action="store_true", help="do not pin Envoy and the load to separate CPUs")
     args = ap.parse_args()
@@ -994,7 +1001,9 @@ def main() -> int:
         "floor": build_probe(FLOOR_DIR, FLOOR_TARGET_DIR, FLOOR_WASM),
     }
     variants = [v for v in VARIANTS if not args.only or v.key in args.only]
-    for spec, code in [(s, "filter") for s in args.extra] + [(s, "noop") for s in args.extra_noop]:
+    extras = [(s, "filter") for s in args.extra] + [(s, "noop") for s in args.extra_noop]
+    extras += [(s, "floor") for s in args.extra_floor]
+    for spec, code in extras:
         name, _, path = spec.partition("=")
         wasm = Path(path).resolve()
         if not name or not wasm.is_file():
@@ -1068,7 +1077,7 @@ def main() -> int:
     )
     args.body_size = len(body)
     text = report(results, sizes, machine, args, started)
-    if args.only or args.extra or args.extra_noop or args.body_bytes:
+    if args.only or extras or args.body_bytes:
         print(text)
         print(f"bench: --only/--extra given: {args.out} not written")
     else:

@@ -37,11 +37,9 @@ impl UsageScanner {
 pub fn from_body(body: &[u8]) -> Option<Usage> {
     const NEEDLE: &[u8] = b"\"usage\"";
     let mut end = body.len();
-    while let Some(at) = body
-        .get(..end)?
-        .windows(NEEDLE.len())
-        .rposition(|w| w == NEEDLE)
-    {
+    // Backwards from quote to quote: a byte compare per step (a window compare per byte is a
+    // `memcmp` call each in Wasm, and this runs on every successful answer).
+    while let Some(at) = rfind(body.get(..end)?, NEEDLE) {
         let rest = body.get(at + NEEDLE.len()..)?;
         let rest = skip_ws(rest);
         if let Some(rest) = rest.strip_prefix(b":") {
@@ -73,6 +71,18 @@ fn read_usage(text: &[u8]) -> Option<Usage> {
         prompt: count(prompt)?,
         completion: count(completion)?,
     })
+}
+
+/// The start of the last `needle` (which begins with a quote) in `hay`.
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut end = hay.len();
+    while let Some(at) = hay.get(..end)?.iter().rposition(|&b| b == b'"') {
+        if hay.get(at..at + needle.len()) == Some(needle) {
+            return Some(at);
+        }
+        end = at;
+    }
+    None
 }
 
 fn skip_ws(s: &[u8]) -> &[u8] {

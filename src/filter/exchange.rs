@@ -254,18 +254,23 @@ impl Exchange {
             .collect();
         self.no_cache = get("cache-control")
             .is_some_and(|v| v.windows(8).any(|w| w.eq_ignore_ascii_case(b"no-cache")));
-        for (name, value) in &headers {
-            if forwarded_to_callouts(name) {
-                if let Ok(v) = std::str::from_utf8(value) {
-                    self.forwarded.push((name.clone(), v.to_string()));
-                }
-            }
-        }
         self.client_has = [
             get("authorization").is_some(),
             get("api-key").is_some(),
             get("accept-encoding").is_some(),
         ];
+        // Copied only when gateway keys are configured (the headers move to `forwarded` below).
+        let credentials = match self.rt.config.keys {
+            Some(_) => [get("authorization"), get("api-key")].map(|v| v.map(<[u8]>::to_vec)),
+            None => [None, None],
+        };
+        for (name, value) in headers {
+            if forwarded_to_callouts(&name) {
+                if let Ok(v) = String::from_utf8(value) {
+                    self.forwarded.push((name, v));
+                }
+            }
+        }
         host::increment(self.rt.metrics.requests, 1);
 
         // Whatever happens next, a client never chooses the cluster: operations pause here and
@@ -285,7 +290,8 @@ impl Exchange {
         }
 
         if let Some(keys) = &self.rt.config.keys {
-            let presented = auth::presented_key(get("authorization"), get("api-key"));
+            let presented =
+                auth::presented_key(credentials[0].as_deref(), credentials[1].as_deref());
             match auth::authenticate(keys, presented) {
                 Some(key) => {
                     self.key_name = key.name.clone();
