@@ -125,6 +125,18 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn rfind_is_the_last_window_that_matches(
+            hay in "(\"usage\"|\"usag|usage\"|[\"usage: ]){0,12}"
+        ) {
+            let hay = hay.as_bytes();
+            let needle = b"\"usage\"";
+            let want = hay.windows(needle.len()).rposition(|w| w == needle);
+            proptest::prop_assert_eq!(rfind(hay, needle), want);
+        }
+    }
+
     #[test]
     fn no_usage_means_none() {
         assert_eq!(
