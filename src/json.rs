@@ -123,6 +123,22 @@ pub fn scan_object<const N: usize>(
     text: &[u8],
     names: [&str; N],
 ) -> Result<[Option<Value>; N], Error> {
+    scan(text, names, true)
+}
+
+/// `scan_object` of the first JSON value in `text`: what follows it is not read.
+pub fn scan_object_prefix<const N: usize>(
+    text: &[u8],
+    names: [&str; N],
+) -> Result<[Option<Value>; N], Error> {
+    scan(text, names, false)
+}
+
+fn scan<const N: usize>(
+    text: &[u8],
+    names: [&str; N],
+    whole: bool,
+) -> Result<[Option<Value>; N], Error> {
     let mut out: [Option<Value>; N] = std::array::from_fn(|_| None);
     let mut p = Parser { b: text, i: 0 };
     p.ws();
@@ -152,7 +168,9 @@ pub fn scan_object<const N: usize>(
         }
         Ok(())
     })?;
-    p.end()?;
+    if whole {
+        p.end()?;
+    }
     Ok(out)
 }
 

@@ -58,13 +58,11 @@ pub fn from_body(body: &[u8]) -> Option<Usage> {
 /// The object at the start of `text` (what follows it is not read) as `{"prompt_tokens": u64,
 /// "completion_tokens": u64}`, both optional, other fields ignored.
 fn read_usage(text: &[u8]) -> Option<Usage> {
-    let doc = json::parse_prefix(text).ok()?;
-    if !matches!(doc, json::Value::Object(_)) {
-        return None;
-    }
-    let [prompt, completion] = json::fields(&doc, ["prompt_tokens", "completion_tokens"])?;
-    let count = |v: Option<&json::Value>| match v {
-        None => Some(0),
+    // Checked whole, but only the two counts are built.
+    let [prompt, completion] =
+        json::scan_object_prefix(text, ["prompt_tokens", "completion_tokens"]).ok()?;
+    let count = |v: Option<json::Value>| match v {
+        None | Some(json::Value::Null) => Some(0),
         Some(v) => v.as_u64(),
     };
     Some(Usage {
@@ -125,7 +123,28 @@ mod tests {
         );
     }
 
+    /// `read_usage` as it was, with the whole value built: the reference for the scan.
+    fn read_usage_built(text: &[u8]) -> Option<Usage> {
+        let doc = json::parse_prefix(text).ok()?;
+        if !matches!(doc, json::Value::Object(_)) {
+            return None;
+        }
+        let [prompt, completion] = json::fields(&doc, ["prompt_tokens", "completion_tokens"])?;
+        let count = |v: Option<&json::Value>| v.map_or(Some(0), json::Value::as_u64);
+        Some(Usage {
+            prompt: count(prompt)?,
+            completion: count(completion)?,
+        })
+    }
+
     proptest::proptest! {
+        #[test]
+        fn usage_is_read_as_when_the_whole_object_was_built(
+            text in "\\{( ?\"(prompt_tokens|completion_tokens|total_tokens|x)\" ?: ?(null|-?[0-9]{1,21}|1\\.5|1e3|\"7\"|\\{\\}|\\[1\\]) ?,?){0,4}\\}?[,}\\] x]{0,3}"
+        ) {
+            proptest::prop_assert_eq!(read_usage(text.as_bytes()), read_usage_built(text.as_bytes()));
+        }
+
         #[test]
         fn rfind_is_the_last_window_that_matches(
             hay in "(\"usage\"|\"usag|usage\"|[\"usage: ]){0,12}"
