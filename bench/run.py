@@ -814,13 +814,13 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
     if fo.get("requests"):
         notes.append(
             f"failover variant: {fo.get('fallbacks', 0):,} failovers for {fo['requests']:,} requests "
-            f"during the {MANY_CONNECTIONS}-connection run"
+            f"during the {MANY_CONNECTIONS}-connection runs"
         )
     ca = by.get("cache", {}).get("counters", {})
     if ca.get("requests"):
         notes.append(
             f"cache variant: {ca.get('cache_hits', 0):,} hits for {ca['requests']:,} requests "
-            f"during the {MANY_CONNECTIONS}-connection run"
+            f"during the {MANY_CONNECTIONS}-connection runs"
         )
     if notes:
         lines += [
@@ -917,7 +917,7 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
         "",
         f"Budget: {SIZE_BUDGET_BYTES // 1024} KiB ({SIZE_BUDGET_BYTES:,} bytes) for `dist/llm_failover.wasm`.",
         "",
-        "Where the time and the bytes go, and why the req/s and size targets are not met: "
+        "Where the time and the bytes go, and why the req/s targets are not met: "
         "[docs/performance.md](docs/performance.md).",
         "",
         "## Machine",
