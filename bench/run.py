@@ -250,22 +250,21 @@ def cache_plugin(c: dict) -> dict:
     return c
 
 
+# What the sanity request of a variant must see.
+SERVED_BY_OPENAI = {"x-llm-failover-target": "openai", "x-llm-failover-attempts": "1"}
+FAILED_OVER_TO_AZURE = {"x-llm-failover-target": "azure", "x-llm-failover-attempts": "2"}
+
 VARIANTS = [
     Variant("plain", "1. plain Envoy (no Wasm filter)", None),
     Variant("noop", "2. no-op Rust proxy-wasm filter", "noop"),
-    Variant(
-        "success",
-        "3. llm-failover, primary healthy",
-        "filter",
-        expect={"x-llm-failover-target": "openai", "x-llm-failover-attempts": "1"},
-    ),
+    Variant("success", "3. llm-failover, primary healthy", "filter", expect=SERVED_BY_OPENAI),
     Variant(
         "failover",
         "4. llm-failover, primary always 429",
         "filter",
         plugin=failover_plugin,
         openai_throttled=True,
-        expect={"x-llm-failover-target": "azure", "x-llm-failover-attempts": "2"},
+        expect=FAILED_OVER_TO_AZURE,
     ),
     Variant(
         "cache",
@@ -275,18 +274,13 @@ VARIANTS = [
         repeat_expect={"x-llm-failover-cache": "hit"},
     ),
     # bench/floor: the least a filter of this design does (see its src/lib.rs).
-    Variant(
-        "floor",
-        "6. floor: least filter of this design, primary healthy",
-        "floor",
-        expect={"x-llm-failover-target": "openai", "x-llm-failover-attempts": "1"},
-    ),
+    Variant("floor", "6. floor: least filter of this design, primary healthy", "floor", expect=SERVED_BY_OPENAI),
     Variant(
         "floor-failover",
         "7. floor: least filter of this design, primary always 429",
         "floor",
         openai_throttled=True,
-        expect={"x-llm-failover-target": "azure", "x-llm-failover-attempts": "2"},
+        expect=FAILED_OVER_TO_AZURE,
     ),
 ]
 
