@@ -24,9 +24,32 @@ fuzz_target!(|data: &[u8]| {
         (Err(e), Ok(_)) => panic!("json refused what serde_json reads: {e}"),
     }
     // What follows a value does not change how the value reads.
-    if let Ok(v) = json::parse_prefix(data) {
+    let prefix = json::parse_prefix(data);
+    if let Ok(v) = &prefix {
         if let Ok(whole) = &ours {
-            assert_eq!(&v, whole);
+            assert_eq!(v, whole);
         }
+    }
+    // Scanning an object for two members reads them as building it does; a named member that
+    // repeats is refused.
+    let names = ["a", "b"];
+    let scanned = json::scan_object_prefix(data, names);
+    match &prefix {
+        Ok(json::Value::Object(members)) => {
+            let repeats = names
+                .iter()
+                .any(|n| members.iter().filter(|(k, _)| k == n).count() > 1);
+            match (&scanned, repeats) {
+                (Err(_), true) => {}
+                (Ok(values), false) => {
+                    for (n, v) in names.iter().zip(values) {
+                        let built = members.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+                        assert_eq!(v.as_ref(), built);
+                    }
+                }
+                (other, _) => panic!("scan {other:?}, a named member repeats: {repeats}"),
+            }
+        }
+        _ => assert!(scanned.is_err()),
     }
 });
