@@ -271,7 +271,10 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
         Some(other) => {
             return Err(ConfigError::new(
                 "strategy.mode",
-                format!("unknown mode {other:?} (expected \"fallback\")"),
+                format!(
+                    "unknown mode {} (expected \"fallback\")",
+                    json::quote(other)
+                ),
             ))
         }
     }
@@ -318,7 +321,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
         if targets.iter().any(|o| o.name == t.name) {
             return Err(ConfigError::new(
                 sub(&field, "name"),
-                format!("duplicate target name {:?}", t.name),
+                format!("duplicate target name {}", json::quote(&t.name)),
             ));
         }
         targets.push(t);
@@ -340,7 +343,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
                 if keys.iter().any(|o| o.name == k.name) {
                     return Err(ConfigError::new(
                         sub(&field, "name"),
-                        format!("duplicate key name {:?}", k.name),
+                        format!("duplicate key name {}", json::quote(&k.name)),
                     ));
                 }
                 if keys.iter().any(|o| o.digest == k.digest) {
@@ -693,7 +696,10 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
         Some(other) => {
             return Err(ConfigError::new(
                 sub(field, "provider"),
-                format!("unknown provider {other:?} (expected \"openai\" or \"azure\")"),
+                format!(
+                    "unknown provider {} (expected \"openai\" or \"azure\")",
+                    json::quote(other)
+                ),
             ))
         }
         None => return Err(ConfigError::new(sub(field, "provider"), "missing")),
@@ -815,7 +821,7 @@ fn parse_target(v: &Value, field: &str, env: &dyn Env) -> Result<Target, ConfigE
             for (model, dep) in before.into_iter().chain(star).chain(after) {
                 if dep.is_empty() || !dep.bytes().all(is_url_safe) {
                     return Err(ConfigError::new(
-                        format!("{field}.deployments[{model:?}]"),
+                        format!("{field}.deployments[{}]", json::quote(model)),
                         "deployment names are letters, digits, '-', '_' or '.'",
                     ));
                 }
@@ -902,8 +908,9 @@ fn resolve_credential(
             return Err(ConfigError::new(
                 format!("{field}.{what}"),
                 format!(
-                    "environment variable {var:?} is not set or empty in the VM \
-                     (list it in vm_config.environment_variables)"
+                    "environment variable {} is not set or empty in the VM \
+                     (list it in vm_config.environment_variables)",
+                    json::quote(var)
                 ),
             ));
         }
@@ -999,7 +1006,10 @@ fn parse_key(
             if key.is_empty() {
                 return Err(ConfigError::new(
                     sub(field, "key_env"),
-                    format!("environment variable {var:?} is not set or empty in the VM"),
+                    format!(
+                        "environment variable {} is not set or empty in the VM",
+                        json::quote(&var)
+                    ),
                 ));
             }
             KeyMatch::Sha256(crate::auth::sha256(key.as_bytes()))
@@ -1031,7 +1041,7 @@ fn parse_key(
                 let i = targets.iter().position(|t| &t.name == n).ok_or_else(|| {
                     ConfigError::new(
                         format!("{field}.targets[{j}]"),
-                        format!("no target named {n:?}"),
+                        format!("no target named {}", json::quote(n)),
                     )
                 })?;
                 // Chain order is the order of `targets`, whatever order the key lists them in.
@@ -1088,7 +1098,10 @@ fn opt_duration(s: Option<&str>, field: &str, default: Duration) -> Result<Durat
         Some(s) => parse_duration(s).ok_or_else(|| {
             ConfigError::new(
                 field,
-                format!("{s:?} is not a duration (use e.g. \"500ms\", \"10s\", \"2m\")"),
+                format!(
+                    "{} is not a duration (use e.g. \"500ms\", \"10s\", \"2m\")",
+                    json::quote(s)
+                ),
             )
         }),
     }

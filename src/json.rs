@@ -620,6 +620,14 @@ fn write(out: &mut Vec<u8>, v: &Value) {
     }
 }
 
+/// `s` as a JSON string literal: how messages and logs quote names and values (control
+/// characters escaped, so a value cannot break a log line).
+pub fn quote(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    write_str(&mut out, s);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// A JSON string literal for `s`, escaped as serde_json escapes it.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -818,7 +818,8 @@ fn check_error_field(input: &Value, e: &ConfigError) -> Result<(), String> {
             Segment::Index(n) => cur.get(n),
             Segment::Quoted(lit) => cur.as_object().and_then(|m| {
                 m.iter()
-                    .find(|(k, _)| format!("{k:?}") == *lit)
+                    // Field paths quote a key as a JSON string.
+                    .find(|(k, _)| serde_json::to_string(k).unwrap() == *lit)
                     .map(|(_, v)| v)
             }),
         };

@@ -16,6 +16,7 @@ use crate::cache::{self, Digest, Entry};
 use crate::chain::{Chain, FailureKind, GiveUpReason, Hop, NoRetry, Outcome, Step};
 use crate::config::{Config, Target};
 use crate::cooldown;
+use crate::json;
 use crate::judge;
 use crate::provider::{self, CLIENT_CREDENTIAL_HEADERS};
 use crate::reply::Rejection;
@@ -392,9 +393,9 @@ impl Exchange {
         );
         let Some((chain, first)) = started else {
             log::info!(
-                "{} rejected: no target serves model {:?}",
+                "{} rejected: no target serves model {}",
                 self.tag(),
-                self.info.model
+                json::quote(self.info.model.as_deref().unwrap_or(""))
             );
             return self.reject(&Rejection::NoTarget {
                 model: self.info.model.clone(),
@@ -439,10 +440,10 @@ impl Exchange {
             let model = rewrite::model_for(t, &self.info);
             if provider::address(t, self.op, model, &self.client_path).is_err() {
                 log::info!(
-                    "{} skip target={} reason=no_deployment model={:?}",
+                    "{} skip target={} reason=no_deployment model={}",
                     self.tag(),
                     t.name,
-                    model.unwrap_or("")
+                    json::quote(model.unwrap_or(""))
                 );
                 host::increment(
                     self.rt.metrics.target(i).and_then(|m| m.deployment_skips),
@@ -921,12 +922,10 @@ impl Exchange {
             }
             None => {
                 log::warn!(
-                    "{} could not dispatch to target={} (is cluster {:?} defined?)",
+                    "{} could not dispatch to target={} (is cluster {} defined?)",
                     self.tag(),
                     self.target_name(target),
-                    self.target(target)
-                        .map(|t| t.cluster.as_str())
-                        .unwrap_or("")
+                    json::quote(self.target(target).map_or("", |t| t.cluster.as_str()))
                 );
                 self.decide(Answer {
                     status: None,

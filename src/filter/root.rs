@@ -2,7 +2,6 @@
 //! the cache sweep from its tick.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -35,8 +34,10 @@ impl Timers {
 pub struct Root {
     runtime: Option<Rc<Runtime>>,
     timers: Rc<RefCell<Timers>>,
-    /// Callout token -> the request it belongs to, for callouts dispatched from the tick.
-    callouts: HashMap<u32, (u32, Weak<RefCell<Exchange>>)>,
+    /// Callout token -> the request it belongs to, for callouts dispatched from the tick. A few
+    /// entries at most (retries whose wait ended in the last tick), so a list: a std `HashMap`
+    /// would also link its random seeding, about 1.5 KB of Wasm.
+    callouts: Vec<(u32, u32, Weak<RefCell<Exchange>>)>,
     ticks: u32,
     sweep_next: u32,
 }
@@ -46,7 +47,7 @@ impl Root {
         Root {
             runtime: None,
             timers: Rc::new(RefCell::new(Timers::default())),
-            callouts: HashMap::new(),
+            callouts: Vec::new(),
             ticks: 0,
             sweep_next: 0,
         }
@@ -86,7 +87,7 @@ impl Root {
         effect: super::exchange::Effect,
     ) {
         if let Some(token) = ex.take_dispatched() {
-            self.callouts.insert(token, (context_id, weak.clone()));
+            self.callouts.push((token, context_id, weak.clone()));
         }
         if let super::exchange::Effect::Wait(due) = effect {
             if let Ok(mut timers) = self.timers.try_borrow_mut() {
@@ -131,7 +132,8 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let Some((context_id, weak)) = self.callouts.remove(&token_id) else {
+        let at = self.callouts.iter().position(|(t, _, _)| *t == token_id);
+        let Some((_, context_id, weak)) = at.map(|i| self.callouts.swap_remove(i)) else {
             log::debug!("root: callout {token_id} answered for no known request");
             return;
         };
@@ -160,21 +162,19 @@ impl RootContext for Root {
         let raw = host::plugin_configuration().unwrap_or_default();
         match config::parse(&raw, &ProcessEnv) {
             Ok(config) => {
-                log::info!(
-                    "configured {} target(s): {}",
-                    config.targets.len(),
-                    config
-                        .targets
-                        .iter()
-                        .map(|t| format!(
-                            "{} ({} via cluster {})",
-                            t.name,
-                            t.provider.as_str(),
-                            t.cluster
-                        ))
-                        .collect::<Vec<_>>()
-                        .join(" -> ")
-                );
+                let mut chain = String::new();
+                for t in &config.targets {
+                    if !chain.is_empty() {
+                        chain.push_str(" -> ");
+                    }
+                    chain.push_str(&t.name);
+                    chain.push_str(" (");
+                    chain.push_str(t.provider.as_str());
+                    chain.push_str(" via cluster ");
+                    chain.push_str(&t.cluster);
+                    chain.push(')');
+                }
+                log::info!("configured {} target(s): {chain}", config.targets.len());
                 self.runtime = Some(Rc::new(Runtime::new(config)));
                 host::set_tick_period(TICK);
                 true
@@ -194,7 +194,7 @@ impl RootContext for Root {
             self.sweep_cache(now);
         }
         // Callouts whose request is gone (client disconnected) are forgotten.
-        self.callouts.retain(|_, (_, weak)| weak.strong_count() > 0);
+        self.callouts.retain(|(_, _, weak)| weak.strong_count() > 0);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
