@@ -64,7 +64,7 @@ TARGET_VS_NOOP = 0.95  # success path req/s >= 0.95 x no-op filter
 TARGET_VS_PLAIN = 0.85  # success path req/s >= 0.85 x plain Envoy
 TARGET_FAILOVER_VS_PLAIN = 0.5  # failover path req/s >= 0.5 x plain Envoy
 TARGET_ADDED_P50_US = 50.0  # success path p50 at 1 connection, minus plain Envoy's
-SIZE_BUDGET_BYTES = 200 * 1024  # llm_failover.wasm <= 200 KiB
+SIZE_BUDGET_BYTES = 200_000  # llm_failover.wasm <= 200 KB (the stricter reading: 200 KiB is 204,800)
 
 WARMUP_S = 2
 MANY_CONNECTIONS = 32
@@ -871,8 +871,8 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
         cpu_ratio("failover", "plain"))
     row("added p50 at 1 connection (3 minus 1)", added, f"{added:+.0f} us" if added is not None else "",
         f"<= {TARGET_ADDED_P50_US:.0f} us", added is not None and added <= TARGET_ADDED_P50_US)
-    row("llm_failover.wasm size", size, f"{size:,} B ({size / 1024:.0f} KiB)",
-        f"<= {SIZE_BUDGET_BYTES // 1024} KiB", size <= SIZE_BUDGET_BYTES)
+    row("llm_failover.wasm size", size, f"{size:,} B", f"<= {SIZE_BUDGET_BYTES:,} B (200 KB)",
+        size <= SIZE_BUDGET_BYTES)
     lines += [
         "",
         "Targets are judged on req/s, as specified. The last column is the same ratio computed from",
@@ -909,7 +909,7 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
     lines.append(f"| no-op filter (`bench/noop`, same release profile) | {sizes['noop']:,} |")
     lines += [
         "",
-        f"Budget: {SIZE_BUDGET_BYTES // 1024} KiB ({SIZE_BUDGET_BYTES:,} bytes) for `dist/llm_failover.wasm`.",
+        f"Budget: 200 KB ({SIZE_BUDGET_BYTES:,} bytes; 200 KiB would be 204,800) for `dist/llm_failover.wasm`.",
         "",
         "Where the time and the bytes go, and why the req/s targets are not met: "
         "[docs/performance.md](docs/performance.md).",
