@@ -10,6 +10,7 @@ Main pieces (all usable outside pytest too):
   ``stack.prometheus()``, ``stack.log_text``, ``stack.access_log()``, ``stack.stop()``.
 * ``MockClient``: a handle on a mock upstream (in-process or not) through its control API.
 * ``start_mock(provider, **opts) -> MockClient``: in-process mock on a free port.
+* ``start_entra_mock(**opts) -> EntraClient``: in-process Entra ID + IMDS token mock (tests/mocks/entra.py).
 * ``make_client(stack_or_url, api_key="unused", **kw)``: an ``openai.OpenAI`` client (no retries).
 * ``assert_no_vm_failure(log)`` / ``vm_failure_lines(log)``: the Wasm VM never panicked/failed.
 * ``validate_config(...)``: ``envoy --mode validate`` on a rendered config.
@@ -204,6 +205,14 @@ class MockClient:
     def tls_errors(self) -> list[dict]:
         return self._get("/__mock/tls")
 
+    def stored_responses(self) -> list[dict]:
+        """Responses API: every response id this mock created (id, status, store, background, deleted, ...)."""
+        return self._get("/__mock/responses")
+
+    def response_ids(self) -> set[str]:
+        """Ids of the responses this mock created and still serves (stored, not deleted)."""
+        return {r["id"] for r in self.stored_responses() if r["store"] and not r["deleted"]}
+
     def stop(self):
         """Stop an in-process mock (connections are dropped: the upstream 'goes away')."""
         if self.server is not None:
@@ -217,6 +226,38 @@ def start_mock(provider: str, port: int = 0, **opts) -> MockClient:
     server, thread = mock_upstream.start(provider, port, **opts)
     wait_for_port(server.port)
     return MockClient(server.url, server, thread)
+
+
+class EntraClient(MockClient):
+    """A handle on the Entra ID + IMDS token mock (tests/mocks/entra.py): script/reset/requests/state
+    like MockClient, plus the token controls."""
+
+    def tokens(self) -> list[dict]:
+        """Tokens issued (jti, endpoint, client_id, exp_ms), never the tokens themselves."""
+        return self._get("/__mock/tokens")
+
+    def set_token_lifetime(self, seconds: float):
+        """Lifetime (and expires_in) of the tokens minted from now on."""
+        return self.configure(token_lifetime_s=seconds)
+
+    def mint(self, lifetime_s: float | None = None) -> str:
+        """A token signed like the issued ones, without a token request (for Azure mock tests)."""
+        body = {} if lifetime_s is None else {"lifetime_s": lifetime_s}
+        return self._post("/__mock/mint", body)["access_token"]
+
+
+def start_entra_mock(port: int = 0, **opts) -> EntraClient:
+    """Start an in-process Entra ID + IMDS token mock on a free loopback port (quiet by default).
+
+    opts: see tests/mocks/entra.py start(): tenant_id, client_id, client_secret, token_secret (share it
+    with start_mock("azure", entra_token_secret=...)), token_lifetime_s, login_host, imds_host, ...
+    """
+    from mocks import entra as mock_entra
+
+    opts.setdefault("quiet", True)
+    server, thread = mock_entra.start(port, **opts)
+    wait_for_port(server.port)
+    return EntraClient(server.url, server, thread)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -620,3 +620,522 @@ def test_x_mock_status_per_name_and_count(openai_mock, azure_mock):
     assert oai_post(openai_mock).status_code == 429  # the follow-up (e.g. a retry without the header)
     assert oai_post(openai_mock).status_code == 200
     assert az_post(azure_mock, headers=h).status_code == 200  # not for the azure mock
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses API (OpenAI)
+
+RESP = {"model": "gpt-4o", "input": "Say hi"}
+RESPONSE_EVENT_TYPES = (["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] + ["response.output_text.delta"] * 4 +
+                        ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                         "response.completed"])  # "Hello from mock openai": 4 words, one delta each
+
+
+def oai_call(mock, method, path, body=None, headers=None, key=OPENAI_KEY):
+    h = {**OPENAI_HOST, "Authorization": f"Bearer {key}", **(headers or {})}
+    return requests.request(method, mock.url(path), json=body, headers=h, timeout=T)
+
+
+def sse_events(raw_chunks: list[bytes]) -> list[tuple[str, dict]]:
+    """(event, data) of each chunk; every chunk must be exactly one `event:` + `data:` SSE event."""
+    out = []
+    for c in raw_chunks:
+        text = c.decode()
+        assert text.endswith("\n\n") and text.count("\n\n") == 1, text
+        ev_line, data_line = text[:-2].split("\n")
+        assert ev_line.startswith("event: ") and data_line.startswith("data: "), text
+        out.append((ev_line[7:], json.loads(data_line[6:])))
+    return out
+
+
+def test_openai_responses_create_shape_usage_and_record(openai_mock):
+    r = oai_post(openai_mock, "/v1/responses", RESP)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "response" and body["status"] == "completed" and body["model"] == "gpt-4o"
+    assert body["id"].startswith("resp_") and len(body["id"]) == 53
+    assert isinstance(body["created_at"], int) and body["previous_response_id"] is None
+    [msg] = body["output"]
+    assert msg["type"] == "message" and msg["role"] == "assistant" and msg["status"] == "completed"
+    assert msg["id"].startswith("msg_")
+    assert msg["content"] == [{"type": "output_text", "annotations": [], "logprobs": [],
+                               "text": "Hello from mock openai"}]
+    u = body["usage"]
+    assert u["input_tokens"] == 2 and u["output_tokens"] == 4 and u["total_tokens"] == 6  # "Say hi": 6 chars
+    assert u["input_tokens_details"]["cached_tokens"] == 0 and u["output_tokens_details"]["reasoning_tokens"] == 0
+    for field in ("parallel_tool_calls", "tool_choice", "tools", "text", "truncation", "error", "incomplete_details"):
+        assert field in body
+    assert r.headers["x-ratelimit-remaining-requests"] and r.headers["x-request-id"].startswith("req_")
+    [rec] = openai_mock.requests()
+    assert (rec["api_style"], rec["operation"], rec["model"], rec["response_id"], rec["credential"]) == (
+        "openai", "responses", "gpt-4o", body["id"], "bearer")
+    assert openai_mock.response_ids() == {body["id"]}
+
+
+def test_openai_responses_via_sdk_all_methods(openai_mock):
+    c = sdk(openai_mock)
+    first = c.responses.create(model="gpt-4o-mini", input="hi", instructions="Be brief.")
+    assert first.output_text == "Hello from mock openai" and first.model == "gpt-4o-mini"
+    assert first.usage.input_tokens == 1 + 3 and first.usage.output_tokens == 4
+    follow = c.responses.create(model="gpt-4o-mini", previous_response_id=first.id,
+                                input=[{"role": "user", "content": "and again"},
+                                       {"type": "message", "role": "user",
+                                        "content": [{"type": "input_text", "text": "thanks"}]}])
+    assert follow.previous_response_id == first.id and follow.id != first.id
+    assert follow.usage.input_tokens > first.usage.total_tokens  # the previous turn is billed again
+    got = c.responses.retrieve(follow.id)
+    assert got.id == follow.id and got.output_text == follow.output_text
+    items = list(c.responses.input_items.list(follow.id))  # default order: newest first
+    assert [i.content[0].text for i in items] == ["thanks", "and again"]
+    assert all(i.id.startswith("msg_") and i.role == "user" for i in items)
+    assert [i.content[0].text for i in c.responses.input_items.list(follow.id, order="asc")] == ["and again", "thanks"]
+    assert c.responses.delete(first.id) is None
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(first.id)
+    r = oai_call(openai_mock, "DELETE", f"/v1/responses/{follow.id}")
+    assert r.json() == {"id": follow.id, "object": "response.deleted", "deleted": True}
+    assert [rec["operation"] for rec in openai_mock.requests()] == [
+        "responses", "responses", "responses.retrieve", "responses.input_items", "responses.input_items",
+        "responses.delete", "responses.retrieve", "responses.delete"]
+
+
+def test_response_ids_belong_to_the_instance_that_created_them(openai_mock, mock_factory):
+    other = mock_factory("openai", name="openai2")
+    rid = oai_post(openai_mock, "/v1/responses", RESP).json()["id"]
+    r = oai_post(other, "/v1/responses", {**RESP, "previous_response_id": rid})
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": f"Previous response with id '{rid}' not found.",
+                                  "type": "invalid_request_error", "param": "previous_response_id",
+                                  "code": "previous_response_not_found"}}
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/input_items")):
+        r = oai_call(other, method, f"/v1/responses/{rid}{suffix}")
+        assert r.status_code == 404, (method, suffix)
+        assert r.json()["error"] == {"message": f"Response with id '{rid}' not found.",
+                                     "type": "invalid_request_error", "param": None, "code": None}
+    assert oai_post(openai_mock, "/v1/responses", {**RESP, "previous_response_id": rid}).status_code == 200
+    assert other.response_ids() == set() and rid in openai_mock.response_ids()
+    assert other.requests()[0]["step"] is None  # refused before any script step is taken
+
+
+def test_responses_store_false_is_not_retrievable(openai_mock):
+    body = oai_post(openai_mock, "/v1/responses", {**RESP, "store": False}).json()
+    assert body["status"] == "completed" and body["store"] is False
+    assert oai_call(openai_mock, "GET", f"/v1/responses/{body['id']}").status_code == 404
+    r = oai_post(openai_mock, "/v1/responses", {**RESP, "previous_response_id": body["id"]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found"
+    assert openai_mock.stored_responses()[0]["store"] is False
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"input": "x"}, "model", "missing_required_parameter"),
+    ({"model": 4, "input": "x"}, "model", "invalid_type"),
+    ({"model": "gpt-4o"}, "input", "missing_required_parameter"),
+    ({"model": "gpt-4o", "input": {"role": "user"}}, "input", "invalid_type"),
+    ({"model": "gpt-4o", "input": [1]}, "input[0]", "invalid_type"),
+    ({"model": "gpt-4o", "input": [{"content": "x"}]}, "input[0].role", "missing_required_parameter"),
+    ({"model": "gpt-4o", "input": [{"role": "robot", "content": "x"}]}, "input[0].role", "invalid_value"),
+    ({"model": "gpt-4o", "input": [{"role": "user"}]}, "input[0].content", "missing_required_parameter"),
+    ({"model": "gpt-4o", "input": "x", "stream": "yes"}, "stream", "invalid_type"),
+    ({"model": "gpt-4o", "input": "x", "store": 0}, "store", "invalid_type"),
+    ({"model": "gpt-4o", "input": "x", "previous_response_id": "abc"}, "previous_response_id", "invalid_value"),
+    ({"model": "gpt-4o", "input": "x", "max_output_tokens": 5}, "max_output_tokens", "integer_below_min_value"),
+])
+def test_responses_body_validation(openai_mock, body, param, code):
+    r = oai_post(openai_mock, "/v1/responses", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code)
+    assert openai_mock.response_ids() == set()
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/responses"),
+    ("PUT", "/v1/responses"),
+    ("POST", "/v1/responses/resp_1"),
+    ("GET", "/v1/responses/resp_1/cancel"),
+    ("POST", "/v1/responses/resp_1/input_items"),
+    ("GET", "/v1/responses/resp_1/steps"),
+    ("POST", "/v1/responses/"),
+    ("POST", "/openai/v1/responses"),
+])
+def test_responses_unknown_paths_and_methods(openai_mock, method, path):
+    r = oai_call(openai_mock, method, path, RESP if method in ("POST", "PUT") else None)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url", r.text
+
+
+def test_responses_content_type_and_auth(openai_mock):
+    r = oai_post(openai_mock, "/v1/responses", json.dumps(RESP), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    for key in ("sk-wrong-key-1234567890", None):
+        assert oai_post(openai_mock, "/v1/responses", RESP, key=key).status_code == 401
+    assert oai_call(openai_mock, "GET", "/v1/responses/resp_x", key="sk-wrong-key-1234567890").status_code == 401
+
+
+def test_responses_models_option(mock_factory):
+    m = mock_factory("openai", models="gpt-4.1")
+    assert oai_post(m, "/v1/responses", {**RESP, "model": "gpt-4.1"}).status_code == 200
+    r = oai_post(m, "/v1/responses", RESP)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_responses_stream_event_sequence_raw(openai_mock):
+    openai_mock.configure(stream_delay_ms=1)
+    body = json.dumps({**RESP, "stream": True}).encode()
+    req = (b"POST /v1/responses HTTP/1.1\r\nHost: api.openai.com\r\nAccept-Encoding: gzip\r\n"
+           b"Authorization: Bearer " + OPENAI_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    raw = _raw_http(openai_mock.port, req)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"HTTP/1.1 200" in head and b"text/event-stream" in head and b"Transfer-Encoding: chunked" in head
+    assert b"Content-Encoding" not in head and b"Content-Length" not in head  # never gzipped
+    events = sse_events(_decode_chunked(rest))
+    assert [e for e, _ in events] == RESPONSE_EVENT_TYPES
+    assert all(e == d["type"] for e, d in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    assert b"[DONE]" not in rest
+    created, completed = events[0][1]["response"], events[-1][1]["response"]
+    assert created["status"] == "in_progress" and created["output"] == [] and created["usage"] is None
+    assert completed["id"] == created["id"] and completed["status"] == "completed"
+    assert completed["usage"]["output_tokens"] == 4 and completed["usage"]["input_tokens"] == 2
+    deltas = [d["delta"] for e, d in events if e == "response.output_text.delta"]
+    assert "".join(deltas) == "Hello from mock openai" == events[8][1]["text"]
+    item_id = events[2][1]["item"]["id"]
+    assert all(d["item_id"] == item_id for _, d in events[3:10])
+    assert events[10][1]["item"] == completed["output"][0]
+    assert oai_call(openai_mock, "GET", f"/v1/responses/{created['id']}").json()["status"] == "completed"
+    assert openai_mock.last_request()["operation"] == "responses.retrieve"
+
+
+def test_responses_stream_via_sdk_and_helper_are_paced(openai_mock):
+    openai_mock.configure(stream_delay_ms=40)
+    c = sdk(openai_mock)
+    t0 = time.monotonic()
+    arrivals, types = [], []
+    for ev in c.responses.create(model="gpt-4o", input="hi", stream=True):
+        arrivals.append(time.monotonic() - t0)
+        types.append(ev.type)
+    assert types == RESPONSE_EVENT_TYPES
+    assert arrivals[-1] - arrivals[0] >= 0.04 * (len(arrivals) - 1) * 0.7
+    openai_mock.configure(stream_delay_ms=1)
+    with c.responses.stream(model="gpt-4o", input="hi") as stream:
+        deltas = [ev.delta for ev in stream if ev.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "Hello from mock openai"
+    assert final.usage.output_tokens == 4 and final.status == "completed"
+    assert final.id in openai_mock.response_ids()
+
+
+def test_responses_stream_close_after_events(openai_mock):
+    openai_mock.configure(stream_delay_ms=1)
+    openai_mock.script([{"close_after_events": 3}])
+    c = sdk(openai_mock)
+    seen = []
+    with pytest.raises(Exception):
+        for ev in c.responses.create(model="gpt-4o", input="x", stream=True):
+            seen.append(ev.type)
+    assert seen == RESPONSE_EVENT_TYPES[:3]
+    assert openai_mock.last_request()["closed"] is True
+
+
+@pytest.mark.parametrize("method, suffix", [("POST", None), ("GET", ""), ("DELETE", ""),
+                                            ("GET", "/input_items"), ("POST", "/cancel")])
+def test_responses_scripted_failures_apply_to_every_operation(openai_mock, method, suffix):
+    rid = oai_post(openai_mock, "/v1/responses", {**RESP, "background": True}).json()["id"]
+    path = "/v1/responses" if suffix is None else f"/v1/responses/{rid}{suffix}"
+    body = RESP if suffix is None else None
+    openai_mock.script([{"status": 429, "retry_after": "1"}, {"status": 503}])
+    r = oai_call(openai_mock, method, path, body)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert oai_call(openai_mock, method, path, body).status_code == 503
+    r = oai_call(openai_mock, method, path, body, headers={"x-mock-status": "500"})
+    assert r.status_code == 500
+    assert oai_call(openai_mock, method, path, body).status_code == 200
+    rid = oai_post(openai_mock, "/v1/responses", {**RESP, "background": True}).json()["id"]  # (DELETE spent it)
+    path = "/v1/responses" if suffix is None else f"/v1/responses/{rid}{suffix}"
+    openai_mock.script([{"close": True}])
+    with pytest.raises(requests.exceptions.ConnectionError):
+        oai_call(openai_mock, method, path, body)
+    assert openai_mock.last_request()["closed"] is True
+
+
+def test_responses_fail_rate_and_gzip(openai_mock):
+    openai_mock.fail_rate(1.0, [502])
+    assert oai_post(openai_mock, "/v1/responses", RESP).status_code == 502
+    openai_mock.fail_rate(0)
+    r = oai_post(openai_mock, "/v1/responses", RESP, headers={"Accept-Encoding": "gzip"}, stream=True)
+    assert r.headers["Content-Encoding"] == "gzip"
+    assert json.loads(gzip.decompress(r.raw.read(decode_content=False)))["object"] == "response"
+
+
+def test_responses_background_cancel(openai_mock):
+    openai_mock.configure(background_delay_ms=5000)
+    try:
+        c = sdk(openai_mock)
+        bg = c.responses.create(model="gpt-4o", input="x", background=True)
+        assert bg.status == "queued" and bg.output == [] and bg.usage is None
+        assert c.responses.retrieve(bg.id).status == "queued"
+        assert c.responses.cancel(bg.id).status == "cancelled"
+        assert c.responses.retrieve(bg.id).status == "cancelled"
+        assert c.responses.cancel(bg.id).status == "cancelled"  # idempotent
+        sync = c.responses.create(model="gpt-4o", input="x")
+        with pytest.raises(openai.BadRequestError) as ei:
+            c.responses.cancel(sync.id)
+        assert ei.value.body["message"] == "Cannot cancel a synchronous response."
+        openai_mock.configure(background_delay_ms=0)
+        done = c.responses.create(model="gpt-4o", input="x", background=True)
+        assert done.status == "queued"
+        got = c.responses.retrieve(done.id)
+        assert got.status == "completed" and got.output_text == "Hello from mock openai" and got.usage.total_tokens
+        assert c.responses.cancel(done.id).status == "completed"  # already finished: unchanged
+    finally:
+        openai_mock.configure(background_delay_ms=0)
+
+
+def test_responses_input_items_pagination(openai_mock):
+    inp = [{"role": "user", "content": f"m{i}"} for i in range(3)]
+    rid = oai_post(openai_mock, "/v1/responses", {**RESP, "input": inp}).json()["id"]
+    page = oai_call(openai_mock, "GET", f"/v1/responses/{rid}/input_items?limit=2&order=asc").json()
+    assert page["object"] == "list" and page["has_more"] is True
+    assert [i["content"][0]["text"] for i in page["data"]] == ["m0", "m1"]
+    assert page["first_id"] == page["data"][0]["id"] and page["last_id"] == page["data"][1]["id"]
+    rest = oai_call(openai_mock, "GET", f"/v1/responses/{rid}/input_items?order=asc&after={page['last_id']}").json()
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["m2"] and rest["has_more"] is False
+    for q, code in (("limit=0", "integer_below_min_value"), ("limit=101", "integer_above_max_value"),
+                    ("limit=x", "invalid_type"), ("order=up", "invalid_value")):
+        r = oai_call(openai_mock, "GET", f"/v1/responses/{rid}/input_items?{q}")
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, q
+
+
+# ----------------------------------------------------------------------------------------------
+# Azure v1 API
+
+V1_CHAT = {"model": "gpt-4o-prod", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def az_v1(mock, op="chat/completions", body=V1_CHAT, version=None, key=AZURE_KEY, headers=None, method="POST"):
+    q = f"?api-version={version}" if version is not None else ""
+    h = {**AZURE_HOST, **({"api-key": key} if key is not None else {}), **(headers or {})}
+    return requests.request(method, mock.url(f"/openai/v1/{op}{q}"), json=body, headers=h, timeout=T)
+
+
+def azure_v1_sdk(mock, **kw):
+    return openai.OpenAI(base_url=mock.url("/openai/v1"), api_key=AZURE_KEY, max_retries=0, timeout=T,
+                         default_headers={**AZURE_HOST, "api-key": AZURE_KEY}, **kw)
+
+
+@pytest.mark.parametrize("op, body, deployment, obj", [
+    ("chat/completions", V1_CHAT, "gpt-4o-prod", "chat.completion"),
+    ("embeddings", {"model": "gpt-4o-mini-default", "input": "x"}, "gpt-4o-mini-default", "list"),
+    ("responses", {"model": "gpt-4o-prod", "input": "x"}, "gpt-4o-prod", "response"),
+])
+def test_azure_v1_operations_and_record(azure_mock, op, body, deployment, obj):
+    r = az_v1(azure_mock, op, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == obj
+    assert r.json()["model"] == ("gpt-4o-mini-2024-07-18" if "mini" in deployment else "gpt-4o-2024-08-06")
+    rec = azure_mock.last_request()
+    assert rec["path"] == f"/openai/v1/{op}" and rec["query"] == {} and rec["api_version"] is None
+    assert (rec["api_style"], rec["deployment"], rec["model"], rec["credential"]) == (
+        "v1", deployment, deployment, "api-key")
+
+
+@pytest.mark.parametrize("version, status", [(None, 200), ("preview", 200), ("latest", 200), ("2024-10-21", 400),
+                                             ("2025-04-01-preview", 400), ("", 400), ("v1", 400)])
+def test_azure_v1_api_version_rules(azure_mock, version, status):
+    for op, body in (("chat/completions", V1_CHAT), ("responses", {"model": "gpt-4o-prod", "input": "x"})):
+        r = az_v1(azure_mock, op, body, version=version)
+        assert r.status_code == status, (op, version, r.text)
+        if status == 400:
+            assert r.json() == {"error": {"code": "BadRequest", "message": "API version not supported"}}
+
+
+def test_azure_v1_model_must_be_a_deployment(azure_mock):
+    for op, body in (("chat/completions", {**V1_CHAT, "model": "gpt-4o"}),
+                     ("embeddings", {"model": "text-embedding-3-small", "input": "x"}),
+                     ("responses", {"model": "gpt-4o", "input": "x"})):
+        r = az_v1(azure_mock, op, body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "DeploymentNotFound", (op, r.text)
+    r = az_v1(azure_mock, body={"messages": V1_CHAT["messages"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = az_v1(azure_mock, body={"model": "gpt-4o-prod"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("method, op", [("POST", "completions"), ("GET", "chat/completions"),
+                                        ("POST", "images/generations"), ("POST", "deployments/gpt-4o-prod/chat/completions"),
+                                        ("GET", "responses"), ("POST", "responses/resp_1")])
+def test_azure_v1_unknown_paths(azure_mock, method, op):
+    r = az_v1(azure_mock, op, method=method, body=V1_CHAT if method == "POST" else None)
+    assert r.status_code == 404 and r.json() == {"error": {"code": "404", "message": "Resource not found"}}
+
+
+@pytest.mark.parametrize("key, auth, path, status, credential", [
+    (AZURE_KEY, None, "v1", 200, "api-key"),
+    (None, f"Bearer {AZURE_KEY}", "v1", 200, "bearer-api-key"),  # the real v1 API takes the key as a bearer
+    (AZURE_KEY, f"Bearer {AZURE_KEY}", "v1", 200, "api-key+bearer-api-key"),  # OpenAI SDK + api-key header
+    (None, f"Bearer {AZURE_KEY}", "deployments", 401, None),  # not on the deployments-style API
+    (AZURE_KEY, "Bearer gateway-key", "v1", 401, None),
+    ("wrong", None, "v1", 401, None),
+    (None, None, "v1", 401, None),
+    (None, "Bearer not-a-token", "v1", 401, None),
+])
+def test_azure_credentials_v1_and_deployments(azure_mock, key, auth, path, status, credential):
+    headers = {"Authorization": auth} if auth else {}
+    if path == "v1":
+        r = az_v1(azure_mock, key=key, headers=headers)
+    else:
+        r = az_post(azure_mock, key=key, headers=headers)
+    assert r.status_code == status, r.text
+    rec = azure_mock.last_request()
+    assert rec["credential"] == credential
+    if status == 401:
+        assert r.json()["error"]["code"] == "401"
+        token_msg = "Access token is missing, invalid, audience is incorrect"
+        assert (token_msg in r.json()["error"]["message"]) == (key is None and auth is not None)
+
+
+def test_azure_v1_via_sdk(azure_mock):
+    azure_mock.configure(stream_delay_ms=1)
+    c = azure_v1_sdk(azure_mock)
+    chat = c.chat.completions.create(model="gpt-4o-prod", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "Hello from mock azure deployment gpt-4o-prod"
+    assert len(c.embeddings.create(model="gpt-4o-prod", input="x").data[0].embedding) == 8
+    resp = c.responses.create(model="gpt-4o-mini-default", input="hi")
+    assert resp.output_text == "Hello from mock azure deployment gpt-4o-mini-default"
+    assert resp.usage.output_tokens == 6
+    with c.responses.stream(model="gpt-4o-prod", input="hi", previous_response_id=resp.id) as st:
+        final = st.get_final_response()
+    assert final.previous_response_id == resp.id and final.output_text.endswith("gpt-4o-prod")
+    assert c.responses.retrieve(final.id).id == final.id
+    assert [i.content[0].text for i in c.responses.input_items.list(resp.id)] == ["hi"]
+    c.responses.delete(resp.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(resp.id)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-4o-prod", prompt="x")  # no legacy completions on v1
+    paths = [r["path"] for r in azure_mock.requests()]
+    assert paths[:3] == ["/openai/v1/chat/completions", "/openai/v1/embeddings", "/openai/v1/responses"]
+    assert all(r["api_style"] == "v1" and r["query"] == {} for r in azure_mock.requests())
+
+
+# ----------------------------------------------------------------------------------------------
+# Azure deployments-style Responses API
+
+def az_resp_path(version="2025-03-01-preview", rid=None, sub=None):
+    p = "/openai/responses" + (f"/{rid}" if rid else "") + (f"/{sub}" if sub else "")
+    return p + (f"?api-version={version}" if version is not None else "")
+
+
+@pytest.mark.parametrize("version, status, message", [
+    ("2025-03-01-preview", 200, None),
+    ("2025-04-01-preview", 200, None),
+    ("2026-01-01-preview", 200, None),
+    ("preview", 200, None),
+    ("2024-10-21", 400, "Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview and later"),
+    ("2025-02-01-preview", 400, "Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview "
+                                "and later"),
+    ("2025-04-01", 400, "Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview and later"),
+    ("latest", 400, "API version not supported"),
+    ("evil", 400, "API version not supported"),
+])
+def test_azure_responses_deployments_style_api_versions(azure_mock, version, status, message):
+    r = az_post(azure_mock, az_resp_path(version), {"model": "gpt-4o-prod", "input": "x"})
+    assert r.status_code == status, r.text
+    if message:
+        assert r.json() == {"error": {"code": "BadRequest", "message": message}}
+    else:
+        assert r.json()["output"][0]["content"][0]["text"] == "Hello from mock azure deployment gpt-4o-prod"
+        rec = azure_mock.last_request()
+        assert (rec["api_style"], rec["operation"], rec["deployment"], rec["api_version"]) == (
+            "deployments", "responses", "gpt-4o-prod", version)
+
+
+def test_azure_responses_deployments_style_paths(azure_mock):
+    r = az_post(azure_mock, az_resp_path(None), {"model": "gpt-4o-prod", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "404"  # api-version required
+    r = az_post(azure_mock, az_resp_path(), {"model": "gpt-4o", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "DeploymentNotFound"
+    r = az_post(azure_mock, "/openai/deployments/gpt-4o-prod/responses?api-version=2025-03-01-preview",
+                {"model": "gpt-4o-prod", "input": "x"})
+    assert r.status_code == 404
+    rid = az_post(azure_mock, az_resp_path(), {"model": "gpt-4o-prod", "input": "x"}).json()["id"]
+    h = {**AZURE_HOST, "api-key": AZURE_KEY}
+    assert requests.get(azure_mock.url(az_resp_path(None, rid)), headers=h, timeout=T).status_code == 404
+    r = requests.get(azure_mock.url(az_resp_path("2024-10-21", rid)), headers=h, timeout=T)
+    assert r.status_code == 400
+    r = requests.get(azure_mock.url(az_resp_path(rid=rid)), headers=h, timeout=T)
+    assert r.status_code == 200 and r.json()["id"] == rid
+    assert azure_mock.last_request()["response_id"] == rid
+    r = requests.delete(azure_mock.url(az_resp_path(rid=rid)), headers=h, timeout=T)
+    assert r.json() == {"id": rid, "object": "response", "deleted": True}
+    r = requests.get(azure_mock.url(az_resp_path(rid=rid, sub="input_items")), headers=h, timeout=T)
+    assert r.status_code == 404 and r.json()["error"]["message"] == f"Response with id '{rid}' not found."
+
+
+def test_azure_responses_via_sdk(azure_mock):
+    azure_mock.configure(stream_delay_ms=1)
+    c = azure_sdk(azure_mock, api_version="2025-04-01-preview")
+    first = c.responses.create(model="gpt-4o-prod", input="hi")
+    assert first.output_text == "Hello from mock azure deployment gpt-4o-prod"
+    assert first.model == "gpt-4o-2024-08-06" and first.usage.input_tokens == 1
+    events = [ev.type for ev in c.responses.create(model="gpt-4o-prod", input="hi", stream=True,
+                                                   previous_response_id=first.id)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    with c.responses.stream(model="gpt-4o-mini-default", input="hi") as st:
+        assert st.get_final_response().output_text.endswith("gpt-4o-mini-default")
+    assert c.responses.retrieve(first.id).status == "completed"
+    assert len(list(c.responses.input_items.list(first.id))) == 1
+    with pytest.raises(openai.BadRequestError):
+        c.responses.cancel(first.id)
+    c.responses.delete(first.id)
+    recs = azure_mock.requests()
+    assert recs[0]["raw_path"] == "/openai/responses?api-version=2025-04-01-preview"
+    assert recs[0]["body"]["model"] == "gpt-4o-prod" and recs[0]["credential"] == "api-key"
+    assert [r["operation"] for r in recs] == ["responses", "responses", "responses", "responses.retrieve",
+                                             "responses.input_items", "responses.cancel", "responses.delete"]
+    with pytest.raises(openai.BadRequestError) as ei:
+        azure_sdk(azure_mock, api_version="2024-10-21").responses.create(model="gpt-4o-prod", input="x")
+    assert "2025-03-01-preview and later" in str(ei.value)
+
+
+def test_azure_responses_api_versions_option(mock_factory):
+    m = mock_factory("azure", responses_api_versions="2025-04-01-preview")
+    ok = az_post(m, az_resp_path("2025-04-01-preview"), {"model": "gpt-4o-prod", "input": "x"})
+    assert ok.status_code == 200
+    for version in ("2025-03-01-preview", "preview"):
+        assert az_post(m, az_resp_path(version), {"model": "gpt-4o-prod", "input": "x"}).status_code == 400
+    assert m.state()["api_versions"] == ["2024-10-21", "2024-06-01"]  # the chat list is unchanged
+
+
+def test_azure_response_ids_per_instance_shared_by_both_styles(azure_mock, mock_factory):
+    other = mock_factory("azure", name="azure2", resource="llmf-local-2")
+    rid = az_post(azure_mock, az_resp_path(), {"model": "gpt-4o-prod", "input": "x"}).json()["id"]
+    # the same resource serves it through the v1 API too
+    r = az_v1(azure_mock, "responses", {"model": "gpt-4o-mini-default", "input": "y", "previous_response_id": rid})
+    assert r.status_code == 200 and r.json()["previous_response_id"] == rid
+    assert az_v1(azure_mock, f"responses/{rid}", None, method="GET").json()["id"] == rid
+    r = requests.post(other.url("/openai/v1/responses"), json={"model": "gpt-4o-prod", "input": "y",
+                                                               "previous_response_id": rid}, timeout=T,
+                      headers={"Host": "llmf-local-2.openai.azure.com", "api-key": AZURE_KEY})
+    assert r.status_code == 400
+    assert r.json()["error"] == {"message": f"Previous response with id '{rid}' not found.",
+                                 "type": "invalid_request_error", "param": "previous_response_id",
+                                 "code": "previous_response_not_found"}
+    assert rid in azure_mock.response_ids() and other.response_ids() == set()
+
+
+def test_azure_responses_scripted_errors(azure_mock):
+    azure_mock.script([{"status": 429, "retry_after": "4"}, {"status": 503}])
+    r = az_post(azure_mock, az_resp_path(), {"model": "gpt-4o-prod", "input": "x"})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "4"
+    assert "Responses_Create Operation under Azure OpenAI API version 2025-03-01-preview" in r.json()["error"]["message"]
+    r = az_v1(azure_mock, "responses", {"model": "gpt-4o-prod", "input": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "ServiceUnavailable"
+    assert azure_mock.response_ids() == set()  # failed attempts create nothing
+
+
+def test_control_config_refuses_unknown_settings(openai_mock):
+    r = requests.post(openai_mock.url("/__mock/config"), json={"stream_delay": 5}, timeout=T)
+    assert r.status_code == 400 and "stream_delay" in r.json()["error"]

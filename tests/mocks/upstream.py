@@ -20,6 +20,51 @@ host, credential, api-version, deployment, body shape) and record everything the
 so tests can assert exactly what reached "the provider".  A credential sent to the wrong
 provider is recorded as a *leak* and answered 400.
 
+API surface
+    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/embeddings, GET /v1/models, and the
+             Responses API: POST /v1/responses, GET|DELETE /v1/responses/{id},
+             POST /v1/responses/{id}/cancel, GET /v1/responses/{id}/input_items.
+    Azure    deployments style: POST /openai/deployments/{dep}/{chat/completions|completions|embeddings}
+             ?api-version=<one of api_versions>;
+             Responses, deployments style: /openai/responses[/{id}[/cancel|/input_items]]?api-version=
+             <2025-03-01-preview or a later date-preview, or "preview"; or one of responses_api_versions
+             when given>, older versions 400 ("...enabled only for api-version 2025-03-01-preview and later");
+             v1 API: POST /openai/v1/chat/completions, /openai/v1/embeddings, /openai/v1/responses[/{id}...]
+             with no api-version (or "preview"/"latest"; any other value 400), the body's model = a
+             deployment (else 404 DeploymentNotFound); no /openai/v1/completions (404).
+    Credentials (Azure): api-key: <key>, or Authorization: Bearer <ad_token | a token minted by the
+             Entra mock with entra_token_secret, accepted only until it expires, 401 after>; on the
+             v1 API also Bearer <api key> (the real v1 API accepts the key that way, as the OpenAI SDK
+             sends it). An api-key next to any other Authorization is refused.
+
+Responses API (both providers)
+    The body needs model (string; Azure: a deployment) and input (string or list of items).
+    The answer is a Response {"id": "resp_<48 hex>", "object": "response", "status": "completed",
+    "output": [one assistant message with one output_text "Hello from mock <name>..."],
+    "usage": {"input_tokens", "output_tokens", "total_tokens", ...}, "previous_response_id", ...}.
+    Ids are random, so unique per instance, and remembered by the instance that created them
+    (at most max_stored_responses, oldest dropped; cleared by reset): previous_response_id naming
+    an id this instance does not serve -> 400 code previous_response_not_found (param
+    previous_response_id); GET/DELETE/cancel/input_items of such an id -> 404. "store": false
+    responses are not retrievable. "background": true answers status "queued" and completes
+    background_delay_ms later (seen on GET); cancel works on background responses only (400
+    "Cannot cancel a synchronous response." otherwise). DELETE answers {"id", "object":
+    "response.deleted" (Azure: "response"), "deleted": true}. "stream": true answers SSE with
+    `event: <type>` and `data: <json>` lines: response.created, response.in_progress,
+    response.output_item.added, response.content_part.added, one response.output_text.delta per
+    word (stream_delay_ms apart), response.output_text.done, response.content_part.done,
+    response.output_item.done, response.completed (the full response with usage); sequence_number
+    0, 1, 2, ...; no [DONE]. Scripts, x-mock-status*, fail rates, gzip (not for streams) and
+    close_after_events apply as for chat.
+
+Request records (GET /__mock/requests) also say what the mock understood: api_style ("openai" |
+"deployments" | "v1"), operation ("chat", "completions", "embeddings", "responses",
+"responses.retrieve", "responses.delete", "responses.cancel", "responses.input_items"), model (the
+body's), deployment, api_version (the query's), credential ("bearer" for OpenAI; Azure "api-key",
+"ad-token", "entra", "bearer-api-key", "api-key+ad-token", ...), entra_token ({"jti", "exp_ms",
+"expired"} of a verified Entra mock token), response_id (created, or named in the path). Fields
+stay None when the request was refused before they were known.
+
 Control API (same port, no auth, no host check):
 
     POST /__mock/script     JSON list of steps applied to the next API requests, in order:
@@ -36,12 +81,16 @@ Control API (same port, no auth, no host check):
                             the answer's JSON body)
                             {"append": true, "steps": [...]} appends instead of replacing.
     POST /__mock/fail_rate  {"rate": 0.5, "statuses": [429, 500, 503], "seed": 1}
-    POST /__mock/config     {"stream_delay_ms": 10}
+    POST /__mock/config     {"stream_delay_ms": 10, "background_delay_ms": 500, "entra_token_secret": "..."}
+                            (unknown settings are refused with 400)
     POST /__mock/forbid     {"secrets": ["..."]}  strings that must never reach this upstream
-    POST /__mock/reset      clears script, fail rate, request log, leaks and TLS errors
+    POST /__mock/reset      clears script, fail rate, request log, leaks, TLS errors and stored responses
+                            (settings stay)
     GET  /__mock/requests   every API request received (see RequestRecord in _record())
     GET  /__mock/leaks      the leaks only
     GET  /__mock/state      script left, fail rate, counters, settings
+    GET  /__mock/responses  Responses API ids this mock created: id, status, store, background, deleted,
+                            model, deployment, previous_response_id, created
     GET  /__mock/tls        TLS handshake failures (wrong SNI, ...)
     GET  /__mock/health     200 {"ok": true}
 
@@ -59,6 +108,8 @@ import argparse
 import base64
 import copy
 import gzip
+import hashlib
+import hmac
 import json
 import random
 import re
@@ -70,6 +121,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -95,7 +147,30 @@ AZURE_OPERATION_NAMES = {
     "chat": "ChatCompletions_Create",
     "completions": "Completions_Create",
     "embeddings": "Embeddings_Create",
+    "responses": "Responses_Create",
+    "responses.retrieve": "Responses_Get",
+    "responses.delete": "Responses_Delete",
+    "responses.cancel": "Responses_Cancel",
+    "responses.input_items": "Responses_ListInputItems",
 }
+
+# Responses API paths: OpenAI /v1/responses..., Azure v1 /openai/v1/responses..., Azure deployments
+# style /openai/responses...?api-version=... (the id and sub-resource are the same in all three).
+_RESPONSES_TAIL = r"responses(?:/([^/]+)(?:/(cancel|input_items))?)?"
+OPENAI_RESPONSES_RE = re.compile(r"^/v1/" + _RESPONSES_TAIL + r"$")
+AZURE_RESPONSES_RE = re.compile(r"^/openai/" + _RESPONSES_TAIL + r"$")
+AZURE_V1_RESPONSES_RE = re.compile(r"^/openai/v1/" + _RESPONSES_TAIL + r"$")
+AZURE_V1_OPERATIONS = {"chat/completions": "chat", "embeddings": "embeddings"}  # no legacy completions
+AZURE_V1_API_VERSIONS = ("preview", "latest")  # or no api-version at all
+AZURE_RESPONSES_MIN_API_VERSION = "2025-03-01"  # deployments-style Responses: 2025-03-01-preview and later
+AZURE_RESPONSES_VERSION_MESSAGE = ("Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview "
+                                   "and later")
+DEFAULT_MAX_STORED_RESPONSES = 10000
+
+# Entra ID access tokens minted by tests/mocks/entra.py and checked here (shared HMAC secret).
+COGNITIVE_RESOURCE = "https://cognitiveservices.azure.com"
+AZURE_TOKEN_MESSAGE = ("Unauthorized. Access token is missing, invalid, audience is incorrect "
+                       "(https://cognitiveservices.azure.com), or have expired.")
 
 # Azure returns the underlying model's name, not the deployment's: guess it from the
 # deployment name unless the operator gave `deployment=model`.
@@ -158,6 +233,82 @@ def _now() -> int:
     return int(time.time())
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def mint_entra_token(secret: str, lifetime_s: float, claims: dict | None = None, now: float | None = None) -> dict:
+    """A JWT-shaped (HS256) access token for the Cognitive Services audience, signed with `secret`.
+
+    The payload carries `exp` (unix seconds, like Entra) and `exp_ms` (unix milliseconds, the exact
+    expiry the Azure mock enforces). Returns {"access_token", "exp_ms", "jti", "claims"}.
+    """
+    now = time.time() if now is None else now
+    exp_ms = int(now * 1000 + float(lifetime_s) * 1000)
+    payload = {"aud": COGNITIVE_RESOURCE, "iat": int(now), "nbf": int(now), "exp": exp_ms // 1000,
+               "exp_ms": exp_ms, "jti": uuid.uuid4().hex}
+    payload.update(claims or {})
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "llmf-mock"}, separators=(",", ":")).encode())
+    body = _b64url(json.dumps(payload, separators=(",", ":")).encode())
+    sig = _b64url(hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest())
+    return {"access_token": f"{header}.{body}.{sig}", "exp_ms": exp_ms, "jti": payload["jti"], "claims": payload}
+
+
+def verify_entra_token(secret: str, token: str, now: float | None = None) -> tuple[str, dict | None]:
+    """("ok" | "expired" | "invalid", claims or None) for a token minted by mint_entra_token(secret, ...)."""
+    parts = token.split(".")
+    if len(parts) != 3 or not secret:
+        return "invalid", None
+    want = _b64url(hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest())
+    if not hmac.compare_digest(want, parts[2]):
+        return "invalid", None
+    try:
+        claims = json.loads(_b64url_decode(parts[1]))
+        exp_ms = int(claims["exp_ms"])
+    except (ValueError, KeyError, TypeError):
+        return "invalid", None
+    if claims.get("aud") != COGNITIVE_RESOURCE:
+        return "invalid", claims
+    now_ms = (time.time() if now is None else now) * 1000
+    return ("ok" if now_ms < exp_ms else "expired"), claims
+
+
+def _json_type(value) -> str:
+    """How OpenAI names a JSON value's type in its 'Invalid type' messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _hex_id(prefix: str) -> str:
+    """resp_/msg_ ids shaped like OpenAI's: the prefix and 48 hex digits."""
+    return prefix + uuid.uuid4().hex + uuid.uuid4().hex[:16]
+
+
+def _responses_operation(method: str, response_id: str | None, sub: str | None) -> str | None:
+    if response_id is None:
+        return "responses" if method == "POST" else None
+    if sub is None:
+        return {"GET": "responses.retrieve", "DELETE": "responses.delete"}.get(method)
+    if sub == "cancel":
+        return "responses.cancel" if method == "POST" else None
+    return "responses.input_items" if method == "GET" else None
+
+
 def _approx_tokens(value) -> int:
     if value is None:
         return 0
@@ -202,6 +353,10 @@ class MockServer(ThreadingHTTPServer):
         region: str = "eastus",
         bind: str = "127.0.0.1",
         quiet: bool = True,
+        entra_token_secret: str | None = None,
+        responses_api_versions=None,
+        background_delay_ms: int = 0,
+        max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
     ):
         if provider not in (OPENAI, AZURE):
             raise ValueError(f"provider must be {OPENAI!r} or {AZURE!r}, got {provider!r}")
@@ -219,6 +374,14 @@ class MockServer(ThreadingHTTPServer):
             dep, _, model = item.partition("=")
             self.deployments[dep] = model or _guess_azure_model(dep)
         self.ad_token = ad_token
+        self.entra_token_secret = entra_token_secret or None  # azure: accept Entra mock tokens until expiry
+        # azure deployments-style Responses: explicit list, or empty = 2025-03-01-preview and later + "preview"
+        self.responses_api_versions = _split_list(responses_api_versions)
+        self.background_delay_ms = int(background_delay_ms)
+        self.max_stored_responses = max(1, int(max_stored_responses))
+        # Responses API: every response id this instance created (store: false ones too, flagged),
+        # oldest first, bounded by max_stored_responses.
+        self.responses: OrderedDict[str, dict] = OrderedDict()
         self.models = _split_list(models)  # openai: accepted models; empty = any
         self.region = region
         self.stream_delay_ms = int(stream_delay_ms)
@@ -326,6 +489,7 @@ class MockServer(ThreadingHTTPServer):
             self.log = []
             self.leaks = []
             self.tls_errors = []
+            self.responses = OrderedDict()
             self._seq = 0
 
     def set_script(self, steps, append=False):
@@ -380,6 +544,9 @@ class MockServer(ThreadingHTTPServer):
                     return (200, copy.deepcopy(s.tls_errors))
             if path == "/__mock/state":
                 return (200, s.state())
+            if path == "/__mock/responses":
+                with s.lock:
+                    return (200, [s.response_summary(e) for e in s.responses.values()])
             if method != "POST":
                 return (405, {"error": f"{method} {path}: use POST"})
             if path == "/__mock/reset":
@@ -406,9 +573,17 @@ class MockServer(ThreadingHTTPServer):
                         s.rng.seed(data["seed"])
                 return (200, {"ok": True, "fail_rate": s.fail_rate})
             if path == "/__mock/config":
+                data = data or {}
+                unknown = set(data) - {"stream_delay_ms", "background_delay_ms", "entra_token_secret"}
+                if unknown:
+                    raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
                 with s.lock:
-                    if "stream_delay_ms" in (data or {}):
+                    if "stream_delay_ms" in data:
                         s.stream_delay_ms = int(data["stream_delay_ms"])
+                    if "background_delay_ms" in data:
+                        s.background_delay_ms = int(data["background_delay_ms"])
+                    if "entra_token_secret" in data:
+                        s.entra_token_secret = data["entra_token_secret"] or None
                 return (200, s.state())
             if path == "/__mock/forbid":
                 with s.lock:
@@ -428,6 +603,10 @@ class MockServer(ThreadingHTTPServer):
                 "api_versions": self.api_versions,
                 "deployments": self.deployments,
                 "stream_delay_ms": self.stream_delay_ms,
+                "background_delay_ms": self.background_delay_ms,
+                "responses_api_versions": self.responses_api_versions or None,
+                "entra_tokens": bool(self.entra_token_secret),
+                "responses_stored": sum(1 for e in self.responses.values() if e["store"] and not e["deleted"]),
                 "tls": self.tls,
                 "expect_sni": self.expect_sni,
                 "script": [dict(s) for s in self.script],
@@ -436,6 +615,37 @@ class MockServer(ThreadingHTTPServer):
                 "leaks": len(self.leaks),
                 "tls_errors": len(self.tls_errors),
             }
+
+    # -- Responses API store -------------------------------------------------------------------
+
+    def remember_response(self, entry: dict):
+        with self.lock:
+            self.responses[entry["id"]] = entry
+            while len(self.responses) > self.max_stored_responses:
+                self.responses.popitem(last=False)
+
+    def stored_response(self, response_id) -> dict | None:
+        """The entry of a response this instance created and still serves (stored, not deleted)."""
+        with self.lock:
+            e = self.responses.get(response_id) if isinstance(response_id, str) else None
+            if e is None or not e["store"] or e["deleted"]:
+                return None
+            return e
+
+    def current_response(self, entry: dict) -> dict:
+        """A stored response as GET would show it now (a background one completes after background_delay_ms)."""
+        with self.lock:
+            if entry["response"]["status"] in ("queued", "in_progress") and entry["final"] is not None \
+                    and time.time() >= entry["ready_at"]:
+                entry["response"] = entry["final"]
+                entry["final"] = None
+            return copy.deepcopy(entry["response"])
+
+    def response_summary(self, e: dict) -> dict:
+        return {"id": e["id"], "status": self.current_response(e)["status"], "store": e["store"],
+                "background": e["background"], "deleted": e["deleted"], "model": e["model"],
+                "deployment": e["deployment"], "previous_response_id": e["previous_response_id"],
+                "created": e["created"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,6 +863,7 @@ class MockHandler(BaseHTTPRequestHandler):
             is_json = parsed is not None
         except ValueError:
             parsed, is_json = None, False
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         with s.lock:
             s._seq += 1
             rec = {
@@ -661,7 +872,7 @@ class MockHandler(BaseHTTPRequestHandler):
                 "method": self.command,
                 "path": split.path,
                 "raw_path": self.path,
-                "query": {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()},
+                "query": query,
                 "headers": headers,
                 "body": parsed if is_json else (text if text else None),
                 "body_is_json": is_json,
@@ -675,6 +886,15 @@ class MockHandler(BaseHTTPRequestHandler):
                 "provider": s.provider,
                 "mock": s.name,
                 "sni": getattr(self.request, "_mock_sni", None),
+                # what the mock understood (None until known): see the module docstring
+                "api_style": None,
+                "operation": None,
+                "model": parsed.get("model") if is_json and isinstance(parsed, dict) else None,
+                "deployment": None,
+                "api_version": query.get("api-version"),
+                "credential": None,
+                "entra_token": None,
+                "response_id": None,
             }
             s.log.append(rec)
         return rec
@@ -828,12 +1048,13 @@ class MockHandler(BaseHTTPRequestHandler):
         if not self._check_leaks(rec, body):
             return
         if s.provider == OPENAI:
-            self._handle_openai(rec, path, body)
+            self._handle_openai(rec, path, body, query)
         else:
             self._handle_azure(rec, path, query, body)
 
-    def _handle_openai(self, rec, path, body):
+    def _handle_openai(self, rec, path, body, query=""):
         s = self.server
+        rec["api_style"] = "openai"
         auth = self.headers.get("Authorization")
         if not auth or not auth.startswith("Bearer ") or not auth[7:].strip():
             return self._oai_error(401, "You didn't provide an API key. You need to provide your API key in an "
@@ -846,14 +1067,23 @@ class MockHandler(BaseHTTPRequestHandler):
             return self._oai_error(401, f"Incorrect API key provided: {mask_key(auth[7:].strip())}. You can find "
                                    f"your API key at https://platform.openai.com/account/api-keys.",
                                    "invalid_request_error", None, "invalid_api_key")
+        rec["credential"] = "bearer"
         if path in ("/v1/models", "/v1/models/") and self.command == "GET":
             return self._send_json(200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
                 for m in (s.models or OPENAI_MODELS)]})
+        rm = OPENAI_RESPONSES_RE.match(path)
+        if rm is not None:
+            op = _responses_operation(self.command, rm.group(1), rm.group(2))
+            if op is None:
+                return self._oai_error(404, f"Invalid URL ({self.command} {path})", "invalid_request_error", None,
+                                       "unknown_url")
+            return self._responses(rec, op, rm.group(1), query, body, None)
         op = OPENAI_OPERATIONS.get(path)
         if op is None or self.command != "POST":
             return self._oai_error(404, f"Invalid URL ({self.command} {path})", "invalid_request_error", None,
                                    "unknown_url")
+        rec["operation"] = op
         if not self._check_content_type():
             return
         req = self._parse_body(body)
@@ -869,31 +1099,83 @@ class MockHandler(BaseHTTPRequestHandler):
                                    "invalid_request_error", None, "model_not_found")
         self._answer(rec, op, req, model, None, f"mock {s.name}", None)
 
+    def _azure_credential(self, rec, v1: bool) -> str | None:
+        """The credential kind this request authenticates with, or None after answering 401.
+
+        api-key: <key> (optionally with Authorization: Bearer <ad_token | Entra mock token>), or
+        Authorization: Bearer <ad_token | Entra mock token>; on the v1 API also Bearer <api key>
+        (what the OpenAI SDK sends with api_key=<azure key>, and the real v1 API accepts).
+        """
+        s = self.server
+        api_key = self.headers.get("api-key")
+        auth = self.headers.get("Authorization")
+
+        def bearer(value: str) -> str | None:
+            if not value.startswith("Bearer "):
+                return None
+            token = value[7:]
+            if s.ad_token and token == s.ad_token:
+                return "ad-token"
+            if s.entra_token_secret:
+                verdict, claims = verify_entra_token(s.entra_token_secret, token)
+                if claims is not None and verdict != "invalid":
+                    rec["entra_token"] = {"jti": claims.get("jti"), "exp_ms": claims.get("exp_ms"),
+                                          "expired": verdict == "expired"}
+                if verdict == "ok":
+                    return "entra"
+            if v1 and token == s.api_key:
+                return "bearer-api-key"
+            return None
+
+        if api_key is not None:
+            kind = None
+            if api_key == s.api_key:
+                if auth is None:
+                    kind = "api-key"
+                else:
+                    extra = bearer(auth)
+                    kind = "api-key+" + extra if extra else None
+            if kind:
+                rec["credential"] = kind
+                return kind
+        elif auth is not None:
+            kind = bearer(auth)
+            if kind:
+                rec["credential"] = kind
+                return kind
+            self._az_error(401, "401", AZURE_TOKEN_MESSAGE)
+            return None
+        self._az_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. "
+                       "Make sure to provide a valid key for an active subscription and use a correct "
+                       "regional API endpoint for your resource.")
+        return None
+
+    def _deployment_not_found(self):
+        return self._az_error(404, "DeploymentNotFound", "The API deployment for this resource does not exist. "
+                              "If you created the deployment within the last 5 minutes, please wait a moment "
+                              "and try again.")
+
     def _handle_azure(self, rec, path, query, body):
         s = self.server
         qs = parse_qs(query, keep_blank_values=True)
         api_version = (qs.get("api-version") or [None])[-1]
+        if path.startswith("/openai/v1/"):
+            return self._handle_azure_v1(rec, path, api_version, query, body)
+        rm = AZURE_RESPONSES_RE.match(path)
+        if rm is not None:
+            return self._handle_azure_responses(rec, path, rm, api_version, query, body)
         m = AZURE_PATH_RE.match(path)
         if not api_version or m is None or self.command != "POST":
             return self._az_error(404, "404", "Resource not found")
-        api_key = self.headers.get("api-key")
-        auth = self.headers.get("Authorization")
-        ok = False
-        if api_key is not None:
-            ok = api_key == s.api_key and (auth is None or (s.ad_token and auth == f"Bearer {s.ad_token}"))
-        elif auth is not None:
-            ok = bool(s.ad_token) and auth == f"Bearer {s.ad_token}"
-        if not ok:
-            return self._az_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. "
-                                  "Make sure to provide a valid key for an active subscription and use a correct "
-                                  "regional API endpoint for your resource.")
+        rec["api_style"] = "deployments"
+        if not self._azure_credential(rec, v1=False):
+            return
         if api_version not in s.api_versions:
             return self._az_error(400, "BadRequest", "API version not supported")
         deployment, op = m.group(1), AZURE_OPERATIONS[m.group(2)]
+        rec["operation"], rec["deployment"] = op, deployment
         if deployment not in s.deployments:
-            return self._az_error(404, "DeploymentNotFound", "The API deployment for this resource does not exist. "
-                                  "If you created the deployment within the last 5 minutes, please wait a moment "
-                                  "and try again.")
+            return self._deployment_not_found()
         if not self._check_content_type():
             return
         req = self._parse_body(body)
@@ -903,6 +1185,378 @@ class MockHandler(BaseHTTPRequestHandler):
             return
         model = s.deployments[deployment]
         self._answer(rec, op, req, model, api_version, f"mock {s.name} deployment {deployment}", deployment)
+
+    def _handle_azure_v1(self, rec, path, api_version, query, body):
+        """The v1 API: /openai/v1/{chat/completions,embeddings,responses...}, body model = a deployment."""
+        s = self.server
+        rec["api_style"] = "v1"
+        tail = path[len("/openai/v1/"):]
+        rm = AZURE_V1_RESPONSES_RE.match(path)
+        if rm is not None:
+            op = _responses_operation(self.command, rm.group(1), rm.group(2))
+        else:
+            op = AZURE_V1_OPERATIONS.get(tail) if self.command == "POST" else None
+        if op is None:
+            return self._az_error(404, "404", "Resource not found")
+        rec["operation"] = op
+        if not self._azure_credential(rec, v1=True):
+            return
+        if api_version is not None and api_version not in AZURE_V1_API_VERSIONS:
+            return self._az_error(400, "BadRequest", "API version not supported")
+        if rm is not None:
+            return self._responses(rec, op, rm.group(1), query, body, api_version or "v1")
+        if not self._check_content_type():
+            return
+        req = self._parse_body(body)
+        if req is None:
+            return
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            return self._invalid(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
+        if model not in s.deployments:
+            return self._deployment_not_found()
+        rec["deployment"] = model
+        if not self._validate_op(op, req):
+            return
+        self._answer(rec, op, req, s.deployments[model], api_version or "v1",
+                     f"mock {s.name} deployment {model}", model)
+
+    def _handle_azure_responses(self, rec, path, rm, api_version, query, body):
+        """Deployments-style Responses: /openai/responses[/{id}[/cancel|/input_items]]?api-version=..."""
+        s = self.server
+        op = _responses_operation(self.command, rm.group(1), rm.group(2))
+        if not api_version or op is None:
+            return self._az_error(404, "404", "Resource not found")
+        rec["api_style"], rec["operation"] = "deployments", op
+        if not self._azure_credential(rec, v1=False):
+            return
+        if s.responses_api_versions:
+            problem = None if api_version in s.responses_api_versions else AZURE_RESPONSES_VERSION_MESSAGE
+        elif api_version == "preview":
+            problem = None
+        else:
+            dm = re.fullmatch(r"(\d{4}-\d{2}-\d{2})(-preview)?", api_version)
+            if dm is None:
+                problem = "API version not supported"
+            elif dm.group(2) and dm.group(1) >= AZURE_RESPONSES_MIN_API_VERSION:
+                problem = None
+            else:
+                problem = AZURE_RESPONSES_VERSION_MESSAGE
+        if problem:
+            return self._az_error(400, "BadRequest", problem)
+        self._responses(rec, op, rm.group(1), query, body, api_version)
+
+    # --- Responses API (both providers) -----------------------------------------------------------
+
+    def _response_not_found(self, response_id):
+        return self._oai_error(404, f"Response with id '{response_id}' not found.", "invalid_request_error", None,
+                               None)
+
+    def _responses(self, rec, op, response_id, query, body, api_version):
+        """POST /responses, GET/DELETE /responses/{id}, POST .../cancel, GET .../input_items.
+
+        The path, method, credential and (Azure) api-version were checked by the caller; api_version
+        is None for OpenAI, "v1" (or "preview"/"latest") for Azure's v1 API, the dated version else.
+        """
+        s = self.server
+        rec["operation"] = op
+        if op != "responses":
+            rec["response_id"] = response_id
+            entry = s.stored_response(response_id)
+            if entry is None:
+                return self._response_not_found(response_id)
+            return self._responses_by_id(rec, op, entry, query, api_version)
+        if not self._check_content_type():
+            return
+        if not body.strip():
+            return self._invalid(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
+        req = self._parse_body(body)
+        if req is None:
+            return
+        model = req.get("model")
+        if model is None:
+            return self._invalid(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
+        if not isinstance(model, str) or not model:
+            return self._invalid(400, f"Invalid type for 'model': expected a string, but got {_json_type(model)} "
+                                 "instead.", "model", "invalid_type")
+        deployment = None
+        if s.provider == AZURE:
+            if model not in s.deployments:
+                return self._deployment_not_found()
+            deployment = rec["deployment"] = model
+            resp_model, who = s.deployments[model], f"mock {s.name} deployment {model}"
+        else:
+            if s.models and model not in s.models:
+                return self._oai_error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                       "invalid_request_error", None, "model_not_found")
+            resp_model, who = model, f"mock {s.name}"
+        if not self._validate_responses(req):
+            return
+        prev_id = req.get("previous_response_id")
+        prev = s.stored_response(prev_id) if prev_id is not None else None
+        if prev_id is not None and prev is None:
+            return self._invalid(400, f"Previous response with id '{prev_id}' not found.", "previous_response_id",
+                                 "previous_response_not_found")
+        step = self._take_step(rec)
+        status = int(step.get("status", 200))
+        if status != 200:
+            return self._scripted_error(step, op, model, api_version)
+        extra = {str(k): str(v) for k, v in (step.get("headers") or {}).items()}
+        if "body" in step:
+            return self._send_json(200, step["body"], extra)
+
+        content = f"Hello from {who}"
+        final = self._response_object(req, resp_model, content, prev)
+        rid = rec["response_id"] = final["id"]
+        store = req.get("store") is not False
+        background = req.get("background") is True
+        shown = final
+        if background and not req.get("stream"):
+            shown = copy.deepcopy(final)
+            shown.update({"status": "queued", "output": [], "usage": None, "completed_at": None})
+        s.remember_response({
+            "id": rid, "response": shown, "final": final if shown is not final else None,
+            "ready_at": time.time() + s.background_delay_ms / 1000.0, "input_items": self._input_items(req["input"]),
+            "store": store, "background": background, "deleted": False, "model": model, "deployment": deployment,
+            "previous_response_id": prev_id, "created": time.time()})
+        if req.get("stream") is True:
+            return self._send_sse(self._response_events(final), extra, step.get("close_after_events"))
+        return self._send_json(200, shown, extra)
+
+    def _responses_by_id(self, rec, op, entry, query, api_version):
+        s = self.server
+        qs = parse_qs(query, keep_blank_values=True)
+        limit, order, after = 20, "desc", None
+        if op == "responses.retrieve" and (qs.get("stream") or [""])[-1].lower() == "true":
+            return self._invalid(400, "Streaming a stored response again (stream=true) is not supported by this "
+                                 "mock.", "stream", "unsupported_value")
+        if op == "responses.input_items":
+            raw_limit = (qs.get("limit") or ["20"])[-1]
+            if not re.fullmatch(r"-?\d+", raw_limit):
+                return self._invalid(400, f"Invalid 'limit': expected an integer, but got '{raw_limit}' instead.",
+                                     "limit", "invalid_type")
+            limit = int(raw_limit)
+            if not 1 <= limit <= 100:
+                code = "integer_below_min_value" if limit < 1 else "integer_above_max_value"
+                return self._invalid(400, f"Invalid 'limit': integer {'below minimum' if limit < 1 else 'above maximum'}"
+                                     f" value. Expected a value {'>= 1' if limit < 1 else '<= 100'}, but got {limit}"
+                                     " instead.", "limit", code)
+            order = (qs.get("order") or ["desc"])[-1]
+            if order not in ("asc", "desc"):
+                return self._invalid(400, f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.",
+                                     "order", "invalid_value")
+            after = (qs.get("after") or [None])[-1]
+        step = self._take_step(rec)
+        status = int(step.get("status", 200))
+        if status != 200:
+            return self._scripted_error(step, op, entry["model"], api_version)
+        extra = {str(k): str(v) for k, v in (step.get("headers") or {}).items()}
+        if "body" in step:
+            return self._send_json(200, step["body"], extra)
+        if op == "responses.retrieve":
+            return self._send_json(200, s.current_response(entry), extra)
+        if op == "responses.delete":
+            with s.lock:
+                entry["deleted"] = True
+            obj = "response.deleted" if s.provider == OPENAI else "response"
+            return self._send_json(200, {"id": entry["id"], "object": obj, "deleted": True}, extra)
+        if op == "responses.cancel":
+            if not entry["background"]:
+                return self._invalid(400, "Cannot cancel a synchronous response.")
+            cur = s.current_response(entry)
+            if cur["status"] in ("queued", "in_progress"):
+                with s.lock:
+                    cur["status"] = "cancelled"
+                    entry["response"], entry["final"] = copy.deepcopy(cur), None
+            return self._send_json(200, cur, extra)
+        # input_items
+        items = list(entry["input_items"])
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [i["id"] for i in items]
+            items = items[ids.index(after) + 1:] if after in ids else []
+        page = copy.deepcopy(items[:limit])
+        return self._send_json(200, {"object": "list", "data": page,
+                                     "first_id": page[0]["id"] if page else None,
+                                     "last_id": page[-1]["id"] if page else None,
+                                     "has_more": len(items) > limit}, extra)
+
+    def _validate_responses(self, req: dict) -> bool:
+        inp = req.get("input")
+        if inp is None:
+            self._invalid(400, "Missing required parameter: 'input'.", "input", "missing_required_parameter")
+            return False
+        if not isinstance(inp, (str, list)):
+            self._invalid(400, "Invalid type for 'input': expected one of a string or array of input items, but got "
+                          f"{_json_type(inp)} instead.", "input", "invalid_type")
+            return False
+        for i, item in enumerate(inp if isinstance(inp, list) else []):
+            if not isinstance(item, dict):
+                self._invalid(400, f"Invalid type for 'input[{i}]': expected an input item, but got "
+                              f"{_json_type(item)} instead.", f"input[{i}]", "invalid_type")
+                return False
+            typ = item.get("type", "message")
+            if not isinstance(typ, str):
+                self._invalid(400, f"Invalid type for 'input[{i}].type': expected a string, but got "
+                              f"{_json_type(typ)} instead.", f"input[{i}].type", "invalid_type")
+                return False
+            if typ != "message":
+                continue
+            role = item.get("role")
+            if role is None:
+                self._invalid(400, f"Missing required parameter: 'input[{i}].role'.", f"input[{i}].role",
+                              "missing_required_parameter")
+                return False
+            if role not in ("user", "assistant", "system", "developer"):
+                self._invalid(400, f"Invalid value: '{role}'. Supported values are: 'assistant', 'system', "
+                              "'developer', and 'user'.", f"input[{i}].role", "invalid_value")
+                return False
+            if "content" not in item:
+                self._invalid(400, f"Missing required parameter: 'input[{i}].content'.", f"input[{i}].content",
+                              "missing_required_parameter")
+                return False
+            if not isinstance(item["content"], (str, list)):
+                self._invalid(400, f"Invalid type for 'input[{i}].content': expected one of a string or array of "
+                              f"input content, but got {_json_type(item['content'])} instead.",
+                              f"input[{i}].content", "invalid_type")
+                return False
+        for key in ("stream", "store", "background", "parallel_tool_calls"):
+            val = req.get(key)
+            if val is not None and not isinstance(val, bool):
+                self._invalid(400, f"Invalid type for '{key}': expected a boolean, but got {_json_type(val)} "
+                              "instead.", key, "invalid_type")
+                return False
+        instructions = req.get("instructions")
+        if instructions is not None and not isinstance(instructions, (str, list)):
+            self._invalid(400, f"Invalid type for 'instructions': expected a string, but got "
+                          f"{_json_type(instructions)} instead.", "instructions", "invalid_type")
+            return False
+        mot = req.get("max_output_tokens")
+        if mot is not None:
+            if isinstance(mot, bool) or not isinstance(mot, int):
+                self._invalid(400, f"Invalid type for 'max_output_tokens': expected an integer, but got "
+                              f"{_json_type(mot)} instead.", "max_output_tokens", "invalid_type")
+                return False
+            if mot < 16:
+                self._invalid(400, f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+                              f"16, but got {mot} instead.", "max_output_tokens", "integer_below_min_value")
+                return False
+        prev = req.get("previous_response_id")
+        if prev is not None:
+            if not isinstance(prev, str):
+                self._invalid(400, f"Invalid type for 'previous_response_id': expected a string, but got "
+                              f"{_json_type(prev)} instead.", "previous_response_id", "invalid_type")
+                return False
+            if not prev.startswith("resp"):
+                self._invalid(400, f"Invalid 'previous_response_id': '{prev}'. Expected an ID that begins with "
+                              "'resp'.", "previous_response_id", "invalid_value")
+                return False
+        return True
+
+    def _response_object(self, req: dict, model: str, content: str, prev: dict | None) -> dict:
+        """A completed Response with one assistant message; usage.input_tokens counts the input, the
+        instructions and (as the real service bills it) the previous response's conversation."""
+        now = _now()
+        input_tokens = _approx_tokens(req.get("input")) + _approx_tokens(req.get("instructions"))
+        if prev is not None:
+            pu = (prev["final"] or prev["response"]).get("usage") or {}
+            input_tokens += int(pu.get("total_tokens") or 0)
+        output_tokens = len(content.split())
+        text_cfg = req.get("text") if isinstance(req.get("text"), dict) else {}
+        return {
+            "id": _hex_id("resp_"),
+            "object": "response",
+            "created_at": now,
+            "status": "completed",
+            "background": req.get("background") is True,
+            "completed_at": now,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": req.get("instructions"),
+            "max_output_tokens": req.get("max_output_tokens"),
+            "max_tool_calls": req.get("max_tool_calls"),
+            "model": model,
+            "output": [{
+                "id": _hex_id("msg_"),
+                "type": "message",
+                "status": "completed",
+                "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": content}],
+                "role": "assistant",
+            }],
+            "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
+            "previous_response_id": req.get("previous_response_id"),
+            "prompt_cache_key": req.get("prompt_cache_key"),
+            "reasoning": {"effort": None, "summary": None},
+            "safety_identifier": req.get("safety_identifier"),
+            "service_tier": "default",
+            "store": req.get("store") is not False,
+            "temperature": req.get("temperature", 1.0),
+            "text": {"format": {"type": "text"}, "verbosity": "medium", **text_cfg},
+            "tool_choice": req.get("tool_choice", "auto"),
+            "tools": req.get("tools") or [],
+            "top_logprobs": req.get("top_logprobs", 0),
+            "top_p": req.get("top_p", 1.0),
+            "truncation": req.get("truncation", "disabled"),
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+            "user": req.get("user"),
+            "metadata": req.get("metadata") or {},
+        }
+
+    @staticmethod
+    def _input_items(inp) -> list[dict]:
+        """The input as stored input items (what GET .../input_items lists), oldest first, with ids."""
+        items = [{"type": "message", "role": "user", "content": inp}] if isinstance(inp, str) else inp
+        out = []
+        for item in items:
+            it = copy.deepcopy(item)
+            typ = it.setdefault("type", "message")
+            if typ == "message":
+                if isinstance(it.get("content"), str):
+                    if it.get("role") == "assistant":
+                        it["content"] = [{"type": "output_text", "text": it["content"], "annotations": []}]
+                    else:
+                        it["content"] = [{"type": "input_text", "text": it["content"]}]
+                it.setdefault("status", "completed")
+            it.setdefault("id", _hex_id("msg_" if typ == "message" else "item_"))
+            out.append(it)
+        return out
+
+    @staticmethod
+    def _response_events(final: dict) -> list[str]:
+        """The SSE frames of a streamed text answer, `event:` + `data:` lines, sequence_number from 0."""
+        frames: list[str] = []
+
+        def ev(type_: str, **fields):
+            obj = {"type": type_, "sequence_number": len(frames), **fields}
+            frames.append(f"event: {type_}\ndata: {_sse_json(obj)}\n\n")
+
+        msg = final["output"][0]
+        text = msg["content"][0]["text"]
+        pending = copy.deepcopy(final)
+        pending.update({"status": "in_progress", "output": [], "usage": None, "completed_at": None})
+        ids = {"item_id": msg["id"], "output_index": 0}
+        ev("response.created", response=pending)
+        ev("response.in_progress", response=pending)
+        ev("response.output_item.added", output_index=0,
+           item={"id": msg["id"], "type": "message", "status": "in_progress", "content": [], "role": "assistant"})
+        ev("response.content_part.added", **ids, content_index=0,
+           part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})
+        words = text.split(" ")
+        for i, w in enumerate(words):
+            ev("response.output_text.delta", **ids, content_index=0, delta=w if i == 0 else " " + w, logprobs=[])
+        ev("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+        ev("response.content_part.done", **ids, content_index=0,
+           part={"type": "output_text", "annotations": [], "logprobs": [], "text": text})
+        ev("response.output_item.done", output_index=0, item=msg)
+        ev("response.completed", response=final)
+        return frames
 
     def _check_content_type(self) -> bool:
         """The APIs parse a body only when it is declared as JSON."""
@@ -1012,7 +1666,9 @@ class MockHandler(BaseHTTPRequestHandler):
                 self.server.script.insert(0, follow)
         return step
 
-    def _answer(self, rec, op, req, model, api_version, who, deployment):
+    def _take_step(self, rec) -> dict:
+        """This request's scripted step (x-mock-status*, script, fail rate, x-mock-delay-ms), recorded;
+        its delay is served and a close step resets the connection here."""
         s = self.server
         step = self._forced_step()
         if step is None:
@@ -1025,6 +1681,10 @@ class MockHandler(BaseHTTPRequestHandler):
             time.sleep(int(step["delay_ms"]) / 1000.0)
         if step.get("close"):
             self._abort()
+        return step
+
+    def _answer(self, rec, op, req, model, api_version, who, deployment):
+        step = self._take_step(rec)
         status = int(step.get("status", 200))
         if status != 200:
             return self._scripted_error(step, op, model, api_version)
@@ -1148,7 +1808,12 @@ class MockHandler(BaseHTTPRequestHandler):
                 events.append(_sse_json({"id": cid, "object": "text_completion", "created": created,
                                           "model": resp_model, "choices": [], "usage": self._usage(req, content)}))
         events.append("[DONE]")
+        self._send_sse([f"data: {ev}\n\n" for ev in events], extra, close_after_events)
 
+    def _send_sse(self, frames: list[str], extra: dict, close_after_events):
+        """200 text/event-stream, one SSE event per HTTP chunk, stream_delay_ms apart (never gzipped);
+        close_after_events=N resets the connection after N events."""
+        s = self.server
         headers = self._base_headers()
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
@@ -1161,12 +1826,12 @@ class MockHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         delay = s.stream_delay_ms / 1000.0
-        for i, ev in enumerate(events):
+        for i, frame in enumerate(frames):
             if close_after_events is not None and i >= int(close_after_events):
                 self._abort()
             if i > 0 and delay > 0:
                 time.sleep(delay)
-            data = f"data: {ev}\n\n".encode()
+            data = frame.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
@@ -1194,7 +1859,12 @@ def start(provider: str, port: int = 0, **opts):
     opts: api_key, host ("*" disables the Host check), resource, api_versions, deployments
     ("dep" or "dep=model", list or comma string), ad_token, stream_delay_ms, tls_cert, tls_key,
     expect_sni, name (label used in answers: "Hello from mock <name>..."), forbid (secrets that
-    must never arrive), models (openai: accepted models), region, bind, quiet.
+    must never arrive), models (openai: accepted models), region, bind, quiet,
+    entra_token_secret (azure: also accept Bearer tokens minted by tests/mocks/entra.py with this
+    HMAC secret, until they expire), responses_api_versions (azure: the api-versions the
+    deployments-style Responses API accepts; default 2025-03-01-preview and later + "preview"),
+    background_delay_ms (Responses "background": true answers complete this late, default 0),
+    max_stored_responses (response ids remembered, default 10000).
     Stop with server.stop().
     """
     server = MockServer(provider, port, **opts)
@@ -1211,6 +1881,10 @@ def main(argv=None):
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--api-key")
     p.add_argument("--ad-token", help="azure: also accept Authorization: Bearer <token>")
+    p.add_argument("--entra-token-secret", help="azure: accept Bearer tokens minted by tests/mocks/entra.py with "
+                                                "this HMAC secret until they expire")
+    p.add_argument("--responses-api-versions", help="azure: api-versions of /openai/responses (default: "
+                                                    "2025-03-01-preview and later, preview)")
     p.add_argument("--host", help="expected Host header ('*' = any)")
     p.add_argument("--resource", help="azure resource name (host <resource>.openai.azure.com)")
     p.add_argument("--api-versions", help="azure: comma-separated supported api-versions")
@@ -1231,7 +1905,8 @@ def main(argv=None):
                         api_versions=a.api_versions, deployments=a.deployments, ad_token=a.ad_token,
                         stream_delay_ms=a.stream_delay_ms, tls_cert=a.tls_cert, tls_key=a.tls_key,
                         expect_sni=a.expect_sni, name=a.name, forbid=a.forbid, models=a.models,
-                        region=a.region, bind=a.bind, quiet=a.quiet)
+                        region=a.region, bind=a.bind, quiet=a.quiet, entra_token_secret=a.entra_token_secret,
+                        responses_api_versions=a.responses_api_versions)
 
     def _term(*_):
         threading.Thread(target=server.stop, daemon=True).start()
