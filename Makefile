@@ -11,7 +11,7 @@ WASM      := dist/llm_failover.wasm
 STAMP_VENV := $(VENV)/.installed
 RUSTUP_STAMP := target/.wasm32-target
 
-.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools
+.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools schema
 
 setup: $(STAMP_VENV) $(RUSTUP_STAMP) system-tools
 
@@ -34,9 +34,9 @@ $(RUSTUP_STAMP):
 	rustup target add $(WASM_TARGET)
 	mkdir -p target && touch $@
 
-# wasm-opt (binaryen) shrinks the module by about a fifth; the features are those rustc's
-# wasm32-wasip1 output uses.
-WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+# wasm-opt (binaryen) at the speed level of the release profile (docs/performance.md); the
+# features are those rustc's wasm32-wasip1 output uses.
+WASM_OPT_FLAGS := -O2 --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
                   --enable-mutable-globals --enable-reference-types --enable-multivalue
 
 $(WASM): $(RUSTUP_STAMP) Cargo.toml $(shell find src -name '*.rs') | system-tools
@@ -52,6 +52,10 @@ run: setup build
 
 unit:
 	cargo test --quiet
+
+# docs/config.schema.json from the configuration's types (a unit test fails when it is stale).
+schema:
+	UPDATE_SCHEMA=1 cargo test --quiet --lib the_committed_json_schema
 
 integration: setup build
 	$(PY) -m pytest -q tests
@@ -79,9 +83,9 @@ validate: setup build $(ISTIO_VALIDATOR)
 # pytest runs last, so its summary closes the output.
 test: setup lint unit build validate fuzz-short integration
 
-# Benchmarks: plain Envoy, a no-op Wasm filter (bench/noop), llm-failover and the floor
-# (bench/floor) side by side on loopback, nginx as upstream, wrk as load; writes BENCHMARKS.md
-# (about 2.5 minutes).
+# Benchmarks: plain Envoy, a no-op Wasm filter (bench/noop), llm-failover, the floor
+# (bench/floor) and Envoy's Lua filter doing the same failover (bench/lua/failover.lua) side by
+# side on loopback, nginx as upstream, wrk as load; writes BENCHMARKS.md (about 3.5 minutes).
 .PHONY: bench-tools
 bench-tools:
 	@missing=""; \
@@ -96,14 +100,14 @@ bench: setup build bench-tools
 # Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
 # for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for
 # FUZZ_SHORT_SECONDS and is part of `make test`. Crashes are saved in fuzz/artifacts/<target>/.
-FUZZ_TARGETS := config_parse rewrite chain cache retry_after json
+FUZZ_TARGETS := config_parse rewrite chain cache retry_after body
 FUZZ_SECONDS ?= 600
 FUZZ_SHORT_SECONDS ?= 10
 FUZZ_FLAGS := --sanitizer none
 FUZZ_DICT_config_parse := -dict=dicts/json.dict
 FUZZ_DICT_rewrite := -dict=dicts/json.dict
 FUZZ_DICT_cache := -dict=dicts/json.dict
-FUZZ_DICT_json := -dict=dicts/json.dict
+FUZZ_DICT_body := -dict=dicts/json.dict
 FUZZ_DICT_retry_after := -dict=dicts/http.dict
 
 .PHONY: fuzz-tools fuzz-build fuzz-short
@@ -113,14 +117,14 @@ fuzz-tools:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 fuzz-build: fuzz-tools
-	cd fuzz && env -u MAKEFLAGS cargo +nightly fuzz build $(FUZZ_FLAGS)
+	cd fuzz && env -u MAKEFLAGS -u MFLAGS cargo +nightly fuzz build $(FUZZ_FLAGS)
 
 fuzz: $(addprefix fuzz-run-,$(FUZZ_TARGETS))
 
 # Output lines carry the target's name, so runs in parallel stay readable.
 fuzz-run-%: fuzz-build
 	mkdir -p fuzz/corpus/$*
-	set -o pipefail; cd fuzz && env -u MAKEFLAGS cargo +nightly fuzz run $(FUZZ_FLAGS) $* corpus/$* seeds/$* -- \
+	set -o pipefail; cd fuzz && env -u MAKEFLAGS -u MFLAGS cargo +nightly fuzz run $(FUZZ_FLAGS) $* corpus/$* seeds/$* -- \
 	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 $(FUZZ_DICT_$*) \
 	  2>&1 | sed -u 's/^/[$*] /'
 

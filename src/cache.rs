@@ -2,8 +2,12 @@
 //! `max_entries` slots (a direct-mapped cache), so memory is bounded by construction however many
 //! distinct prompts arrive: a new entry evicts whatever held its slot.
 
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
 use crate::auth::sha256;
-use crate::json;
+use crate::body::Body;
 use crate::rewrite::Operation;
 
 pub type Digest = [u8; 32];
@@ -12,11 +16,13 @@ pub type Digest = [u8; 32];
 pub const SLOT_PREFIX: &str = "llm_failover.cache.";
 
 /// The cache key of a request: SHA-256 over the gateway key's name, the operation and the
-/// canonical JSON of the body (object keys sorted, a repeated key's last value, insignificant white
-/// space dropped, numbers as written), so two bodies that differ only in key order or spacing
-/// share an entry. `None` if the body is not JSON.
-pub fn key(key_name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
-    let canonical = json::to_vec(&json::parse(body).ok()?);
+/// canonical JSON of the body (serde_json's: object keys sorted, a repeated key's last value,
+/// no insignificant white space, integers apart from decimals so that `1` and `1.0` differ), so
+/// two bodies that differ only in key order, spacing or escapes share an entry.
+pub fn key(key_name: &str, op: Operation, body: &Body) -> Option<Digest> {
+    let members = body.members();
+    let sorted: BTreeMap<&str, &Value> = members.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let canonical = serde_json::to_vec(&sorted).ok()?;
     let mut material = Vec::with_capacity(key_name.len() + canonical.len() + 24);
     material.extend_from_slice(key_name.as_bytes());
     material.push(0);
@@ -125,6 +131,39 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::body::Keep;
+
+    fn key(name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
+        let body = Body::parse(body.to_vec(), Keep::Document).ok()?;
+        super::key(name, op, &body)
+    }
+
+    #[test]
+    fn numbers_count_as_integers_or_decimals() {
+        let one = key("a", Operation::ChatCompletions, br#"{"t":1}"#);
+        assert_ne!(one, key("a", Operation::ChatCompletions, br#"{"t":1.0}"#));
+        assert_eq!(
+            key("a", Operation::ChatCompletions, br#"{"t":1.0}"#),
+            key("a", Operation::ChatCompletions, br#"{"t":1.00}"#)
+        );
+        assert_eq!(
+            one,
+            key("a", Operation::ChatCompletions, br#"{"t":1,"t":1}"#)
+        );
+        assert_eq!(
+            key(
+                "a",
+                Operation::ChatCompletions,
+                br#"{"t":"\u0041","n":{"b":1,"a":2}}"#
+            ),
+            key(
+                "a",
+                Operation::ChatCompletions,
+                br#"{"n":{"a":2,"b":1},"t":"A"}"#
+            )
+        );
+    }
 
     #[test]
     fn key_ignores_key_order_and_spacing_but_not_content() {

@@ -3,8 +3,11 @@
 //! attempt and to callouts) are recognised as transport failures.
 
 use crate::chain::{Failure, FailureKind, Outcome};
+use serde::Deserialize;
+use serde_json::Value;
+
 use crate::config::Config;
-use crate::json::{self, Value};
+use crate::object::Obj;
 
 /// Whether an answer with this status needs its body read before it can be judged (a failure
 /// status, something Envoy may have generated, or a possible content-filter refusal).
@@ -85,24 +88,28 @@ fn envoy_transport_failure(
 }
 
 /// Azure's content filter: `{"error": {"code": "content_filter", ...}}` (also seen with the code
-/// in `innererror`).
+/// in `innererror`). Each level must be an object (or absent / null below the top).
 fn is_content_filter(body: &[u8]) -> bool {
-    let Ok(doc) = json::parse(body) else {
+    #[derive(Deserialize)]
+    struct Refusal {
+        error: Obj<Detail>,
+    }
+    #[derive(Deserialize)]
+    struct Detail {
+        code: Option<Value>,
+        innererror: Option<Obj<Inner>>,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        code: Option<Value>,
+    }
+    let Ok(Obj(refusal)) = serde_json::from_slice::<Obj<Refusal>>(body) else {
         return false;
     };
-    // Read as the serde structs it replaced: `{"error": {"code": any, "innererror": {"code":
-    // any}}}`, each level an object (or absent / null below the top), no repeated field.
-    let Some([Some(error)]) = json::fields(&doc, ["error"]) else {
-        return false;
-    };
-    let Some([code, inner]) = json::fields(error, ["code", "innererror"]) else {
-        return false;
-    };
-    let Some([inner_code]) = inner.map_or(Some([None]), |i| json::fields(i, ["code"])) else {
-        return false;
-    };
-    code.and_then(Value::as_str) == Some("content_filter")
-        || inner_code.and_then(Value::as_str) == Some("ResponsibleAIPolicyViolation")
+    let Obj(error) = refusal.error;
+    let inner = error.innererror.and_then(|Obj(i)| i.code);
+    error.code.as_ref().and_then(Value::as_str) == Some("content_filter")
+        || inner.as_ref().and_then(Value::as_str) == Some("ResponsibleAIPolicyViolation")
 }
 
 #[cfg(test)]

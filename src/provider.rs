@@ -3,7 +3,9 @@
 //! Azure OpenAI: `/openai/deployments/<deployment>/<operation>?api-version=<v>`, `api-key: <key>`
 //! (or `Authorization: Bearer <Entra ID token>`).
 
-use crate::config::{Credential, Provider, Target};
+use url::Url;
+
+use crate::config::{AzureSettings, Credential, Provider, Target};
 use crate::rewrite::Operation;
 
 /// Where one attempt goes on its target.
@@ -32,11 +34,7 @@ pub fn address(
             let deployment = azure
                 .deployment_for(model)
                 .ok_or(Unservable::NoDeployment)?;
-            format!(
-                "/openai/deployments/{deployment}/{}?api-version={}",
-                op.azure_suffix(),
-                azure.api_version
-            )
+            azure_path(azure, deployment, op).ok_or(Unservable::NoDeployment)?
         }
         // OpenAI, and paths we do not rewrite: as the client sent them.
         _ => client_path.to_string(),
@@ -45,6 +43,19 @@ pub fn address(
         path,
         authority: target.host.clone(),
     })
+}
+
+/// `/openai/deployments/<deployment>/<operation>?api-version=<v>`, each part percent-encoded.
+fn azure_path(azure: &AzureSettings, deployment: &str, op: Operation) -> Option<String> {
+    let mut url = Url::parse("https://azure.invalid/").ok()?;
+    url.path_segments_mut()
+        .ok()?
+        .clear()
+        .extend(["openai", "deployments", deployment])
+        .extend(op.azure_suffix().split('/'));
+    url.query_pairs_mut()
+        .append_pair("api-version", &azure.api_version);
+    Some(url[url::Position::BeforePath..].to_string())
 }
 
 /// The header that carries the target's credential.

@@ -1,7 +1,7 @@
 //! Replies the filter itself gives, in OpenAI's error shape:
 //! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`.
 
-use crate::json;
+use serde::Serialize;
 
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,19 +88,36 @@ impl Rejection {
     }
 
     pub fn reply(&self) -> LocalReply {
-        // Canonical JSON (keys sorted), as serde_json wrote it.
-        let mut body = br#"{"error":{"code":"#.to_vec();
-        json::write_str(&mut body, self.code());
-        body.extend_from_slice(br#","message":"#);
-        json::write_str(&mut body, &self.message());
-        body.extend_from_slice(br#","param":null,"type":"#);
-        json::write_str(&mut body, self.kind());
-        body.extend_from_slice(b"}}");
         LocalReply {
             status: self.status(),
-            body,
+            body: error_body(&self.message(), self.kind(), self.code()),
         }
     }
+}
+
+/// `{"error": {"message", "type", "param": null, "code"}}`, in the order OpenAI writes them.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    struct Detail<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        param: Option<&'a str>,
+        code: &'a str,
+    }
+    let body = Body {
+        error: Detail {
+            message,
+            kind,
+            param: None,
+            code,
+        },
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -33,31 +33,9 @@ pub fn parse<'a>(
     Some(Duration::from_secs(at.saturating_sub(now_unix_secs)).min(MAX))
 }
 
-fn number(v: &[u8], scale: u64) -> Option<u64> {
-    scaled_decimal(std::str::from_utf8(v).ok()?.trim(), scale)
-}
-
-/// A non-negative decimal such as `"1.25"` times `scale` (1000 -> 1250), without floating point.
-/// Digits finer than the scale are dropped; values too large saturate (callers clamp them).
-pub fn scaled_decimal(s: &str, scale: u64) -> Option<u64> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
-    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
-        return None;
-    }
-    let mut value = int.bytes().fold(0u64, |v, b| {
-        v.saturating_mul(10).saturating_add(u64::from(b - b'0'))
-    });
-    value = value.saturating_mul(scale);
-    let mut unit = scale;
-    for b in frac.bytes() {
-        unit /= 10;
-        if unit == 0 {
-            break;
-        }
-        value = value.saturating_add(u64::from(b - b'0') * unit);
-    }
-    Some(value)
+fn number(v: &[u8], scale: u128) -> Option<u64> {
+    let n = crate::duration::scaled_decimal(std::str::from_utf8(v).ok()?.trim(), scale)?;
+    Some(u64::try_from(n).unwrap_or(u64::MAX))
 }
 
 /// IMF-fixdate, e.g. `Wed, 21 Oct 2015 07:28:00 GMT`.

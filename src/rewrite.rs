@@ -1,8 +1,12 @@
 //! Client request -> request for one target: which operation it is, what its body says, and the
 //! body a target gets (its `model` and `override_params`).
 
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
+
+use crate::body::{Body, Keep};
 use crate::config::Target;
-use crate::json::{self, Value};
 
 /// The operations the filter rewrites and fails over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,72 +49,88 @@ impl Operation {
     }
 }
 
-/// What the filter needs to know from a request body.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct BodyInfo {
-    pub model: Option<String>,
-    pub stream: bool,
-}
-
-/// Checks that `body` is one JSON object and reads `model` and `stream` from it, without
-/// building the whole document.
-pub fn inspect(body: &[u8]) -> Result<BodyInfo, String> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    match first {
-        None => return Err("the body is empty".to_string()),
-        Some(b'{') => {}
-        Some(_) => return Err("the body is not a JSON object".to_string()),
+/// How much of the body the parse must keep for this request: the document when the cache will
+/// key it or a target of its chain may change it.
+pub fn keep_for<'a>(mut chain: impl Iterator<Item = &'a Target>, cacheable: bool) -> Keep {
+    if cacheable || chain.any(|t| t.model.is_some() || t.override_params.is_some()) {
+        Keep::Document
+    } else {
+        Keep::Typed
     }
-    // One pass: `model` and `stream` are kept, every other value is checked as strictly as
-    // `body_for` and the cache key will read it. A duplicate is refused: providers would not
-    // agree on which value counts.
-    let [model, stream] =
-        json::scan_object(body, ["model", "stream"]).map_err(|e| format!("invalid JSON ({e})"))?;
-    let model = match model {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(_) => return Err("'model' must be a string".to_string()),
-    };
-    let stream = match stream {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => return Err("'stream' must be a boolean".to_string()),
-    };
-    Ok(BodyInfo { model, stream })
 }
 
 /// The body `target` gets: the client's, unless the target sets `model` or `override_params`.
-/// `None` means "unchanged" (no copy made).
-pub fn body_for(target: &Target, body: &[u8]) -> Option<Vec<u8>> {
-    if target.model.is_none() && target.override_params.is_none() {
+/// `None` means "unchanged" (the client's bytes are sent as they are).
+pub fn body_for(target: &Target, body: &Body) -> Option<Vec<u8>> {
+    rewrite(
+        body,
+        target.model.as_deref(),
+        target.override_params.as_ref(),
+    )
+}
+
+/// The body with `model` set (in place, or first when the client sent none) and `overrides`
+/// deep-merged; `None` when neither is asked for.
+pub fn rewrite(
+    body: &Body,
+    model: Option<&str>,
+    overrides: Option<&Map<String, Value>>,
+) -> Option<Vec<u8>> {
+    if model.is_none() && overrides.is_none() {
         return None;
     }
-    let Ok(Value::Object(mut doc)) = json::parse(body) else {
-        return None;
-    };
-    if let Some(model) = &target.model {
-        doc.push(("model".to_string(), Value::String(model.clone())));
+    let document = body.members();
+    let mut members: Vec<(Cow<str>, Cow<Value>)> = document
+        .iter()
+        .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v)))
+        .collect();
+    if let Some(model) = model {
+        let value = Cow::Owned(Value::String(model.to_string()));
+        match members.iter_mut().find(|(k, _)| k == "model") {
+            Some((_, v)) => *v = value,
+            None => members.insert(0, (Cow::Borrowed("model"), value)),
+        }
     }
-    if let Some(overrides) = &target.override_params {
-        merge(&mut doc, overrides);
+    for (key, value) in overrides.into_iter().flatten() {
+        // A repeated member: the last one is the one that counts.
+        match members.iter_mut().rev().find(|(k, _)| k == key) {
+            Some((_, existing)) => merge(existing.to_mut(), value),
+            None => members.push((Cow::Borrowed(key.as_str()), Cow::Borrowed(value))),
+        }
     }
-    Some(json::to_vec(&Value::Object(doc)))
+    let mut out = Vec::with_capacity(256);
+    out.push(b'{');
+    for (i, (key, value)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key.as_ref()).ok()?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, value.as_ref()).ok()?;
+    }
+    out.push(b'}');
+    Some(out)
 }
 
 /// The model `target` is asked for: its own `model` if set, else the client's.
-pub fn model_for<'a>(target: &'a Target, info: &'a BodyInfo) -> Option<&'a str> {
-    target.model.as_deref().or(info.model.as_deref())
+pub fn model_for<'a>(target: &'a Target, body: &'a Body) -> Option<&'a str> {
+    target.model.as_deref().or(body.model.as_deref())
 }
 
-/// Deep merge: objects merge key by key, anything else replaces. A key may repeat in `into`
-/// (the last one counts, as when it is written out); `from` has no repeated keys.
-fn merge(into: &mut json::Object, from: &json::Object) {
-    for (k, v) in from {
-        let last = into.iter_mut().rev().find(|(key, _)| key == k);
-        match (last, v) {
-            (Some((_, Value::Object(dst))), Value::Object(src)) => merge(dst, src),
-            _ => into.push((k.clone(), v.clone())),
+/// Deep merge: objects merge key by key, anything else replaces.
+fn merge(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(dst), Value::Object(src)) => {
+            for (k, v) in src {
+                match dst.get_mut(k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        dst.insert(k.clone(), v.clone());
+                    }
+                }
+            }
         }
+        (into, from) => *into = from.clone(),
     }
 }
 
@@ -173,63 +193,48 @@ mod tests {
         }
     }
 
-    #[test]
-    fn body_inspection_reads_model_and_stream() {
-        assert_eq!(
-            inspect(br#" {"model":"gpt-4","stream":true,"messages":[]}"#),
-            Ok(BodyInfo {
-                model: Some("gpt-4".into()),
-                stream: true
-            })
-        );
-        assert_eq!(inspect(br#"{"messages":[]}"#), Ok(BodyInfo::default()));
-        assert_eq!(
-            inspect(br#"{"model":null,"stream":null}"#),
-            Ok(BodyInfo::default())
-        );
-    }
-
-    #[test]
-    fn bodies_that_cannot_be_failed_over_are_refused() {
-        for body in [
-            &b""[..],
-            b"   ",
-            b"[1,2]",
-            b"\"s\"",
-            b"42",
-            b"{",
-            br#"{"model": 5}"#,
-            br#"{"stream": "yes"}"#,
-            br#"{"model": "a", "model": "b"}"#,
-            br#"{"stream": true, "stream": false}"#,
-            br#"{"a":1} trailing"#,
-            b"\xff\xfe",
-        ] {
-            assert!(
-                inspect(body).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
-        }
+    fn doc(text: &[u8]) -> Body {
+        Body::parse(text.to_vec(), Keep::Document).unwrap()
     }
 
     #[test]
     fn target_body_overrides_model_and_merges_params() {
-        let body = br#"{"model":"gpt-4","temperature":1,"stream_options":{"a":1},"messages":[]}"#;
-        assert_eq!(body_for(&target(json!({})), body), None);
+        let body =
+            doc(br#"{"model":"gpt-4","temperature":1,"stream_options":{"a":1},"messages":[]}"#);
+        assert_eq!(body_for(&target(json!({})), &body), None);
         let t = target(
             json!({"model": "gpt-4o-mini", "override_params": {"temperature": 0, "stream_options": {"include_usage": true}}}),
         );
-        let out: Value = serde_json::from_slice(&body_for(&t, body).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&body_for(&t, &body).unwrap()).unwrap();
         assert_eq!(
             out,
             json!({"model": "gpt-4o-mini", "temperature": 0, "stream_options": {"a": 1, "include_usage": true}, "messages": []})
         );
-        let info = BodyInfo {
-            model: Some("gpt-4".into()),
-            stream: false,
-        };
-        assert_eq!(model_for(&t, &info), Some("gpt-4o-mini"));
-        assert_eq!(model_for(&target(json!({})), &info), Some("gpt-4"));
+        assert_eq!(model_for(&t, &body), Some("gpt-4o-mini"));
+        assert_eq!(model_for(&target(json!({})), &body), Some("gpt-4"));
+    }
+
+    #[test]
+    fn a_rewrite_keeps_the_clients_members_and_their_order() {
+        let body = doc(br#"{"messages":[{"role":"user","content":"hi"}],"seed":18446744073709551615,"x":1.5,"x":2}"#);
+        let out = rewrite(&body, Some("dep"), None).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"model":"dep","messages":[{"content":"hi","role":"user"}],"seed":18446744073709551615,"x":1.5,"x":2}"#
+        );
+        // An override of a repeated member changes the one that counts (the last).
+        let overrides = json!({"x": 3, "stream_options": {"include_usage": true}});
+        let out = rewrite(&body, None, overrides.as_object()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with(r#""x":1.5,"x":3,"stream_options":{"include_usage":true}}"#),
+            "{text}"
+        );
+        // Read without the document (the plan's mistake), the rewrite is the same.
+        let typed = Body::parse(body.raw().to_vec(), Keep::Typed).unwrap();
+        assert_eq!(
+            rewrite(&typed, Some("dep"), None),
+            rewrite(&body, Some("dep"), None)
+        );
     }
 }

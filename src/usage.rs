@@ -1,8 +1,11 @@
 //! Token usage of an answer: the `usage` object of a chat completion, or of the final chunk of a
-//! stream (`stream_options.include_usage`). Only the tail of a body is kept, so reading usage
-//! never buffers a response.
+//! stream (`stream_options.include_usage`), or of a Responses API answer (`input_tokens` /
+//! `output_tokens`, also in the stream's `response.completed` event). Only the tail of a body is
+//! kept, so reading usage never buffers a response.
 
-use crate::json;
+use serde::Deserialize;
+
+use crate::object::Obj;
 
 /// Bytes of a body's end that are kept; `usage` is among the last fields OpenAI and Azure send.
 pub const TAIL: usize = 2048;
@@ -55,19 +58,21 @@ pub fn from_body(body: &[u8]) -> Option<Usage> {
     None
 }
 
-/// The object at the start of `text` (what follows it is not read) as `{"prompt_tokens": u64,
-/// "completion_tokens": u64}`, both optional, other fields ignored.
+/// The object at the start of `text` (what follows it is not read): the counts, each optional
+/// (null or absent is 0), other fields ignored.
 fn read_usage(text: &[u8]) -> Option<Usage> {
-    // Checked whole, but only the two counts are built.
-    let [prompt, completion] =
-        json::scan_object_prefix(text, ["prompt_tokens", "completion_tokens"]).ok()?;
-    let count = |v: Option<json::Value>| match v {
-        None | Some(json::Value::Null) => Some(0),
-        Some(v) => v.as_u64(),
-    };
+    #[derive(Deserialize)]
+    struct Counts {
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let Obj(c) = Obj::<Counts>::deserialize(&mut de).ok()?;
     Some(Usage {
-        prompt: count(prompt)?,
-        completion: count(completion)?,
+        prompt: c.prompt_tokens.or(c.input_tokens).unwrap_or(0),
+        completion: c.completion_tokens.or(c.output_tokens).unwrap_or(0),
     })
 }
 
@@ -123,26 +128,48 @@ mod tests {
         );
     }
 
-    /// `read_usage` as it was, with the whole value built: the reference for the scan.
-    fn read_usage_built(text: &[u8]) -> Option<Usage> {
-        let doc = json::parse_prefix(text).ok()?;
-        if !matches!(doc, json::Value::Object(_)) {
-            return None;
-        }
-        let [prompt, completion] = json::fields(&doc, ["prompt_tokens", "completion_tokens"])?;
-        let count = |v: Option<&json::Value>| v.map_or(Some(0), json::Value::as_u64);
-        Some(Usage {
-            prompt: count(prompt)?,
-            completion: count(completion)?,
-        })
+    #[test]
+    fn usage_of_a_responses_api_answer_and_stream() {
+        let body = br#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"total_tokens":13}}"#;
+        assert_eq!(
+            from_body(body),
+            Some(Usage {
+                prompt: 9,
+                completion: 4
+            })
+        );
+        let stream = b"event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"text\":\"hi\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":2,\"output_tokens\":7}}}\n\n";
+        assert_eq!(
+            from_body(stream),
+            Some(Usage {
+                prompt: 2,
+                completion: 7
+            })
+        );
     }
 
     proptest::proptest! {
         #[test]
-        fn usage_is_read_as_when_the_whole_object_was_built(
+        fn usage_is_read_as_serde_json_reads_the_whole_object(
             text in "\\{( ?\"(prompt_tokens|completion_tokens|total_tokens|x)\" ?: ?(null|-?[0-9]{1,21}|1\\.5|1e3|\"7\"|\\{\\}|\\[1\\]) ?,?){0,4}\\}?[,}\\] x]{0,3}"
         ) {
-            proptest::prop_assert_eq!(read_usage(text.as_bytes()), read_usage_built(text.as_bytes()));
+            // The reference: the object built as a serde_json Value, then read.
+            let reference = (|| {
+                let mut de = serde_json::Deserializer::from_slice(text.as_bytes());
+                let v = serde_json::Value::deserialize(&mut de).ok()?;
+                let o = v.as_object()?;
+                let count = |name: &str| match o.get(name) {
+                    None | Some(serde_json::Value::Null) => Some(0),
+                    Some(v) => v.as_u64(),
+                };
+                // serde refuses a repeated field; a built object keeps the last one.
+                let names = ["prompt_tokens", "completion_tokens"];
+                if names.iter().any(|n| text.matches(&format!("\"{n}\"")).count() > 1) {
+                    return None;
+                }
+                Some(Usage { prompt: count("prompt_tokens")?, completion: count("completion_tokens")? })
+            })();
+            proptest::prop_assert_eq!(read_usage(text.as_bytes()), reference);
         }
 
         #[test]

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{json, Map, Value};
 
+use llm_failover::body::{Body, Keep};
 use llm_failover::cache::{self, Entry};
 use llm_failover::chain::{
     Chain, Failure, FailureKind, GiveUpReason, Hop, NoRetry, Outcome, Step, MIN_ATTEMPT,
@@ -264,6 +265,11 @@ fn arb_cooldown() -> impl Strategy<Value = CooldownSpec> {
     ]
 }
 
+/// A deployment name. "." and ".." are not: a URL resolves them away (refused at load).
+fn arb_deployment() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9._-]{1,30}".prop_filter("not a dot segment", |d| d != "." && d != "..")
+}
+
 fn arb_target() -> impl Strategy<Value = TargetSpec> {
     let common = (
         any::<bool>(),
@@ -287,8 +293,8 @@ fn arb_target() -> impl Strategy<Value = TargetSpec> {
         proptest::option::of("[a-z0-9-]{1,20}(\\.[a-z0-9-]{1,10}){0,2}(:[0-9]{1,5})?"),
         "[A-Za-z0-9-]{1,63}",
         "[A-Za-z0-9._-]{1,20}",
-        prop::collection::btree_map(arb_model_name(), "[A-Za-z0-9._-]{1,30}", 0..4),
-        proptest::option::of((any::<bool>(), "[A-Za-z0-9._-]{1,30}")),
+        prop::collection::btree_map(arb_model_name(), arb_deployment(), 0..4),
+        proptest::option::of((any::<bool>(), arb_deployment())),
         arb_cooldown(),
     );
     (common, overrides, azure).prop_map(
@@ -916,9 +922,19 @@ fn mutate(v: &mut Value, at: Index, m: &Mutation) {
 }
 
 /// A `json` object as serde_json reads its text.
-fn to_serde(o: &llm_failover::json::Object) -> Map<String, Value> {
-    let text = llm_failover::json::to_vec(&llm_failover::json::Value::Object(o.clone()));
-    serde_json::from_slice(&text).unwrap()
+fn to_serde(o: &Map<String, Value>) -> Map<String, Value> {
+    o.clone()
+}
+
+/// The body as the filter reads it for a request that only needs its typed fields.
+fn inspect(body: &[u8]) -> Result<Body, String> {
+    Body::parse(body.to_vec(), Keep::Typed)
+}
+
+/// The cache key of a body as the filter computes it (`None` when the body is refused).
+fn cache_key(name: &str, op: Operation, body: &[u8]) -> Option<cache::Digest> {
+    let body = Body::parse(body.to_vec(), Keep::Document).ok()?;
+    cache::key(name, op, &body)
 }
 
 /// Objects shaped like the configuration, with arbitrary values in the known places.
@@ -1075,11 +1091,14 @@ proptest! {
             }),
         ],
     ) {
-        if rewrite::inspect(&body).is_ok() {
-            // What inspect accepts, the body rewrite and the cache key can read.
+        if inspect(&body).is_ok() {
+            // What the typed read accepts, serde_json reads as an object, and the document read
+            // (for a rewrite or the cache key) accepts too.
             let doc = serde_json::from_slice::<Map<String, Value>>(&body);
             prop_assert!(doc.is_ok(), "inspect accepted {:?}: {:?}", String::from_utf8_lossy(&body), doc.err());
-            prop_assert!(cache::key("k", Operation::ChatCompletions, &body).is_some());
+            prop_assert!(cache_key("k", Operation::ChatCompletions, &body).is_some());
+        } else {
+            prop_assert!(Body::parse(body.clone(), Keep::Document).is_err());
         }
     }
 
@@ -1095,7 +1114,7 @@ proptest! {
             Some(Value::Bool(b)) => Ok(*b),
             Some(_) => Err(()),
         };
-        match (rewrite::inspect(&body), want_model, want_stream) {
+        match (inspect(&body), want_model, want_stream) {
             (Ok(info), Ok(m), Ok(s)) => {
                 prop_assert_eq!(info.model, m);
                 prop_assert_eq!(info.stream, s);
@@ -1165,9 +1184,10 @@ proptest! {
     ) {
         let (v, env) = spec.render();
         let c = config::parse(v.to_string().as_bytes(), &env).unwrap();
-        let client: Option<Map<String, Value>> = serde_json::from_slice(&body).ok();
+        let parsed = Body::parse(body.clone(), Keep::Document).ok();
+        let client: Option<Map<String, Value>> = parsed.as_ref().map(|_| serde_json::from_slice(&body).unwrap());
         for t in &c.targets {
-            let out = rewrite::body_for(t, &body);
+            let out = parsed.as_ref().and_then(|b| rewrite::body_for(t, b));
             if t.model.is_none() && t.override_params.is_none() {
                 prop_assert!(out.is_none());
                 continue;
@@ -1541,13 +1561,15 @@ proptest! {
         name in "[A-Za-z0-9_-]{0,64}",
         op in arb_op(),
     ) {
+        // A request body is an object: the value goes in one of its members.
+        let v = json!({"input": v});
         let mut seed = seed;
         let mut scrambled = String::new();
         write_scrambled(&v, &mut seed, &mut scrambled);
         prop_assert_eq!(serde_json::from_str::<Value>(&scrambled).unwrap(), v.clone());
-        let plain = cache::key(&name, op, v.to_string().as_bytes());
+        let plain = cache_key(&name, op, v.to_string().as_bytes());
         prop_assert!(plain.is_some());
-        prop_assert_eq!(plain, cache::key(&name, op, scrambled.as_bytes()));
+        prop_assert_eq!(plain, cache_key(&name, op, scrambled.as_bytes()));
     }
 
     #[test]
@@ -1557,15 +1579,16 @@ proptest! {
         names in ("[A-Za-z0-9_-]{0,8}", "[A-Za-z0-9_-]{0,8}"),
         ops in (arb_op(), arb_op()),
     ) {
-        let ka = cache::key(&names.0, ops.0, a.to_string().as_bytes()).unwrap();
-        let kb = cache::key(&names.1, ops.1, b.to_string().as_bytes()).unwrap();
+        let (a, b) = (json!({"input": a}), json!({"input": b}));
+        let ka = cache_key(&names.0, ops.0, a.to_string().as_bytes()).unwrap();
+        let kb = cache_key(&names.1, ops.1, b.to_string().as_bytes()).unwrap();
         prop_assert_eq!(ka == kb, a == b && names.0 == names.1 && ops.0 == ops.1);
     }
 
     #[test]
     fn cache_key_never_panics(body in prop::collection::vec(any::<u8>(), 0..256), name in any::<String>(), op in arb_op()) {
-        let k = cache::key(&name, op, &body);
-        prop_assert_eq!(k.is_some(), serde_json::from_slice::<Value>(&body).is_ok());
+        let k = cache_key(&name, op, &body);
+        prop_assert_eq!(k.is_some(), Body::parse(body.clone(), Keep::Typed).is_ok());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use llm_failover::body::{Body, Keep};
 use llm_failover::cache::{self, Entry};
 use llm_failover::chain::{Chain, Failure, FailureKind, GiveUpReason, Hop, Outcome, Step};
 use llm_failover::config::{self, Cooldown, Env};
@@ -52,20 +53,23 @@ fn bodies_the_rewrite_cannot_read_are_refused() {
         b"{\"model\":\"m\",\"x\":\"\xff\"}",
         b"{\"model\":\"m\",\"\xfe\":1}",
     ] {
-        assert!(
-            rewrite::inspect(body).is_err(),
-            "{}",
-            String::from_utf8_lossy(body)
-        );
+        for keep in [Keep::Typed, Keep::Document] {
+            assert!(
+                Body::parse(body.to_vec(), keep).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
-    let body = br#"{"model":"m","x":{"deep":[1e300,"\u00e9",-0,18446744073709551616]}}"#;
-    assert!(rewrite::inspect(body).is_ok());
-    assert!(cache::key("k", Operation::ChatCompletions, body).is_some());
+    let text = br#"{"model":"m","x":{"deep":[1e300,"\u00e9",-0,18446744073709551616]}}"#;
+    assert!(Body::parse(text.to_vec(), Keep::Typed).is_ok());
+    let body = Body::parse(text.to_vec(), Keep::Document).unwrap();
+    assert!(cache::key("k", Operation::ChatCompletions, &body).is_some());
     let mut t = openai();
     t["model"] = json!("gpt-4o-mini");
     let c = config::parse(json!({"targets": [t]}).to_string().as_bytes(), &NoEnv).unwrap();
     let out: Value =
-        serde_json::from_slice(&rewrite::body_for(&c.targets[0], body).unwrap()).unwrap();
+        serde_json::from_slice(&rewrite::body_for(&c.targets[0], &body).unwrap()).unwrap();
     assert_eq!(out["model"], "gpt-4o-mini");
 }
 
@@ -117,6 +121,29 @@ fn a_bad_deployment_shorthand_is_named_as_written() {
         error_field(&json!({"targets": [t]})),
         "targets[0].deployment"
     );
+}
+
+/// A deployment named "." or ".." was accepted, and its path (`/openai/deployments/./chat/...`)
+/// is resolved by every URL parser to another path: such names are refused at load.
+#[test]
+fn a_dot_segment_is_no_deployment_name() {
+    for name in [".", ".."] {
+        let mut t = azure();
+        t["deployment"] = json!(name);
+        assert_eq!(
+            error_field(&json!({"targets": [t]})),
+            "targets[0].deployment"
+        );
+        let mut t = azure();
+        t["deployments"] = json!({"gpt-4o": name});
+        assert_eq!(
+            error_field(&json!({"targets": [t]})),
+            "targets[0].deployments[\"gpt-4o\"]"
+        );
+    }
+    let mut t = azure();
+    t["deployment"] = json!("...");
+    assert_eq!(error_field(&json!({"targets": [t]})), "<accepted>");
 }
 
 /// An `Authorization` header shorter than "Bearer " ended the look-up before `api-key`.

@@ -51,6 +51,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 ISTIO_DIR = ROOT / "deploy" / "istio"
 ISTIO_VALIDATOR = ROOT / "tools" / "validate-istio" / "validate.mjs"
+CONFIG_SCHEMA = ROOT / "docs" / "config.schema.json"
 
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -526,6 +527,60 @@ def wasmplugin_as_envoy_filter(plugin: dict) -> dict:
     return {"name": config["name"], "typed_config": {"@type": WASM_FILTER, "config": config}}
 
 
+def shipped_plugin_configs() -> list[tuple[str, dict]]:
+    """Every plugin configuration the repository ships, with where it is."""
+    found = []
+    for path in sorted((ROOT / "envoy").glob("*.yaml")):
+        for i, wasm in enumerate(wasm_filters(load(path))):
+            found.append((f"{rel(path)} filter {i}", plugin_config(wasm)))
+    for doc in load_all(K8S_DIR / "envoy-config.yaml"):
+        for name, text in (doc.get("data") or {}).items():
+            for i, wasm in enumerate(wasm_filters(yaml.safe_load(text))):
+                found.append((f"{rel(K8S_DIR / 'envoy-config.yaml')} {name} filter {i}", plugin_config(wasm)))
+    docs = istio_docs()
+    for plugin in of_kind(docs["wasmplugin.yaml"], "WasmPlugin"):
+        found.append((f"deploy/istio/wasmplugin.yaml {plugin['metadata']['name']}", plugin["spec"]["pluginConfig"]))
+    for ef in of_kind(docs["envoyfilter.yaml"], "EnvoyFilter"):
+        http, _ = envoyfilter_wasm(ef)
+        found.append((f"deploy/istio/envoyfilter.yaml {ef['metadata']['name']}",
+                      plugin_config(http["patch"]["value"]["typed_config"]["config"])))
+    return found
+
+
+def check_plugin_schema(report: Report):
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(CONFIG_SCHEMA.read_text())
+    validator = Draft202012Validator(schema)
+
+    def errors(doc: dict) -> list[str]:
+        return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+                for e in validator.iter_errors(doc)]
+
+    with report.check(f"{rel(CONFIG_SCHEMA)} is a valid JSON Schema (2020-12)"):
+        Draft202012Validator.check_schema(schema)
+
+    configs = shipped_plugin_configs()
+    with report.check(f"every shipped plugin configuration ({len(configs)}) against {rel(CONFIG_SCHEMA)}"):
+        need(len(configs) >= 6, f"found only {[w for w, _ in configs]}")
+        bad = [f"{where}: {e}" for where, doc in configs for e in errors(doc)]
+        need(not bad, "\n".join(bad))
+
+    with report.check("self-test: the schema refuses broken plugin configurations"):
+        _, doc = configs[0]
+        for mutate, what in [
+            (lambda d: d["targets"][0].__setitem__("retries", "two"), "retries"),
+            (lambda d: d["targets"][0].__setitem__("colldown", False), "colldown"),
+            (lambda d: d.__setitem__("deadline", "forever"), "deadline"),
+            (lambda d: d["targets"][0].__setitem__("provider", "anthropic"), "provider"),
+            (lambda d: d.pop("targets"), "targets"),
+        ]:
+            broken = copy.deepcopy(doc)
+            mutate(broken)
+            found = errors(broken)
+            need(any(what in e for e in found), f"{what}: not refused ({found})")
+
+
 def check_istio(report: Report):
     docs = istio_docs()
     egress, [wasmplugin], [envoyfilter] = docs["egress.yaml"], docs["wasmplugin.yaml"], docs["envoyfilter.yaml"]
@@ -628,6 +683,7 @@ def main() -> int:
                              capture_output=True, text=True, timeout=60)
         need(out.returncode == 0, out.stdout + out.stderr)
     check_envoy_configs(report)
+    check_plugin_schema(report)
     check_compose(report)
     check_kubernetes(report)
     check_istio(report)

@@ -1,15 +1,15 @@
-//! Request rewriting: `rewrite::inspect`, `provider::address` and `rewrite::body_for` on any
-//! method, path, model and body. Input: [method][path length][path][model length][model][body].
+//! Request rewriting: the body read, `provider::address` and `rewrite::body_for` on any method,
+//! path, model and body. Input: [method][path length][path][model length][model][body].
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use llm_failover::body::{Body, Keep};
 use llm_failover::cache;
 use llm_failover::config::{self, Config, Env, Provider};
-use llm_failover::json;
 use llm_failover::provider;
-use llm_failover::rewrite::{self, BodyInfo, Operation};
+use llm_failover::rewrite::{self, Operation};
 
 struct NoEnv;
 
@@ -26,7 +26,7 @@ const CONFIG: &str = r#"{"targets": [
   {"name": "azure", "provider": "azure", "cluster": "azure", "resource_name": "res", "api_key": "az",
    "api_version": "2024-10-21", "deployments": {"gpt-4": "gpt4-prod", "gpt-4\r\nx: y": "crlf-model", "": "empty-model"}},
   {"name": "azure-default", "provider": "azure", "cluster": "azure", "host": "h.example:8443",
-   "api_key": "x", "api_version": "v1", "deployment": "dflt"}
+   "api_key": "x", "api_version": "2024-06-01", "deployment": "dflt"}
 ]}"#;
 
 fn config() -> &'static Config {
@@ -61,16 +61,16 @@ fuzz_target!(|data: &[u8]| {
 
     let op = Operation::from_request(method, &path);
     assert!(op.is_none() || method == "POST");
-    let inspected = rewrite::inspect(body);
-    if inspected.is_ok() {
-        // Whatever inspect accepts, the body rewrite and the cache key can read.
-        assert!(matches!(json::parse(body), Ok(json::Value::Object(_))));
-        assert!(cache::key("k", Operation::ChatCompletions, body).is_some());
+    let inspected = Body::parse(body.to_vec(), Keep::Document);
+    if let Ok(b) = &inspected {
+        // Whatever is accepted, the cache key can read.
+        assert!(cache::key("k", Operation::ChatCompletions, b).is_some());
     }
-    let info = inspected.clone().unwrap_or_default();
+    let empty = Body::parse(b"{}".to_vec(), Keep::Typed).unwrap();
+    let info = inspected.as_ref().unwrap_or(&empty);
 
     for t in &config().targets {
-        let target_model = rewrite::model_for(t, &info);
+        let target_model = rewrite::model_for(t, info);
         for model in [target_model, Some(extra_model.as_str()), None] {
             match provider::address(t, op, model, &path) {
                 Ok(a) => {
@@ -89,21 +89,16 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        let out = rewrite::body_for(t, body);
+        let Ok(before) = &inspected else { continue };
+        let out = rewrite::body_for(t, before);
         if t.model.is_none() && t.override_params.is_none() {
             assert!(out.is_none());
             continue;
         }
-        if let Ok(before) = &inspected {
-            let out = out.expect("an inspected body can be rewritten");
-            let after = rewrite::inspect(&out).expect("a rewritten body is still a request");
-            assert_eq!(
-                after,
-                BodyInfo {
-                    model: t.model.clone().or(before.model.clone()),
-                    stream: before.stream,
-                }
-            );
-        }
+        let out = out.expect("an accepted body can be rewritten");
+        let after = Body::parse(out, Keep::Typed).expect("a rewritten body is still a request");
+        assert_eq!(after.model, t.model.clone().or(before.model.clone()));
+        assert_eq!(after.stream, before.stream);
+        assert_eq!(after.previous_response_id, before.previous_response_id);
     }
 });

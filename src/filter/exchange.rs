@@ -12,16 +12,17 @@ use super::host::{self, Headers};
 use super::metrics::{status_class, Metrics};
 use super::shared;
 use crate::auth;
+use crate::body::Body;
 use crate::cache::{self, Digest, Entry};
 use crate::chain::{Chain, FailureKind, GiveUpReason, Hop, NoRetry, Outcome, Step};
 use crate::config::{Config, Target};
 use crate::cooldown;
-use crate::json;
 use crate::judge;
 use crate::provider::{self, CLIENT_CREDENTIAL_HEADERS};
+use crate::quote;
 use crate::reply::Rejection;
 use crate::retry_after;
-use crate::rewrite::{self, BodyInfo, Operation};
+use crate::rewrite::{self, Operation};
 use crate::usage::{self, UsageScanner};
 
 pub const CLUSTER_HEADER: &str = "x-llm-failover-cluster";
@@ -154,8 +155,8 @@ pub struct Exchange {
     allowed: Option<Vec<usize>>,
     key_name: String,
     no_cache: bool,
-    body: Vec<u8>,
-    info: BodyInfo,
+    /// The request body, read once; kept while a further attempt may need it.
+    body: Option<Body>,
     chain: Option<Chain>,
     attempt_started_ms: u64,
     cache_key: Option<Digest>,
@@ -186,8 +187,7 @@ impl Exchange {
             allowed: None,
             key_name: String::new(),
             no_cache: false,
-            body: Vec::new(),
-            info: BodyInfo::default(),
+            body: None,
             chain: None,
             attempt_started_ms: 0,
             cache_key: None,
@@ -224,6 +224,16 @@ impl Exchange {
 
     fn target(&self, i: usize) -> Option<&Target> {
         self.config().targets.get(i)
+    }
+
+    /// The client's model, if the body said one.
+    fn model(&self) -> Option<&str> {
+        self.body.as_ref().and_then(|b| b.model.as_deref())
+    }
+
+    /// The model `t` is asked for: its own, else the client's.
+    fn model_for<'a>(&'a self, t: &'a Target) -> Option<&'a str> {
+        t.model.as_deref().or(self.model())
     }
 
     fn target_name(&self, i: usize) -> &str {
@@ -368,14 +378,20 @@ impl Exchange {
         if !end_of_stream {
             return Action::Pause;
         }
-        self.body = host::buffer(BufferType::HttpRequestBody, body_size);
-        self.info = match rewrite::inspect(&self.body) {
-            Ok(info) => info,
+        let raw = host::buffer(BufferType::HttpRequestBody, body_size);
+        let cacheable = self.config().cache.is_some()
+            && self.op == Some(Operation::ChatCompletions)
+            && !self.no_cache;
+        let chain = self.targets().iter().filter_map(|&i| self.target(i));
+        let keep = rewrite::keep_for(chain, cacheable);
+        let body = match Body::parse(raw, keep) {
+            Ok(body) => body,
             Err(reason) => {
                 log::info!("{} rejected: {reason}", self.tag());
                 return self.reject(&Rejection::InvalidBody { reason });
             }
         };
+        self.body = Some(body);
         let now = self.now();
 
         if let Some(action) = self.try_cache(now) {
@@ -395,10 +411,10 @@ impl Exchange {
             log::info!(
                 "{} rejected: no target serves model {}",
                 self.tag(),
-                json::quote(self.info.model.as_deref().unwrap_or(""))
+                quote(self.model().unwrap_or(""))
             );
             return self.reject(&Rejection::NoTarget {
-                model: self.info.model.clone(),
+                model: self.model().map(str::to_string),
             });
         };
         for skipped in &first.skipped {
@@ -407,7 +423,8 @@ impl Exchange {
         self.chain = Some(chain);
         let replaced = match self
             .target(first.target)
-            .and_then(|t| rewrite::body_for(t, &self.body))
+            .zip(self.body.as_ref())
+            .and_then(|(t, body)| rewrite::body_for(t, body))
         {
             Some(new_body) => {
                 host::replace_buffer(BufferType::HttpRequestBody, body_size, &new_body)
@@ -425,7 +442,7 @@ impl Exchange {
         }
         if !self.chain.as_ref().is_some_and(Chain::has_more) {
             // No failover possible: the body copy is not needed.
-            self.body = Vec::new();
+            self.body = None;
         }
         self.attempt_started_ms = now;
         self.phase = Phase::Routed;
@@ -437,13 +454,13 @@ impl Exchange {
         let mut hops = Vec::new();
         for &i in self.targets() {
             let Some(t) = self.target(i) else { continue };
-            let model = rewrite::model_for(t, &self.info);
+            let model = self.model_for(t);
             if provider::address(t, self.op, model, &self.client_path).is_err() {
                 log::info!(
                     "{} skip target={} reason=no_deployment model={}",
                     self.tag(),
                     t.name,
-                    json::quote(model.unwrap_or(""))
+                    quote(model.unwrap_or(""))
                 );
                 host::increment(
                     self.rt.metrics.target(i).and_then(|m| m.deployment_skips),
@@ -465,7 +482,7 @@ impl Exchange {
         let map = MapType::HttpRequestHeaders;
         let Some(t) = self.target(i) else { return };
         host::set_header(map, CLUSTER_HEADER, Some(&t.cluster));
-        let model = rewrite::model_for(t, &self.info);
+        let model = self.model_for(t);
         let Ok(addr) = provider::address(t, self.op, model, &self.client_path) else {
             return;
         };
@@ -498,10 +515,11 @@ impl Exchange {
 
     fn try_cache(&mut self, now: u64) -> Option<Action> {
         let settings = self.config().cache.clone()?;
-        if self.op != Some(Operation::ChatCompletions) || self.info.stream || self.no_cache {
+        let body = self.body.as_ref()?;
+        if self.op != Some(Operation::ChatCompletions) || body.stream || self.no_cache {
             return None;
         }
-        let digest = cache::key(&self.key_name, Operation::ChatCompletions, &self.body)?;
+        let digest = cache::key(&self.key_name, Operation::ChatCompletions, body)?;
         if let Some(entry) = shared::cache_get(&settings, &digest, now) {
             host::increment(self.rt.metrics.cache_hits, 1);
             log::debug!("{} cache hit target={}", self.tag(), entry.target);
@@ -647,7 +665,7 @@ impl Exchange {
                 self.usage = Some(UsageScanner::default());
             }
         }
-        self.body = Vec::new();
+        self.body = None;
         if status == Some(200) && self.cache_key.is_some() {
             self.cache_body = Some(Vec::new());
         }
@@ -902,7 +920,9 @@ impl Exchange {
                 host::dispatch(
                     &cluster,
                     &pairs,
-                    body.as_deref().unwrap_or(&self.body),
+                    body.as_deref()
+                        .or(self.body.as_ref().map(Body::raw))
+                        .unwrap_or_default(),
                     timeout,
                 )
                 .ok()
@@ -925,7 +945,7 @@ impl Exchange {
                     "{} could not dispatch to target={} (is cluster {} defined?)",
                     self.tag(),
                     self.target_name(target),
-                    json::quote(self.target(target).map_or("", |t| t.cluster.as_str()))
+                    quote(self.target(target).map_or("", |t| t.cluster.as_str()))
                 );
                 self.decide(Answer {
                     status: None,
@@ -941,10 +961,12 @@ impl Exchange {
     #[allow(clippy::type_complexity)]
     fn build_callout(&self, i: usize) -> Option<(String, Vec<(String, String)>, Option<Vec<u8>>)> {
         let t = self.target(i)?;
-        let model = rewrite::model_for(t, &self.info);
+        let model = self.model_for(t);
         let addr = provider::address(t, self.op, model, &self.client_path).ok()?;
-        let body = rewrite::body_for(t, &self.body);
-        let len = body.as_ref().map_or(self.body.len(), Vec::len);
+        let body = self.body.as_ref().and_then(|b| rewrite::body_for(t, b));
+        let len = body
+            .as_ref()
+            .map_or(self.body.as_ref().map_or(0, |b| b.raw().len()), Vec::len);
         let mut headers: Vec<(String, String)> = vec![
             (":method".into(), "POST".into()),
             (":path".into(), addr.path),

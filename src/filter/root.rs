@@ -34,9 +34,8 @@ impl Timers {
 pub struct Root {
     runtime: Option<Rc<Runtime>>,
     timers: Rc<RefCell<Timers>>,
-    /// Callout token -> the request it belongs to, for callouts dispatched from the tick. A few
-    /// entries at most (retries whose wait ended in the last tick), so a list: a std `HashMap`
-    /// would also link its random seeding, about 1.5 KB of Wasm.
+    /// Callout token -> the request it belongs to, for callouts dispatched from the tick (a few
+    /// entries at most: retries whose wait ended in the last tick).
     callouts: Vec<(u32, u32, Weak<RefCell<Exchange>>)>,
     ticks: u32,
     sweep_next: u32,
@@ -162,18 +161,19 @@ impl RootContext for Root {
         let raw = host::plugin_configuration().unwrap_or_default();
         match config::parse(&raw, &ProcessEnv) {
             Ok(config) => {
-                let mut chain = String::new();
-                for t in &config.targets {
-                    if !chain.is_empty() {
-                        chain.push_str(" -> ");
-                    }
-                    chain.push_str(&t.name);
-                    chain.push_str(" (");
-                    chain.push_str(t.provider.as_str());
-                    chain.push_str(" via cluster ");
-                    chain.push_str(&t.cluster);
-                    chain.push(')');
-                }
+                let chain: Vec<String> = config
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{} ({} via cluster {})",
+                            t.name,
+                            t.provider.as_str(),
+                            t.cluster
+                        )
+                    })
+                    .collect();
+                let chain = chain.join(" -> ");
                 log::info!("configured {} target(s): {chain}", config.targets.len());
                 self.runtime = Some(Rc::new(Runtime::new(config)));
                 host::set_tick_period(TICK);

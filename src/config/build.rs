@@ -1,0 +1,719 @@
+//! One validation pass from [`RawConfig`] to [`Config`]: defaults, ranges, cross-references and
+//! secrets from the environment. serde's own errors (types, unknown fields) are reworded here
+//! too, so every refusal reads `<field path>: <problem>`.
+
+use std::time::Duration;
+
+use serde_path_to_error::Segment;
+
+use super::raw::{
+    Deferred, Dur, Mode, Obj, RawCache, RawConfig, RawCooldown, RawCooldownSwitch, RawKey,
+    RawProvider, RawStrategy, RawTarget, Text,
+};
+use super::*;
+use crate::quote;
+
+const DEFAULT_COOLDOWN_FAILURES: u32 = 3;
+const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
+const DEFAULT_COOLDOWN_MAX: Duration = Duration::from_secs(300);
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+const DEFAULT_CACHE_ENTRIES: u32 = 1024;
+const DEFAULT_CACHE_BODY: usize = 256 * 1024;
+const MAX_CACHE_ENTRIES: u32 = 1_000_000;
+const MAX_CACHE_BODY: u64 = 4 * 1024 * 1024;
+const MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
+const MAX_RETRIES: u32 = 10;
+
+/// Parses and validates the plugin configuration.
+pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let raw: Obj<RawConfig> = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
+    de.end().map_err(|e| invalid_json(&e))?;
+    build(raw.0, env)
+}
+
+fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+    let strategy = raw.strategy.map(|s| s.0);
+    let (on_status_codes, failover_on_content_filter, max_retry_wait) =
+        strategy_settings(strategy)?;
+
+    let raw_targets = raw
+        .targets
+        .ok_or_else(|| ConfigError::new("targets", "missing"))?;
+    if raw_targets.is_empty() {
+        return Err(ConfigError::new("targets", "empty (at least one target)"));
+    }
+    let mut targets: Vec<Target> = Vec::with_capacity(raw_targets.len());
+    for (i, Obj(t)) in raw_targets.into_iter().enumerate() {
+        let field = format!("targets[{i}]");
+        let t = target(t, &field, env)?;
+        if targets.iter().any(|o| o.name == t.name) {
+            return Err(ConfigError::new(
+                format!("{field}.name"),
+                format!("duplicate target name {}", quote(&t.name)),
+            ));
+        }
+        targets.push(t);
+    }
+
+    let keys = match raw.keys {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err(ConfigError::new(
+                "keys",
+                "empty list would reject every request (omit `keys` to disable gateway keys)",
+            ))
+        }
+        Some(list) => {
+            let mut keys: Vec<GatewayKey> = Vec::with_capacity(list.len());
+            for (i, Obj(k)) in list.into_iter().enumerate() {
+                let field = format!("keys[{i}]");
+                let k = key(k, &field, &targets, env)?;
+                if keys.iter().any(|o| o.name == k.name) {
+                    return Err(ConfigError::new(
+                        format!("{field}.name"),
+                        format!("duplicate key name {}", quote(&k.name)),
+                    ));
+                }
+                if keys.iter().any(|o| o.digest == k.digest) {
+                    return Err(ConfigError::new(
+                        field,
+                        "same key as an earlier entry (each gateway key must be distinct)",
+                    ));
+                }
+                keys.push(k);
+            }
+            Some(keys)
+        }
+    };
+
+    let cache = match raw.cache {
+        None => None,
+        Some(Obj(c)) => cache(c, "cache")?,
+    };
+    let deadline = duration(raw.deadline, DEFAULT_DEADLINE);
+    let max_request_body_bytes = match raw.max_request_body_bytes {
+        None => DEFAULT_MAX_BODY,
+        Some(n) => bounded(n, 1, MAX_REQUEST_BODY, "max_request_body_bytes")?,
+    };
+
+    Ok(Config {
+        on_status_codes,
+        failover_on_content_filter,
+        max_retry_wait,
+        targets,
+        keys,
+        cache,
+        deadline,
+        max_request_body_bytes,
+    })
+}
+
+fn strategy_settings(s: Option<RawStrategy>) -> Result<(Vec<u16>, bool, Duration), ConfigError> {
+    let s = s.unwrap_or(RawStrategy {
+        mode: None,
+        on_status_codes: None,
+        failover_on_content_filter: None,
+        max_retry_wait: None,
+    });
+    if s.mode == Some(Mode::Loadbalance) {
+        return Err(ConfigError::new(
+            "strategy.mode",
+            "\"loadbalance\" is not supported yet; use \"fallback\"",
+        ));
+    }
+    let codes = match s.on_status_codes {
+        None => std::iter::once(429).chain(500..=599).collect(),
+        Some(codes) if codes.is_empty() => {
+            return Err(ConfigError::new(
+                "strategy.on_status_codes",
+                "empty list (omit it for the default [429, 500..599])",
+            ))
+        }
+        Some(codes) => {
+            for (i, c) in codes.iter().enumerate() {
+                if !(100..=599).contains(c) || (200..300).contains(c) {
+                    return Err(ConfigError::new(
+                        format!("strategy.on_status_codes[{i}]"),
+                        format!("{c} is not a failure status (expected 100-199 or 300-599)"),
+                    ));
+                }
+            }
+            codes
+        }
+    };
+    Ok((
+        codes,
+        s.failover_on_content_filter.unwrap_or(false),
+        duration(s.max_retry_wait, DEFAULT_MAX_RETRY_WAIT),
+    ))
+}
+
+fn target(raw: RawTarget, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
+    let at = |name: &str| format!("{field}.{name}");
+    let provider = match raw.provider {
+        Some(RawProvider::OpenAi) => Provider::OpenAi,
+        Some(RawProvider::Azure) => Provider::Azure,
+        None => return Err(ConfigError::new(at("provider"), "missing")),
+    };
+    let credential = credential(&raw, provider, field, env)?;
+    let name = raw.name.unwrap_or_else(|| provider.as_str().to_string());
+    if !is_name(&name) {
+        return Err(ConfigError::new(
+            at("name"),
+            "must be 1-64 characters of letters, digits, '_' or '-' (it appears in stats and headers)",
+        ));
+    }
+    let cluster = raw
+        .cluster
+        .ok_or_else(|| ConfigError::new(at("cluster"), "missing"))?;
+    if cluster.is_empty() || cluster.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(ConfigError::new(
+            at("cluster"),
+            "must be a non-empty Envoy cluster name",
+        ));
+    }
+    let retries = raw.retries.unwrap_or(0);
+    if retries > MAX_RETRIES {
+        return Err(ConfigError::new(
+            at("retries"),
+            format!("at most {MAX_RETRIES} (use more targets instead)"),
+        ));
+    }
+    if raw.model.as_deref() == Some("") {
+        return Err(ConfigError::new(at("model"), "empty"));
+    }
+
+    let (host, azure) = match provider {
+        Provider::OpenAi => {
+            for (set, name) in [
+                (raw.resource_name.is_some(), "resource_name"),
+                (raw.api_version.is_some(), "api_version"),
+                (raw.deployments.is_some(), "deployments"),
+                (raw.deployment.is_some(), "deployment"),
+                (raw.azure_ad_token_env.is_some(), "azure_ad_token_env"),
+            ] {
+                if set {
+                    return Err(ConfigError::new(
+                        at(name),
+                        "only valid for provider \"azure\"",
+                    ));
+                }
+            }
+            let host = raw.host.unwrap_or_else(|| "api.openai.com".to_string());
+            (host, None)
+        }
+        Provider::Azure => {
+            let host = match (raw.host, &raw.resource_name) {
+                (Some(h), _) => h,
+                (None, Some(r)) if is_dns_label(r) => format!("{r}.openai.azure.com"),
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        at("resource_name"),
+                        "must be a DNS label (letters, digits, '-')",
+                    ))
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        at("resource_name"),
+                        "missing (required for provider \"azure\" unless `host` is set)",
+                    ))
+                }
+            };
+            let azure = azure_settings(raw.api_version, raw.deployments, raw.deployment, field)?;
+            (host, Some(azure))
+        }
+    };
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return Err(ConfigError::new(
+            at("host"),
+            "must be a host name, optionally with :port",
+        ));
+    }
+    let cooldown = cooldown(raw.cooldown, &at("cooldown"))?;
+
+    Ok(Target {
+        name,
+        provider,
+        cluster,
+        host,
+        credential,
+        retries,
+        timeout: duration(raw.timeout, DEFAULT_TIMEOUT),
+        model: raw.model,
+        override_params: raw.override_params,
+        azure,
+        cooldown,
+    })
+}
+
+fn azure_settings(
+    api_version: Option<String>,
+    deployments: Option<std::collections::BTreeMap<String, String>>,
+    deployment: Option<String>,
+    field: &str,
+) -> Result<AzureSettings, ConfigError> {
+    let api_version = api_version.ok_or_else(|| {
+        ConfigError::new(
+            format!("{field}.api_version"),
+            "missing (required for provider \"azure\")",
+        )
+    })?;
+    if api_version.is_empty() || !api_version.bytes().all(is_url_safe) {
+        return Err(ConfigError::new(
+            format!("{field}.api_version"),
+            "must be a version like \"2024-10-21\"",
+        ));
+    }
+    let mut deployments = deployments.unwrap_or_default();
+    let mut default_deployment = deployments.remove("*");
+    // In key order, `"*"` among the others: the first bad one is named.
+    for (model, dep) in &deployments {
+        if model.as_str() > "*" {
+            check_deployment(default_deployment.as_deref(), || {
+                format!("{field}.deployments[\"*\"]")
+            })?;
+        }
+        check_deployment(Some(dep), || {
+            format!("{field}.deployments[{}]", quote(model))
+        })?;
+    }
+    check_deployment(default_deployment.as_deref(), || {
+        format!("{field}.deployments[\"*\"]")
+    })?;
+    if let Some(d) = deployment {
+        if default_deployment.is_some() {
+            return Err(ConfigError::new(
+                format!("{field}.deployment"),
+                "conflicts with deployments[\"*\"]; set one of them",
+            ));
+        }
+        check_deployment(Some(&d), || format!("{field}.deployment"))?;
+        default_deployment = Some(d);
+    }
+    if deployments.is_empty() && default_deployment.is_none() {
+        return Err(ConfigError::new(
+            format!("{field}.deployments"),
+            "missing (required for provider \"azure\": a model -> deployment map, or `deployment`)",
+        ));
+    }
+    Ok(AzureSettings {
+        api_version,
+        deployments,
+        default_deployment,
+    })
+}
+
+fn check_deployment(dep: Option<&str>, field: impl Fn() -> String) -> Result<(), ConfigError> {
+    match dep {
+        Some(d) if d.is_empty() || !d.bytes().all(is_url_safe) => Err(ConfigError::new(
+            field(),
+            "deployment names are letters, digits, '-', '_' or '.'",
+        )),
+        // A URL resolves these path segments away.
+        Some("." | "..") => Err(ConfigError::new(
+            field(),
+            "\".\" and \"..\" cannot name a deployment in a URL",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn credential(
+    raw: &RawTarget,
+    provider: Provider,
+    field: &str,
+    env: &dyn Env,
+) -> Result<Credential, ConfigError> {
+    // Errors name a field the target sets, in the order the fields are read.
+    let set: Vec<&str> = [
+        ("api_key_env", raw.api_key_env.is_some()),
+        ("azure_ad_token_env", raw.azure_ad_token_env.is_some()),
+        ("api_key", raw.api_key.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    let used = match set.as_slice() {
+        [] => {
+            let hint = match provider {
+                Provider::OpenAi => "api_key_env",
+                Provider::Azure => "api_key_env or azure_ad_token_env",
+            };
+            return Err(ConfigError::new(
+                format!("{field}.api_key_env"),
+                format!("missing: set {hint}"),
+            ));
+        }
+        [one] => *one,
+        [first, ..] => {
+            return Err(ConfigError::new(
+                format!("{field}.{first}"),
+                "set only one of api_key_env, api_key, azure_ad_token_env",
+            ))
+        }
+    };
+    let from_env = |var: &str| -> Result<String, ConfigError> {
+        let value = env.var(var).unwrap_or_default().trim().to_string();
+        if value.is_empty() {
+            return Err(ConfigError::new(
+                format!("{field}.{used}"),
+                format!(
+                    "environment variable {} is not set or empty in the VM \
+                     (list it in vm_config.environment_variables)",
+                    quote(var)
+                ),
+            ));
+        }
+        Ok(value)
+    };
+    let credential = match (&raw.api_key_env, &raw.azure_ad_token_env, &raw.api_key) {
+        (Some(var), _, _) => Credential::ApiKey(from_env(var)?),
+        (_, Some(var), _) => Credential::AzureAdToken(from_env(var)?),
+        (_, _, key) => {
+            let key = key.as_deref().unwrap_or_default().trim();
+            if key.is_empty() {
+                return Err(ConfigError::new(format!("{field}.api_key"), "empty"));
+            }
+            Credential::ApiKey(key.to_string())
+        }
+    };
+    let (Credential::ApiKey(secret) | Credential::AzureAdToken(secret)) = &credential;
+    if !secret.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(ConfigError::new(
+            format!("{field}.{used}"),
+            "the credential has characters not allowed in a header value",
+        ));
+    }
+    Ok(credential)
+}
+
+fn cooldown(raw: Option<RawCooldownSwitch>, field: &str) -> Result<Option<Cooldown>, ConfigError> {
+    let default = Cooldown {
+        after_failures: DEFAULT_COOLDOWN_FAILURES,
+        duration: DEFAULT_COOLDOWN,
+        max_duration: DEFAULT_COOLDOWN_MAX,
+    };
+    let raw: RawCooldown = match raw {
+        None | Some(RawCooldownSwitch::Enabled(true)) => return Ok(Some(default)),
+        Some(RawCooldownSwitch::Enabled(false)) => return Ok(None),
+        Some(RawCooldownSwitch::Policy(p)) => p,
+    };
+    if raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    let duration_ = deferred(raw.duration, &format!("{field}.duration"), DEFAULT_COOLDOWN)?;
+    let max_duration = deferred(
+        raw.max_duration,
+        &format!("{field}.max_duration"),
+        DEFAULT_COOLDOWN_MAX.max(duration_),
+    )?;
+    if max_duration < duration_ {
+        return Err(ConfigError::new(
+            format!("{field}.max_duration"),
+            "must not be shorter than duration",
+        ));
+    }
+    Ok(Some(Cooldown {
+        after_failures: raw.after_failures.unwrap_or(DEFAULT_COOLDOWN_FAILURES),
+        duration: duration_,
+        max_duration,
+    }))
+}
+
+fn key(
+    raw: RawKey,
+    field: &str,
+    targets: &[Target],
+    env: &dyn Env,
+) -> Result<GatewayKey, ConfigError> {
+    let name = raw
+        .name
+        .ok_or_else(|| ConfigError::new(format!("{field}.name"), "missing"))?;
+    if !is_name(&name) {
+        return Err(ConfigError::new(
+            format!("{field}.name"),
+            "must be 1-64 characters of letters, digits, '_' or '-'",
+        ));
+    }
+    let digest = match (raw.key_sha256, raw.key_env) {
+        (Some(hex), None) => KeyMatch::Sha256(parse_sha256_hex(&hex).ok_or_else(|| {
+            ConfigError::new(
+                format!("{field}.key_sha256"),
+                "must be 64 hex digits (the SHA-256 of the gateway key)",
+            )
+        })?),
+        (None, Some(var)) => {
+            let key = env.var(&var).unwrap_or_default();
+            let key = key.trim();
+            if key.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{field}.key_env"),
+                    format!(
+                        "environment variable {} is not set or empty in the VM",
+                        quote(&var)
+                    ),
+                ));
+            }
+            KeyMatch::Sha256(crate::auth::sha256(key.as_bytes()))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                format!("{field}.key_sha256"),
+                "set only one of key_sha256 and key_env",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                format!("{field}.key_sha256"),
+                "missing: set key_sha256 or key_env",
+            ))
+        }
+    };
+    let allowed = match raw.targets {
+        None => (0..targets.len()).collect(),
+        Some(names) if names.is_empty() => {
+            return Err(ConfigError::new(
+                format!("{field}.targets"),
+                "empty (omit it to allow every target)",
+            ))
+        }
+        Some(names) => {
+            let mut allowed = Vec::with_capacity(names.len());
+            for (j, n) in names.iter().enumerate() {
+                let i = targets.iter().position(|t| &t.name == n).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{field}.targets[{j}]"),
+                        format!("no target named {}", quote(n)),
+                    )
+                })?;
+                allowed.push(i);
+            }
+            // Chain order is the order of `targets`, whatever order the key lists them in.
+            allowed.sort_unstable();
+            allowed.dedup();
+            allowed
+        }
+    };
+    Ok(GatewayKey {
+        name,
+        digest,
+        targets: allowed,
+    })
+}
+
+fn cache(raw: RawCache, field: &str) -> Result<Option<CacheSettings>, ConfigError> {
+    if raw.enabled != Some(true) {
+        return Ok(None);
+    }
+    let ttl = deferred(raw.ttl, &format!("{field}.ttl"), DEFAULT_CACHE_TTL)?;
+    if ttl.is_zero() {
+        return Err(ConfigError::new(
+            format!("{field}.ttl"),
+            "must be greater than 0",
+        ));
+    }
+    let max_entries = match raw.max_entries {
+        None => DEFAULT_CACHE_ENTRIES,
+        Some(n) => bounded(
+            u64::from(n),
+            1,
+            u64::from(MAX_CACHE_ENTRIES),
+            &format!("{field}.max_entries"),
+        )? as u32,
+    };
+    let max_body_bytes = match raw.max_body_bytes {
+        None => DEFAULT_CACHE_BODY,
+        Some(n) => bounded(n, 1, MAX_CACHE_BODY, &format!("{field}.max_body_bytes"))?,
+    };
+    Ok(Some(CacheSettings {
+        ttl,
+        max_entries,
+        max_body_bytes,
+    }))
+}
+
+fn duration(d: Option<Text<Dur>>, default: Duration) -> Duration {
+    d.map_or(default, |Text(Dur(d))| d)
+}
+
+fn deferred(
+    d: Option<Deferred<Dur>>,
+    field: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    d.map_or(Ok(default), |d| d.read(field).map(|Dur(d)| d))
+}
+
+fn bounded(n: u64, min: u64, max: u64, field: &str) -> Result<usize, ConfigError> {
+    if (min..=max).contains(&n) {
+        usize::try_from(n).map_err(|_| ConfigError::new(field, "too large"))
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("must be between {min} and {max}"),
+        ))
+    }
+}
+
+fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks(2)) {
+        let pair = std::str::from_utf8(pair).ok()?;
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn is_url_safe(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.".contains(&b)
+}
+
+// ---- serde's errors, as field paths and problems --------------------------------------------
+
+fn invalid_json(e: &serde_json::Error) -> ConfigError {
+    ConfigError::new("configuration", format!("invalid JSON ({e})"))
+}
+
+fn from_serde(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let inner = e.inner();
+    if !inner.is_data() {
+        return invalid_json(inner);
+    }
+    let mut field = String::new();
+    for segment in e.path().iter() {
+        match segment {
+            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            Segment::Map { key } => push_member(&mut field, key),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    // serde_json appends the position; the field path says where.
+    let message = inner.to_string();
+    let message = message
+        .rfind(" at line ")
+        .and_then(|at| message.get(..at))
+        .unwrap_or(&message);
+    let (field, problem) = reword(field, message);
+    let field = if field.is_empty() {
+        "configuration".to_string()
+    } else {
+        field
+    };
+    ConfigError::new(field, problem)
+}
+
+/// `.name` for a plain field name, `["key"]` for any other key (a model name, say).
+fn push_member(field: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !key.starts_with(|c: char| c.is_ascii_digit());
+    if plain {
+        if !field.is_empty() {
+            field.push('.');
+        }
+        field.push_str(key);
+    } else {
+        field.push('[');
+        field.push_str(&quote(key));
+        field.push(']');
+    }
+}
+
+/// serde's message as `expected <what>, got <value>` (or `unknown field`), with the field an
+/// unknown or repeated member names added to the path.
+fn reword(mut field: String, message: &str) -> (String, String) {
+    // serde_path_to_error's path already ends with an unknown member...
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        let known = rest
+            .split_once(", expected ")
+            .map(|(_, k)| format!(" (expected {k})"))
+            .unwrap_or_else(|| " (this object has no fields)".to_string());
+        return (field, format!("unknown field{known}"));
+    }
+    // ... but not yet a repeated one (always a field of the schema).
+    if let Some(name) = message
+        .strip_prefix("duplicate field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        push_member(&mut field, name);
+        return (field, "given twice".to_string());
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        if let Some((got, expected)) = rest.split_once(", expected ") {
+            let got = got.trim_matches('`');
+            let expected = expected.replace('`', "\"");
+            return (field, format!("expected {expected}, got {}", quote(got)));
+        }
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            if let Some((got, expected)) = rest.rsplit_once(", expected ") {
+                let got = unexpected(got);
+                let expected = expected_text(expected, &got, prefix == "invalid value: ");
+                return (field, format!("expected {expected}, got {got}"));
+            }
+        }
+    }
+    (field, message.to_string())
+}
+
+/// serde's `Unexpected` as JSON: `string "x"` -> `"x"`, `integer `5`` -> `5`, `map` -> `an object`.
+fn unexpected(text: &str) -> String {
+    for prefix in ["integer ", "floating point ", "boolean "] {
+        if let Some(v) = text.strip_prefix(prefix) {
+            return v.trim_matches('`').to_string();
+        }
+    }
+    if let Some(s) = text.strip_prefix("string ") {
+        return s.to_string();
+    }
+    match text {
+        "map" => "an object".to_string(),
+        "sequence" => "an array".to_string(),
+        "unit" | "null" => "null".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn expected_text(expected: &str, got: &str, out_of_range: bool) -> String {
+    let max = match expected {
+        "u8" => Some(u64::from(u8::MAX)),
+        "u16" => Some(u64::from(u16::MAX)),
+        "u32" => Some(u64::from(u32::MAX)),
+        "u64" | "usize" => Some(u64::MAX),
+        _ => None,
+    };
+    match max {
+        Some(_) if out_of_range && got.starts_with('-') => "a non-negative integer".to_string(),
+        Some(max) if out_of_range => format!("an integer up to {max}"),
+        Some(_) => "an integer".to_string(),
+        None => match expected {
+            "a sequence" => "an array".to_string(),
+            "a map" => "an object".to_string(),
+            other if other.starts_with("enum ") => "a string".to_string(),
+            other => other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,181 @@
+//! Plugin JSON -> validated, immutable [`Config`]. The JSON is read into serde types
+//! ([`raw`]), then checked and completed with defaults in one pass ([`build`]). Every error names
+//! the field it is about, so `on_configure` can refuse a bad config with one clear log line.
+
+mod build;
+pub mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+pub use build::parse;
+
+/// Environment lookup, injected so tests do not depend on the process environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment (in the VM: `vm_config.environment_variables`).
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Why a configuration was refused: the field's path (`targets[1].api_version`, or
+/// `configuration` for the whole document) and the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    OpenAi,
+    Azure,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Azure => "azure",
+        }
+    }
+}
+
+/// How a target authenticates to its provider. The secret itself, resolved at load.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// OpenAI: `Authorization: Bearer <key>`; Azure: `api-key: <key>`.
+    ApiKey(String),
+    /// Azure Entra ID token: `Authorization: Bearer <token>`.
+    AzureAdToken(String),
+}
+
+// Secrets never reach a log line, even through `{:?}`.
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
+            Credential::AzureAdToken(_) => f.write_str("AzureAdToken(<redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureSettings {
+    pub api_version: String,
+    /// model -> deployment; the `"*"` entry is kept apart as `default_deployment`.
+    pub deployments: BTreeMap<String, String>,
+    pub default_deployment: Option<String>,
+}
+
+impl AzureSettings {
+    /// The deployment that serves `model`, if any.
+    pub fn deployment_for(&self, model: Option<&str>) -> Option<&str> {
+        model
+            .and_then(|m| self.deployments.get(m))
+            .or(self.default_deployment.as_ref())
+            .map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cooldown {
+    /// Consecutive failures that put the target in cooldown (0: never by count).
+    pub after_failures: u32,
+    /// How long a target stays out after `after_failures` failures.
+    pub duration: Duration,
+    /// Cap on a cooldown asked for by a 429's Retry-After.
+    pub max_duration: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub provider: Provider,
+    pub cluster: String,
+    pub host: String,
+    pub credential: Credential,
+    pub retries: u32,
+    pub timeout: Duration,
+    pub model: Option<String>,
+    pub override_params: Option<Map<String, Value>>,
+    pub azure: Option<AzureSettings>,
+    pub cooldown: Option<Cooldown>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyMatch {
+    /// SHA-256 digest of the gateway key.
+    Sha256([u8; 32]),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayKey {
+    pub name: String,
+    pub digest: KeyMatch,
+    /// Indices into `Config::targets`, in chain order; all targets when the key names none.
+    pub targets: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    pub ttl: Duration,
+    pub max_entries: u32,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub on_status_codes: Vec<u16>,
+    pub failover_on_content_filter: bool,
+    pub max_retry_wait: Duration,
+    pub targets: Vec<Target>,
+    pub keys: Option<Vec<GatewayKey>>,
+    pub cache: Option<CacheSettings>,
+    pub deadline: Duration,
+    pub max_request_body_bytes: usize,
+}
+
+impl Config {
+    pub fn is_failure_status(&self, status: u16) -> bool {
+        self.on_status_codes.contains(&status)
+    }
+
+    pub fn target_index(&self, name: &str) -> Option<usize> {
+        self.targets.iter().position(|t| t.name == name)
+    }
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+pub const DEFAULT_MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests;

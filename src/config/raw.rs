@@ -1,0 +1,304 @@
+//! The plugin JSON as written: serde types, one per object of the schema. Unknown fields are
+//! refused, absent ones are `None` (defaults are applied, and everything is checked, in
+//! [`super::build`]). `docs/config.schema.json` is generated from these types, their doc
+//! comments included.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+
+pub use crate::object::Obj;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(title = "llm-failover plugin configuration"))]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The JSON Schema an editor checks this file against; ignored by the filter.
+    #[serde(rename = "$schema")]
+    pub schema: Option<String>,
+    /// How attempts are judged and how the chain is walked.
+    pub strategy: Option<Obj<RawStrategy>>,
+    /// The ordered chain of upstream targets (at least one).
+    #[cfg_attr(test, schemars(required))]
+    pub targets: Option<Vec<Obj<RawTarget>>>,
+    /// Gateway keys. When present, every request must present one of them.
+    pub keys: Option<Vec<Obj<RawKey>>>,
+    /// Response cache of non-streaming chat completions.
+    pub cache: Option<Obj<RawCache>>,
+    /// The most a client waits for the whole chain (default "120s").
+    pub deadline: Option<Text<Dur>>,
+    /// Larger request bodies get 413 (default 4194304, at most 67108864).
+    pub max_request_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Strategy"))]
+#[serde(deny_unknown_fields)]
+pub struct RawStrategy {
+    /// "fallback": the ordered chain.
+    pub mode: Option<Mode>,
+    /// Upstream statuses that count as failure (default 429 and 500-599).
+    pub on_status_codes: Option<Vec<u16>>,
+    /// Fail over an Azure content-filter refusal (400 content_filter) when 400 is a failure
+    /// status (default false).
+    pub failover_on_content_filter: Option<bool>,
+    /// Longest Retry-After the filter waits before retrying the same target (default "5s").
+    pub max_retry_wait: Option<Text<Dur>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Mode"))]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Fallback,
+    Loadbalance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Provider"))]
+#[serde(rename_all = "lowercase")]
+pub enum RawProvider {
+    #[serde(rename = "openai")]
+    OpenAi,
+    Azure,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Target"))]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    /// Unique; defaults to the provider's name. Used in headers, stats, logs and `keys`.
+    pub name: Option<String>,
+    /// "openai" or "azure".
+    #[cfg_attr(test, schemars(required))]
+    pub provider: Option<RawProvider>,
+    /// The Envoy cluster that reaches this target.
+    #[cfg_attr(test, schemars(required))]
+    pub cluster: Option<String>,
+    /// The :authority sent (default api.openai.com, or <resource_name>.openai.azure.com).
+    pub host: Option<String>,
+    /// Environment variable (from vm_config.environment_variables) holding the provider key.
+    pub api_key_env: Option<String>,
+    /// Inline provider key, for local testing only.
+    pub api_key: Option<String>,
+    /// Azure only: environment variable holding an Entra ID token, sent as a bearer token.
+    pub azure_ad_token_env: Option<String>,
+    /// Extra attempts on this target before moving on (default 0, at most 10).
+    pub retries: Option<u32>,
+    /// Per attempt (default "60s").
+    pub timeout: Option<Text<Dur>>,
+    /// The model sent to this target instead of the client's.
+    pub model: Option<String>,
+    /// Object deep-merged into the request body for this target.
+    pub override_params: Option<Map<String, Value>>,
+    /// Azure: the resource (host <resource_name>.openai.azure.com), unless `host` is set.
+    pub resource_name: Option<String>,
+    /// Azure: the api-version query parameter.
+    pub api_version: Option<String>,
+    /// Azure: model -> deployment; "*" is the default.
+    pub deployments: Option<BTreeMap<String, String>>,
+    /// Azure: shorthand for {"*": deployment}.
+    pub deployment: Option<String>,
+    /// Circuit breaker shared by all workers: false disables it, an object tunes it.
+    pub cooldown: Option<RawCooldownSwitch>,
+}
+
+/// `true`/`false`, or the policy as an object.
+#[derive(Debug)]
+pub enum RawCooldownSwitch {
+    Enabled(bool),
+    Policy(RawCooldown),
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Cooldown"))]
+#[serde(deny_unknown_fields)]
+pub struct RawCooldown {
+    /// false turns the cooldown off.
+    pub enabled: Option<bool>,
+    /// Consecutive failures that start a cooldown (default 3; 0: only Retry-After cooldowns).
+    pub after_failures: Option<u32>,
+    /// How long a target stays out after `after_failures` failures (default "30s").
+    pub duration: Option<Deferred<Dur>>,
+    /// Cap on a cooldown asked for by a 429's Retry-After (default "5m").
+    pub max_duration: Option<Deferred<Dur>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Key"))]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    /// Unique name of the key (it appears in logs and scopes cache entries).
+    pub name: Option<String>,
+    /// Hex SHA-256 of the gateway key.
+    pub key_sha256: Option<String>,
+    /// Environment variable holding the gateway key itself.
+    pub key_env: Option<String>,
+    /// The targets this key may use (default: all).
+    pub targets: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Cache"))]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// true turns the cache on.
+    pub enabled: Option<bool>,
+    /// How long an entry is served (default "60s").
+    pub ttl: Option<Deferred<Dur>>,
+    /// Slots in Envoy shared data (default 1024, at most 1000000).
+    pub max_entries: Option<u32>,
+    /// Larger answers are not cached (default 262144, at most 4194304).
+    pub max_body_bytes: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for RawCooldownSwitch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SwitchVisitor;
+        impl<'de> Visitor<'de> for SwitchVisitor {
+            type Value = RawCooldownSwitch;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a boolean or an object")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<RawCooldownSwitch, E> {
+                Ok(RawCooldownSwitch::Enabled(b))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawCooldownSwitch, A::Error> {
+                RawCooldown::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawCooldownSwitch::Policy)
+            }
+        }
+        d.deserialize_any(SwitchVisitor)
+    }
+}
+
+/// A value written as a string and read by `T`'s parser (e.g. a duration).
+#[derive(Debug, Clone, Copy)]
+pub struct Text<T>(pub T);
+
+/// How a string field is read.
+pub trait FromText: Sized {
+    /// What the error says is expected, e.g. `a duration such as "10s"`.
+    const EXPECTED: &'static str;
+    fn from_text(text: &str) -> Option<Self>;
+}
+
+/// A duration of at most one day.
+#[derive(Debug, Clone, Copy)]
+pub struct Dur(pub Duration);
+
+impl FromText for Dur {
+    const EXPECTED: &'static str = "a duration such as \"500ms\", \"10s\" or \"2m\"";
+    fn from_text(text: &str) -> Option<Dur> {
+        crate::duration::parse(text)
+            .filter(|d| *d <= Duration::from_secs(24 * 3600))
+            .map(Dur)
+    }
+}
+
+impl<'de, T: FromText> Deserialize<'de> for Text<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor<T>(PhantomData<T>);
+        impl<T: FromText> Visitor<'_> for TextVisitor<T> {
+            type Value = Text<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(T::EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text<T>, E> {
+                T::from_text(s)
+                    .map(Text)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Str(s), &T::EXPECTED))
+            }
+        }
+        d.deserialize_str(TextVisitor(PhantomData))
+    }
+}
+
+/// A string read by `T`'s parser only when its object is switched on (`enabled: false` turns a
+/// cache or a cooldown off whatever its other settings say).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Deferred<T> {
+    text: String,
+    #[serde(skip)]
+    kind: PhantomData<T>,
+}
+
+impl<T: FromText> Deferred<T> {
+    /// The value, or the error a `Text<T>` would have given at `field`.
+    pub fn read(&self, field: &str) -> Result<T, super::ConfigError> {
+        T::from_text(&self.text).ok_or_else(|| {
+            super::ConfigError::new(
+                field,
+                format!("expected {}, got {}", T::EXPECTED, crate::quote(&self.text)),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod schema {
+    //! How the hand-written `Deserialize` types above look in the JSON Schema.
+    use super::*;
+    use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+    use std::borrow::Cow;
+
+    impl<T: JsonSchema> JsonSchema for Obj<T> {
+        fn schema_name() -> Cow<'static, str> {
+            T::schema_name()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            T::json_schema(generator)
+        }
+        fn inline_schema() -> bool {
+            T::inline_schema()
+        }
+    }
+
+    impl JsonSchema for Text<Dur> {
+        fn schema_name() -> Cow<'static, str> {
+            "Duration".into()
+        }
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            json_schema!({
+                "type": "string",
+                "description": "A duration: one or more <number><unit> parts, units ms, s, m, h (\"500ms\", \"10s\", \"1.5s\", \"2m\", \"1m30s\"); at most one day.",
+                "pattern": "^\\s*([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h)(([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h))*\\s*$"
+            })
+        }
+    }
+
+    impl JsonSchema for Deferred<Dur> {
+        fn schema_name() -> Cow<'static, str> {
+            Text::<Dur>::schema_name()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            Text::<Dur>::json_schema(generator)
+        }
+    }
+
+    impl JsonSchema for RawCooldownSwitch {
+        fn schema_name() -> Cow<'static, str> {
+            "CooldownSwitch".into()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            let policy = generator.subschema_for::<RawCooldown>();
+            json_schema!({
+                "anyOf": [{"type": "boolean"}, policy]
+            })
+        }
+    }
+}
