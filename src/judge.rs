@@ -53,6 +53,32 @@ pub fn outcome(
     failed(FailureKind::Status(status), retry_after)
 }
 
+/// The `:status` header's value as a number.
+pub fn parse_status(value: &[u8]) -> Option<u16> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+/// The status class an attempt is counted under in stats.
+pub fn status_class(status: Option<u16>, failure: Option<FailureKind>) -> &'static str {
+    match (failure, status) {
+        (Some(FailureKind::Unreachable | FailureKind::Timeout), _) | (_, None) => "transport",
+        (_, Some(429)) => "429",
+        (_, Some(s)) if s < 300 => "2xx",
+        (_, Some(s)) if s < 400 => "3xx",
+        (_, Some(s)) if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// How an attempt ended, for the decision log: `status=429`, `failure=timeout`.
+pub fn describe(status: Option<u16>, failure: Option<FailureKind>) -> String {
+    match (failure, status) {
+        (Some(FailureKind::Timeout), _) => "failure=timeout".to_string(),
+        (Some(FailureKind::Unreachable), _) | (_, None) => "failure=unreachable".to_string(),
+        (_, Some(s)) => format!("status={s}"),
+    }
+}
+
 fn failed(kind: FailureKind, retry_after: Option<std::time::Duration>) -> Outcome {
     Outcome::Failed(Failure { kind, retry_after })
 }
@@ -264,6 +290,43 @@ mod tests {
             kind(&outcome(&on, Some(400), None, CF, None)),
             Some(FailureKind::Status(400))
         );
+    }
+
+    #[test]
+    fn attempts_are_counted_and_logged_by_class() {
+        let timeout = Some(FailureKind::Timeout);
+        let cases = [
+            (Some(200), None, "2xx", "status=200"),
+            (Some(302), None, "3xx", "status=302"),
+            (Some(404), None, "4xx", "status=404"),
+            (
+                Some(429),
+                Some(FailureKind::Status(429)),
+                "429",
+                "status=429",
+            ),
+            (
+                Some(503),
+                Some(FailureKind::Status(503)),
+                "5xx",
+                "status=503",
+            ),
+            (Some(504), timeout, "transport", "failure=timeout"),
+            (
+                Some(503),
+                Some(FailureKind::Unreachable),
+                "transport",
+                "failure=unreachable",
+            ),
+            (None, None, "transport", "failure=unreachable"),
+        ];
+        for (status, failure, class, text) in cases {
+            assert_eq!(status_class(status, failure), class, "{status:?}");
+            assert_eq!(describe(status, failure), text, "{status:?}");
+        }
+        assert_eq!(parse_status(b" 429 "), Some(429));
+        assert_eq!(parse_status(b"abc"), None);
+        assert_eq!(parse_status(b"99999"), None);
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! chain of OpenAI / Azure OpenAI targets, retrying and failing over on 429, 5xx and transport
 //! failures.
 //!
-//! Pure modules (no `proxy_wasm`, unit-tested on the host): `config`, `body`, `provider`,
-//! `rewrite`, `judge`, `chain`, `cooldown`, `cache`, `auth`, `retry_after`, `duration`, `reply`,
-//! `usage`. Glue (only built for wasm32): `filter`.
+//! Pure modules (no `proxy_wasm`, unit-tested on the host), in the order a request meets them:
+//! `config` (the plugin JSON), `intake` (what a request is, who sent it: `auth`), `body` (its
+//! body, read once), `plan` (its chain), `provider` and `rewrite` (each target's request),
+//! `forward` (which headers go where), `judge` (how an answer ends an attempt), `chain` (the
+//! failover state machine), `cooldown`, `retry_after`, `cache`, `usage`, `reply`, `duration`.
+//! Glue (only built for wasm32): `filter`, one module per phase of a request.
 
 pub mod auth;
 pub mod body;
@@ -13,8 +16,11 @@ pub mod chain;
 pub mod config;
 pub mod cooldown;
 pub mod duration;
+pub mod forward;
+pub mod intake;
 pub mod judge;
 mod object;
+pub mod plan;
 pub mod provider;
 pub mod reply;
 pub mod retry_after;

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::chain::FailureKind;
+
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
@@ -87,6 +89,22 @@ impl Rejection {
         }
     }
 
+    /// What the client gets when the chain ends on a transport failure of `target` (a status,
+    /// the provider's own answer, is passed on as it is: `None`).
+    pub fn for_failure(kind: FailureKind, budget_spent: bool, target: &str) -> Option<Rejection> {
+        match kind {
+            FailureKind::Status(_) => None,
+            // The attempt's timeout was what was left of the deadline.
+            FailureKind::Timeout if budget_spent => Some(Rejection::DeadlineExceeded),
+            FailureKind::Timeout | FailureKind::Unreachable => {
+                Some(Rejection::UpstreamUnavailable {
+                    target: target.to_string(),
+                    timeout: kind == FailureKind::Timeout,
+                })
+            }
+        }
+    }
+
     pub fn reply(&self) -> LocalReply {
         LocalReply {
             status: self.status(),
@@ -124,6 +142,24 @@ pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn a_chain_ending_on_a_transport_failure_gets_an_openai_shaped_error() {
+        use FailureKind::*;
+        assert_eq!(Rejection::for_failure(Status(503), true, "a"), None);
+        assert_eq!(
+            Rejection::for_failure(Timeout, true, "a"),
+            Some(Rejection::DeadlineExceeded)
+        );
+        assert_eq!(
+            Rejection::for_failure(Timeout, false, "a").map(|r| r.code()),
+            Some("upstream_timeout")
+        );
+        assert_eq!(
+            Rejection::for_failure(Unreachable, true, "a").map(|r| r.code()),
+            Some("upstream_unavailable")
+        );
+    }
 
     #[test]
     fn every_rejection_is_openai_shaped_with_its_status_and_code() {

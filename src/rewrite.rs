@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
-use crate::body::{Body, Keep};
+use crate::body::Body;
 use crate::config::Target;
 
 /// The operations the filter rewrites and fails over.
@@ -46,16 +46,6 @@ impl Operation {
             Operation::Completions => "completions",
             Operation::Embeddings => "embeddings",
         }
-    }
-}
-
-/// How much of the body the parse must keep for this request: the document when the cache will
-/// key it or a target of its chain may change it.
-pub fn keep_for<'a>(mut chain: impl Iterator<Item = &'a Target>, cacheable: bool) -> Keep {
-    if cacheable || chain.any(|t| t.model.is_some() || t.override_params.is_some()) {
-        Keep::Document
-    } else {
-        Keep::Typed
     }
 }
 
@@ -137,6 +127,7 @@ fn merge(into: &mut Value, from: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::Keep;
     use crate::config::{self, Env};
     use serde_json::{json, Value};
 

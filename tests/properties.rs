@@ -21,6 +21,7 @@ use llm_failover::chain::{
 };
 use llm_failover::config::{self, Config, ConfigError, Credential, Env, KeyMatch, Provider};
 use llm_failover::cooldown::{self, State};
+use llm_failover::plan;
 use llm_failover::provider;
 use llm_failover::reply::Rejection;
 use llm_failover::retry_after;
@@ -1212,6 +1213,28 @@ proptest! {
                 if !overridden {
                     prop_assert_eq!(out.get(k), Some(was));
                 }
+            }
+        }
+    }
+}
+
+proptest! {
+    /// The body is parsed once: a request whose plan reads it without its document (the typed
+    /// fields only) never needs the document, since no target of its chain rewrites it.
+    #[test]
+    fn a_body_read_without_its_document_is_never_rewritten(
+        spec in arb_config_spec(),
+        body in arb_body().prop_map(|b| b.0),
+        mask in any::<u8>(),
+    ) {
+        let (v, env) = spec.render();
+        let c = config::parse(v.to_string().as_bytes(), &env).unwrap();
+        let chain: Vec<usize> = (0..c.targets.len()).filter(|i| mask & (1 << (i % 8)) != 0).collect();
+        prop_assert_eq!(plan::keep(&c, &chain, true), Keep::Document);
+        if plan::keep(&c, &chain, false) == Keep::Typed {
+            let Ok(parsed) = Body::parse(body, Keep::Typed) else { return Ok(()) };
+            for &i in &chain {
+                prop_assert!(rewrite::body_for(&c.targets[i], &parsed).is_none());
             }
         }
     }

@@ -101,6 +101,7 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         on_status_codes,
         failover_on_content_filter,
         max_retry_wait,
+        chain: (0..targets.len()).collect(),
         targets,
         keys,
         cache,

@@ -156,6 +156,9 @@ pub struct Config {
     pub failover_on_content_filter: bool,
     pub max_retry_wait: Duration,
     pub targets: Vec<Target>,
+    /// Every target in order (indices into `targets`): the chain of a request that no gateway
+    /// key limits.
+    pub chain: Vec<usize>,
     pub keys: Option<Vec<GatewayKey>>,
     pub cache: Option<CacheSettings>,
     pub deadline: Duration,

@@ -7,7 +7,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::exchange::{Effect, Exchange, Runtime};
-use super::root::Timers;
+use super::timers::Timers;
 
 pub struct Http {
     exchange: Rc<RefCell<Exchange>>,

@@ -4,31 +4,32 @@
 use proxy_wasm::types::MetricType;
 
 use super::host;
-use crate::chain::FailureKind;
+use crate::chain::GiveUpReason;
 use crate::config::Config;
+use crate::usage::Usage;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 
-pub struct TargetMetrics {
+struct TargetMetrics {
     attempts: Vec<Option<u32>>,
-    pub retries: Option<u32>,
-    pub cooldown_skips: Option<u32>,
-    pub cooldowns_started: Option<u32>,
-    pub deployment_skips: Option<u32>,
-    pub latency_ms: Option<u32>,
-    pub prompt_tokens: Option<u32>,
-    pub completion_tokens: Option<u32>,
+    retries: Option<u32>,
+    cooldown_skips: Option<u32>,
+    cooldowns_started: Option<u32>,
+    deployment_skips: Option<u32>,
+    latency_ms: Option<u32>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
 }
 
 pub struct Metrics {
-    pub requests: Option<u32>,
-    pub exhausted: Option<u32>,
-    pub budget_spent: Option<u32>,
-    pub cache_hits: Option<u32>,
-    pub cache_misses: Option<u32>,
-    pub retries: Option<u32>,
-    pub fallbacks: Option<u32>,
-    pub attempts: Option<u32>,
+    requests: Option<u32>,
+    exhausted: Option<u32>,
+    budget_spent: Option<u32>,
+    cache_hits: Option<u32>,
+    cache_misses: Option<u32>,
+    retries: Option<u32>,
+    fallbacks: Option<u32>,
+    attempts: Option<u32>,
     targets: Vec<TargetMetrics>,
     /// `[from * n + to]`
     fallback_pairs: Vec<Option<u32>>,
@@ -95,8 +96,53 @@ impl Metrics {
         }
     }
 
-    pub fn target(&self, i: usize) -> Option<&TargetMetrics> {
+    fn target(&self, i: usize) -> Option<&TargetMetrics> {
         self.targets.get(i)
+    }
+
+    fn per_target(&self, i: usize, counter: impl Fn(&TargetMetrics) -> Option<u32>, by: u64) {
+        host::increment(self.target(i).and_then(counter), by);
+    }
+
+    pub fn request(&self) {
+        host::increment(self.requests, 1);
+    }
+
+    pub fn cache_hit(&self) {
+        host::increment(self.cache_hits, 1);
+    }
+
+    pub fn cache_miss(&self) {
+        host::increment(self.cache_misses, 1);
+    }
+
+    pub fn retry(&self, target: usize) {
+        host::increment(self.retries, 1);
+        self.per_target(target, |m| m.retries, 1);
+    }
+
+    pub fn gave_up(&self, reason: GiveUpReason) {
+        match reason {
+            GiveUpReason::Exhausted => host::increment(self.exhausted, 1),
+            GiveUpReason::BudgetSpent => host::increment(self.budget_spent, 1),
+        }
+    }
+
+    pub fn deployment_skip(&self, target: usize) {
+        self.per_target(target, |m| m.deployment_skips, 1);
+    }
+
+    pub fn cooldown_skip(&self, target: usize) {
+        self.per_target(target, |m| m.cooldown_skips, 1);
+    }
+
+    pub fn cooldown_started(&self, target: usize) {
+        self.per_target(target, |m| m.cooldowns_started, 1);
+    }
+
+    pub fn tokens(&self, target: usize, usage: Usage) {
+        self.per_target(target, |m| m.prompt_tokens, usage.prompt);
+        self.per_target(target, |m| m.completion_tokens, usage.completion);
     }
 
     pub fn attempt(&self, target: usize, class: &str, latency_ms: u64) {
@@ -121,17 +167,5 @@ impl Metrics {
         if let Some((_, id)) = self.rejected.iter().find(|(c, _)| *c == code) {
             host::increment(*id, 1);
         }
-    }
-}
-
-/// The status class an attempt is counted under.
-pub fn status_class(status: Option<u16>, failure: Option<FailureKind>) -> &'static str {
-    match (failure, status) {
-        (Some(FailureKind::Unreachable | FailureKind::Timeout), _) | (_, None) => "transport",
-        (_, Some(429)) => "429",
-        (_, Some(s)) if s < 300 => "2xx",
-        (_, Some(s)) if s < 400 => "3xx",
-        (_, Some(s)) if s < 500 => "4xx",
-        _ => "5xx",
     }
 }

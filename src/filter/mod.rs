@@ -1,12 +1,21 @@
 //! proxy-wasm glue: the root context (config, metrics, timers, cache sweep) and one HTTP context
-//! per request. Decisions are made by the pure modules; this layer only moves data in and out.
+//! per request, whose journey is split by phase (see `exchange`). Decisions are made by the pure
+//! modules; this layer only moves data in and out.
 
+mod callout;
+mod delivery;
 mod exchange;
+mod failover;
+mod health;
 mod host;
 mod http;
+mod intake;
 mod metrics;
+mod request_body;
 mod root;
+mod routed;
 mod shared;
+mod timers;
 
 use proxy_wasm::traits::RootContext;
 use proxy_wasm::types::LogLevel;

@@ -8,28 +8,17 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use super::exchange::{Exchange, Runtime};
+use super::exchange::{Effect, Exchange, Runtime};
 use super::host;
 use super::http::Http;
 use super::shared;
+use super::timers::Timers;
 use crate::config::{self, ProcessEnv};
 use crate::reply::Rejection;
 
 const TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY_TICKS: u32 = 40;
 const SWEEP_CHUNK: u32 = 4096;
-
-/// Retries waiting for a Retry-After, and callouts the root dispatched for them.
-#[derive(Default)]
-pub struct Timers {
-    due: Vec<(u64, u32, Weak<RefCell<Exchange>>)>,
-}
-
-impl Timers {
-    pub fn schedule(&mut self, due_ms: u64, context_id: u32, exchange: Weak<RefCell<Exchange>>) {
-        self.due.push((due_ms, context_id, exchange));
-    }
-}
 
 pub struct Root {
     runtime: Option<Rc<Runtime>>,
@@ -53,19 +42,11 @@ impl Root {
     }
 
     fn fire_due_timers(&mut self, now: u64) {
-        let due: Vec<(u64, u32, Weak<RefCell<Exchange>>)> = {
-            let Ok(mut timers) = self.timers.try_borrow_mut() else {
-                return;
-            };
-            let (due, later): (Vec<_>, Vec<_>) =
-                timers.due.drain(..).partition(|(at, _, _)| *at <= now);
-            timers.due = later;
-            due
+        let due = match self.timers.try_borrow_mut() {
+            Ok(mut timers) => timers.take_due(now),
+            Err(_) => return,
         };
-        for (_, context_id, weak) in due {
-            let Some(exchange) = weak.upgrade() else {
-                continue;
-            };
+        for (context_id, exchange) in due {
             if !host::set_effective_context(context_id) {
                 continue;
             }
@@ -73,7 +54,7 @@ impl Root {
                 continue;
             };
             let effect = ex.fire_retry();
-            self.follow(context_id, &weak, &mut ex, effect);
+            self.follow(context_id, &Rc::downgrade(&exchange), &mut ex, effect);
         }
     }
 
@@ -83,12 +64,12 @@ impl Root {
         context_id: u32,
         weak: &Weak<RefCell<Exchange>>,
         ex: &mut Exchange,
-        effect: super::exchange::Effect,
+        effect: Effect,
     ) {
         if let Some(token) = ex.take_dispatched() {
             self.callouts.push((token, context_id, weak.clone()));
         }
-        if let super::exchange::Effect::Wait(due) = effect {
+        if let Effect::Wait(due) = effect {
             if let Ok(mut timers) = self.timers.try_borrow_mut() {
                 timers.schedule(due, context_id, weak.clone());
             }

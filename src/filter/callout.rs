@@ -1,0 +1,111 @@
+//! Retries and failovers after the routed attempt: each one an HTTP callout to the target's
+//! cluster, carrying the client's headers and the target's body, and its answer read back.
+
+use std::time::Duration;
+
+use proxy_wasm::types::{BufferType, MapType};
+
+use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
+use super::host;
+use crate::body::Body;
+use crate::forward;
+use crate::intake::Kind;
+use crate::judge;
+use crate::provider;
+use crate::quote;
+use crate::retry_after;
+use crate::rewrite;
+
+impl Exchange {
+    /// Sends the next attempt to `target` as a callout. A callout the host refuses (e.g. an
+    /// unknown cluster) counts as an unreachable target.
+    pub(super) fn attempt(&mut self, target: usize, timeout: Duration) -> (Flow, Effect) {
+        self.attempt_started_ms = self.now();
+        match self.dispatch(target, timeout) {
+            Some(token) => {
+                self.phase = Phase::Callout { token };
+                self.dispatched = Some(token);
+                // So the access log shows the failover even if the client leaves before the end.
+                if let Some((attempts, failed_over)) =
+                    self.chain.as_ref().map(|c| (c.attempts(), c.failed_over()))
+                {
+                    let name = self.target_name(target).to_string();
+                    self.record_state(&name, attempts, failed_over);
+                }
+                (Flow::Hold, Effect::None)
+            }
+            None => {
+                log::warn!(
+                    "{} could not dispatch to target={} (is cluster {} defined?)",
+                    self.tag(),
+                    self.target_name(target),
+                    quote(self.target(target).map_or("", |t| t.cluster.as_str()))
+                );
+                self.decide(Answer {
+                    status: None,
+                    content_type: None,
+                    retry_after: None,
+                    body: Vec::new(),
+                    headers: None,
+                })
+            }
+        }
+    }
+
+    /// The callout to target `i`: its address, credential and body, the client's headers.
+    fn dispatch(&self, i: usize, timeout: Duration) -> Option<u32> {
+        let t = self.target(i)?;
+        let Some(Kind::Operation(op)) = self.request.kind else {
+            return None;
+        };
+        let address =
+            provider::address(t, Some(op), self.model_for(t), &self.request.client_path).ok()?;
+        let changed = self.body.as_ref().and_then(|b| rewrite::body_for(t, b));
+        let body = changed
+            .as_deref()
+            .or(self.body.as_ref().map(Body::raw))
+            .unwrap_or_default();
+        let &(name, ref value) = self.rt.credentials.get(i)?;
+        let length = body.len().to_string();
+        let headers = forward::callout(
+            &address,
+            (name, value.as_str()),
+            &length,
+            &self.request.forwarded,
+        );
+        host::dispatch(&t.cluster, &headers, body, timeout).ok()
+    }
+
+    pub fn on_callout_response(&mut self, token: u32, body_size: usize) -> Effect {
+        self.callback();
+        match self.phase {
+            Phase::Callout { token: t } if t == token => {}
+            _ => {
+                log::debug!("{} ignoring answer of unknown callout {token}", self.tag());
+                return Effect::None;
+            }
+        }
+        let headers = host::headers(MapType::HttpCallResponseHeaders);
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let status = find(":status").and_then(|s| judge::parse_status(&s));
+        let content_type = find("content-type");
+        let retry_after = retry_after::parse(
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+            self.now() / 1000,
+        );
+        let body = host::buffer(BufferType::HttpCallResponseBody, body_size);
+        let answer = Answer {
+            status,
+            content_type,
+            retry_after,
+            body,
+            headers: Some(headers),
+        };
+        self.decide(answer).1
+    }
+}

@@ -1,0 +1,153 @@
+//! What the client gets: the routed answer labelled and let through, a callout's answer in its
+//! place, or one of the filter's own errors; then the outcome headers, the access-log filter
+//! state, token usage and the cache entry of a success.
+
+use proxy_wasm::types::MapType;
+
+use super::exchange::{Answer, Exchange, Flow, Phase};
+use super::host;
+use super::shared;
+use crate::cache::Entry;
+use crate::chain::FailureKind;
+use crate::duration::millis;
+use crate::forward::{self, ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
+use crate::reply::Rejection;
+use crate::usage;
+
+impl Exchange {
+    /// Gives the client `answer`: the routed response resumes; a callout's answer replaces it;
+    /// a transport failure becomes an OpenAI-shaped error.
+    pub(super) fn deliver(
+        &mut self,
+        answer: Answer,
+        failure: Option<FailureKind>,
+        attempts: u32,
+        failed_over: bool,
+        budget_spent: bool,
+    ) -> Flow {
+        let target = self.current_target().unwrap_or(0);
+        let name = self.target_name(target).to_string();
+        self.record_state(&name, attempts, failed_over);
+        let attempts_text = attempts.to_string();
+        let mut ours: Vec<(&str, &str)> = vec![
+            (TARGET_HEADER, name.as_str()),
+            (ATTEMPTS_HEADER, attempts_text.as_str()),
+        ];
+        if self.config().cache.is_some() {
+            ours.push((CACHE_HEADER, "miss"));
+        }
+        if let Some(rejection) =
+            failure.and_then(|k| Rejection::for_failure(k, budget_spent, &name))
+        {
+            let reply = rejection.reply();
+            ours.push(("content-type", "application/json"));
+            self.phase = Phase::Replied;
+            host::send_reply(reply.status, &ours, &reply.body);
+            return Flow::Replied;
+        }
+        let Some(headers) = answer.headers else {
+            // The routed response itself, still held: label it.
+            for (name, value) in &ours {
+                host::set_header(MapType::HttpResponseHeaders, name, Some(value));
+            }
+            return Flow::Resume;
+        };
+        let status = u32::from(answer.status.unwrap_or(502));
+        if failure.is_none() && status == 200 {
+            let content_type = answer
+                .content_type
+                .as_deref()
+                .and_then(|c| std::str::from_utf8(c).ok())
+                .unwrap_or("application/json")
+                .to_string();
+            if headers.iter().any(|(n, _)| n == "content-encoding") {
+                self.cache_key = None;
+            }
+            self.finish_success(Some((&answer.body, &content_type)));
+        }
+        let mut out: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(n, _)| forward::copied_to_client(n))
+            .filter_map(|(n, v)| std::str::from_utf8(v).ok().map(|v| (n.as_str(), v)))
+            .collect();
+        out.extend(ours.iter().copied());
+        self.phase = Phase::Replied;
+        host::send_reply(status, &out, &answer.body);
+        Flow::Replied
+    }
+
+    /// Labels the routed answer that is passing through: who served it, after how many attempts.
+    pub(super) fn add_outcome_headers(&mut self, attempts: u32) {
+        let map = MapType::HttpResponseHeaders;
+        let name = self
+            .current_target()
+            .map_or("", |t| self.target_name(t))
+            .to_string();
+        if !name.is_empty() {
+            host::set_header(map, TARGET_HEADER, Some(&name));
+        }
+        host::set_header(map, ATTEMPTS_HEADER, Some(&attempts.to_string()));
+        self.record_state(&name, attempts, false);
+        if self.config().cache.is_some() {
+            host::set_header(map, CACHE_HEADER, Some("miss"));
+        }
+    }
+
+    /// Counts tokens and fills the cache once a successful answer is complete (`body`: a
+    /// callout's answer and its content type; `None`: the routed answer, seen chunk by chunk).
+    pub(super) fn finish_success(&mut self, body: Option<(&[u8], &str)>) {
+        let Some(target) = self.current_target() else {
+            return;
+        };
+        let tokens = match (&self.usage, body) {
+            (_, Some((b, _))) => usage::from_body(b),
+            (Some(scanner), None) => scanner.finish(),
+            (None, None) => None,
+        };
+        if let Some(u) = tokens {
+            self.rt.metrics.tokens(target, u);
+        }
+        let (Some(settings), Some(digest)) = (&self.rt.config.cache, self.cache_key) else {
+            return;
+        };
+        let (cached, content_type) = match body {
+            Some((b, ct)) => (Some(b.to_vec()), ct.to_string()),
+            None => (self.cache_body.take(), "application/json".to_string()),
+        };
+        let Some(cached) = cached.filter(|b| b.len() <= settings.max_body_bytes && !b.is_empty())
+        else {
+            return;
+        };
+        let entry = Entry {
+            digest,
+            expires_ms: self.now().saturating_add(millis(settings.ttl)),
+            target: self.target_name(target).to_string(),
+            content_type,
+            body: cached,
+        };
+        shared::cache_put(settings, &entry);
+    }
+
+    /// Filter state for the access log: `%FILTER_STATE(wasm.llm_failover.<field>:PLAIN)%`.
+    /// Each value is written when it differs from the last written (a host call each).
+    pub(super) fn record_state(&mut self, target: &str, attempts: u32, failed_over: bool) {
+        let last = self.recorded.take();
+        if last.as_ref().is_none_or(|(t, _, _)| t != target) {
+            host::set_filter_state("llm_failover.target", target);
+        }
+        if last.as_ref().is_none_or(|(_, a, _)| *a != attempts) {
+            host::set_filter_state("llm_failover.attempts", &attempts.to_string());
+        }
+        if last.as_ref().is_none_or(|(_, _, f)| *f != failed_over) {
+            let failover = if failed_over { "true" } else { "false" };
+            host::set_filter_state("llm_failover.failover", failover);
+        }
+        self.recorded = Some((target.to_string(), attempts, failed_over));
+    }
+
+    pub fn on_log(&mut self) {
+        if let Phase::Callout { .. } | Phase::Waiting { .. } = self.phase {
+            log::debug!("{} client went away during failover", self.tag());
+        }
+    }
+}

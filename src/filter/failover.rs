@@ -1,0 +1,113 @@
+//! After an attempt answered: judge it, count it, and take the chain's next step, with one log
+//! line per decision: deliver, retry the same target (now, or after its Retry-After:
+//! `timers`), fail over to the next one (`callout`), or give up (`delivery`).
+
+use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
+use crate::chain::{GiveUpReason, NoRetry, Outcome, Step};
+use crate::duration::millis;
+use crate::judge;
+
+impl Exchange {
+    /// Judges an answer and takes the chain's next step.
+    pub(super) fn decide(&mut self, answer: Answer) -> (Flow, Effect) {
+        let Some(mut chain) = self.chain.take() else {
+            return (Flow::Resume, Effect::None);
+        };
+        let now = self.now();
+        let current = chain.current_target().unwrap_or(0);
+        let outcome = judge::outcome(
+            self.config(),
+            answer.status,
+            answer.content_type.as_deref(),
+            &answer.body,
+            answer.retry_after,
+        );
+        let failure = match &outcome {
+            Outcome::Delivered => None,
+            Outcome::Failed(f) => Some(f.clone()),
+        };
+        let kind = failure.as_ref().map(|f| f.kind);
+        self.rt.metrics.attempt(
+            current,
+            judge::status_class(answer.status, kind),
+            now.saturating_sub(self.attempt_started_ms),
+        );
+        self.record_health(current, failure.as_ref(), now);
+
+        let (step, no_retry) = chain.next(&outcome, now, |t| self.is_cooling(t, now));
+        let attempts = chain.attempts();
+        let failed_over = chain.failed_over();
+        self.chain = Some(chain);
+        let what = judge::describe(answer.status, kind);
+        if let Some(why) = no_retry {
+            let why = match why {
+                NoRetry::RetryAfterTooLong => "is over max_retry_wait",
+                NoRetry::RetryAfterOverBudget => "does not fit the deadline",
+            };
+            log::info!(
+                "{} no retry on target={}: retry-after {}ms {why}",
+                self.tag(),
+                self.target_name(current),
+                millis(answer.retry_after.unwrap_or_default())
+            );
+        }
+        match step {
+            Step::Deliver => {
+                let flow = self.deliver(answer, None, attempts, failed_over, false);
+                (flow, Effect::None)
+            }
+            Step::GiveUp(reason) => {
+                let what_ended = match reason {
+                    GiveUpReason::Exhausted => "chain exhausted",
+                    GiveUpReason::BudgetSpent => "deadline spent",
+                };
+                self.rt.metrics.gave_up(reason);
+                log::info!(
+                    "{} {what_ended} after {attempts} attempt(s): last target={} {what}",
+                    self.tag(),
+                    self.target_name(current)
+                );
+                let budget_spent = reason == GiveUpReason::BudgetSpent;
+                let flow = self.deliver(answer, kind, attempts, failed_over, budget_spent);
+                (flow, Effect::None)
+            }
+            Step::Retry {
+                target,
+                delay,
+                timeout,
+            } => {
+                self.rt.metrics.retry(target);
+                log::info!(
+                    "{} retry target={} after {what} delay={}ms attempt={attempts}",
+                    self.tag(),
+                    self.target_name(target),
+                    millis(delay)
+                );
+                if delay.is_zero() {
+                    self.attempt(target, timeout)
+                } else {
+                    self.phase = Phase::Waiting { target, timeout };
+                    (Flow::Hold, Effect::Wait(now.saturating_add(millis(delay))))
+                }
+            }
+            Step::Failover {
+                from,
+                to,
+                timeout,
+                skipped,
+            } => {
+                for s in skipped {
+                    self.note_cooldown_skip(s);
+                }
+                self.rt.metrics.fallback(from, to);
+                log::info!(
+                    "{} failover from={} to={} after {what} attempt={attempts}",
+                    self.tag(),
+                    self.target_name(from),
+                    self.target_name(to)
+                );
+                self.attempt(to, timeout)
+            }
+        }
+    }
+}

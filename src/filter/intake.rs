@@ -1,0 +1,88 @@
+//! Request headers: read once, the gateway key checked, and the request classified. An operation
+//! is held until its body is complete (`request_body`); a pass-through is sent on at once to the
+//! first allowed target.
+
+use std::time::Duration;
+
+use proxy_wasm::types::{Action, MapType};
+
+use super::exchange::{Exchange, Phase};
+use super::host;
+use crate::chain::Chain;
+use crate::forward::{self, ClientHeaders};
+use crate::intake::{self, Kind};
+use crate::plan;
+use crate::reply::Rejection;
+
+impl Exchange {
+    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Action {
+        self.callback();
+        let headers = host::headers(MapType::HttpRequestHeaders);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_slice())
+        };
+        let text = |name: &str| {
+            get(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or("")
+        };
+        let kind = intake::classify(text(":method"), text(":path"));
+        let r = &mut self.request;
+        r.client_path = text(":path").to_string();
+        r.id = intake::request_id(get("x-request-id"));
+        r.no_cache = intake::bypasses_cache(get("cache-control"));
+        r.client_has = ClientHeaders {
+            authorization: get("authorization").is_some(),
+            api_key: get("api-key").is_some(),
+            accept_encoding: get("accept-encoding").is_some(),
+        };
+        r.kind = Some(kind);
+        let access = intake::authorize(&self.rt.config, get("authorization"), get("api-key"));
+        for (name, value) in headers {
+            if forward::forwarded_to_callouts(&name) {
+                if let Ok(v) = String::from_utf8(value) {
+                    self.request.forwarded.push((name, v));
+                }
+            }
+        }
+        self.rt.metrics.request();
+
+        match access {
+            Ok(access) => self.request.access = Some(access),
+            Err(rejection) => {
+                log::info!("{} rejected: missing or invalid gateway key", self.tag());
+                return self.reject(&rejection);
+            }
+        }
+        match kind {
+            // Held: the body decides where it goes (`on_request_body` sets the cluster).
+            Kind::Operation(_) if end_of_stream => self.reject(&Rejection::InvalidBody {
+                reason: "the body is empty".to_string(),
+            }),
+            Kind::Operation(_) => {
+                self.phase = Phase::ReadingBody;
+                Action::Pause
+            }
+            Kind::PassThrough => {
+                self.pass_through();
+                Action::Continue
+            }
+        }
+    }
+
+    /// Not an operation the filter rewrites: to the first allowed target, with its host and
+    /// credential, once. The client never chooses the cluster: it is set here too.
+    fn pass_through(&mut self) {
+        self.phase = Phase::Passthrough;
+        let Some(hop) = plan::pass_through(self.config(), self.targets()) else {
+            return;
+        };
+        self.address_routed(hop.target, None);
+        let deadline = self.config().deadline;
+        self.chain = Chain::start(vec![hop], self.now(), deadline, Duration::ZERO, |_| false)
+            .map(|(chain, _)| chain);
+    }
+}

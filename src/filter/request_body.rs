@@ -1,0 +1,140 @@
+//! An operation's body: read once when complete, checked, answered from the cache if it can be,
+//! planned into a chain, and the first attempt sent on through Envoy's route.
+
+use proxy_wasm::types::{Action, BufferType, MapType};
+
+use super::exchange::{Exchange, Phase};
+use super::host;
+use super::shared;
+use crate::body::Body;
+use crate::cache;
+use crate::chain::Chain;
+use crate::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
+use crate::intake::Kind;
+use crate::plan;
+use crate::quote;
+use crate::reply::Rejection;
+use crate::rewrite::{self, Operation};
+
+impl Exchange {
+    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.callback();
+        let (Phase::ReadingBody, Some(Kind::Operation(op))) = (&self.phase, self.request.kind)
+        else {
+            return Action::Continue;
+        };
+        let limit = self.config().max_request_body_bytes;
+        if body_size > limit {
+            log::info!(
+                "{} rejected: body of {body_size} bytes is over the {limit} byte limit",
+                self.tag()
+            );
+            return self.reject(&Rejection::BodyTooLarge { limit });
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let raw = host::buffer(BufferType::HttpRequestBody, body_size);
+        let cacheable = plan::cacheable(self.config(), op, self.request.no_cache);
+        let keep = plan::keep(self.config(), self.targets(), cacheable);
+        match Body::parse(raw, keep) {
+            Ok(body) => self.body = Some(body),
+            Err(reason) => {
+                log::info!("{} rejected: {reason}", self.tag());
+                return self.reject(&Rejection::InvalidBody { reason });
+            }
+        }
+        let now = self.now();
+        if cacheable && self.answer_from_cache(op, now) {
+            return Action::Pause;
+        }
+        self.start_chain(op, body_size, now)
+    }
+
+    /// The chain of targets that can serve the request, its first attempt sent on.
+    fn start_chain(&mut self, op: Operation, body_size: usize, now: u64) -> Action {
+        let Some(body) = self.body.as_ref() else {
+            return Action::Continue;
+        };
+        let config = &self.rt.config;
+        let (hops, skipped) =
+            plan::hops(config, self.targets(), op, &self.request.client_path, body);
+        for skip in &skipped {
+            log::info!(
+                "{} skip target={} reason=no_deployment model={}",
+                self.tag(),
+                self.target_name(skip.target),
+                quote(skip.model.unwrap_or(""))
+            );
+            self.rt.metrics.deployment_skip(skip.target);
+        }
+        let cooling = |t: usize| self.is_cooling(t, now);
+        let started = Chain::start(hops, now, config.deadline, config.max_retry_wait, cooling);
+        let Some((chain, first)) = started else {
+            log::info!(
+                "{} rejected: no target serves model {}",
+                self.tag(),
+                quote(self.model().unwrap_or(""))
+            );
+            return self.reject(&Rejection::NoTarget {
+                model: self.model().map(str::to_string),
+            });
+        };
+        for &skipped in &first.skipped {
+            self.note_cooldown_skip(skipped);
+        }
+        self.chain = Some(chain);
+        let new_body = self
+            .target(first.target)
+            .zip(self.body.as_ref())
+            .and_then(|(t, body)| rewrite::body_for(t, body));
+        let replaced =
+            new_body.filter(|b| host::replace_buffer(BufferType::HttpRequestBody, body_size, b));
+        self.address_routed(first.target, Some(first.timeout));
+        if let Some(b) = replaced {
+            let len = b.len().to_string();
+            host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&len));
+        }
+        if !self.chain.as_ref().is_some_and(Chain::has_more) {
+            // No failover possible: the body is not needed any more.
+            self.body = None;
+        }
+        self.attempt_started_ms = now;
+        self.phase = Phase::Routed;
+        Action::Continue
+    }
+
+    /// Answers from the cache when it holds this request's answer (true); otherwise remembers
+    /// the key, so a successful answer is stored under it.
+    fn answer_from_cache(&mut self, op: Operation, now: u64) -> bool {
+        let config = &self.rt.config;
+        let (Some(settings), Some(body), Some(access)) =
+            (&config.cache, &self.body, self.request.access)
+        else {
+            return false;
+        };
+        if body.stream {
+            return false;
+        }
+        let Some(digest) = cache::key(access.key_name(config), op, body) else {
+            return false;
+        };
+        let Some(entry) = shared::cache_get(settings, &digest, now) else {
+            self.rt.metrics.cache_miss();
+            self.cache_key = Some(digest);
+            return false;
+        };
+        self.rt.metrics.cache_hit();
+        log::debug!("{} cache hit target={}", self.tag(), entry.target);
+        self.phase = Phase::Replied;
+        let headers = [
+            ("content-type", entry.content_type.as_str()),
+            (CACHE_HEADER, "hit"),
+            (TARGET_HEADER, entry.target.as_str()),
+            (ATTEMPTS_HEADER, "0"),
+        ];
+        host::send_reply(200, &headers, &entry.body);
+        self.record_state(&entry.target, 0, false);
+        true
+    }
+}

@@ -1,0 +1,190 @@
+//! The routed attempt: the request pointed at its first target (Envoy's route sends it), and
+//! that target's answer, either passed through as it streams or, when it may be a failure, held
+//! until it can be judged.
+
+use std::time::Duration;
+
+use proxy_wasm::types::{Action, BufferType, MapType};
+
+use super::exchange::{Answer, Effect, Exchange, Phase};
+use super::host;
+use crate::forward::{self, Edit, Routed};
+use crate::intake::Kind;
+use crate::judge;
+use crate::plan;
+use crate::provider;
+use crate::retry_after;
+use crate::usage::{self, UsageScanner};
+
+impl Exchange {
+    /// Points the routed request at target `i`: cluster, credential, path, host, and for an
+    /// operation its per-attempt timeout.
+    pub(super) fn address_routed(&mut self, i: usize, timeout: Option<Duration>) {
+        let Some(t) = self.target(i) else { return };
+        let op = match self.request.kind {
+            Some(Kind::Operation(op)) => Some(op),
+            _ => None,
+        };
+        let model = self.model_for(t);
+        let address = provider::address(t, op, model, &self.request.client_path);
+        let (Ok(address), Some(&(name, ref value))) = (address, self.rt.credentials.get(i)) else {
+            // Not expected (the plan leaves out what cannot be addressed); the cluster is set
+            // whatever happens, so the client never chooses it.
+            let cluster = Some(t.cluster.as_str());
+            host::set_header(
+                MapType::HttpRequestHeaders,
+                forward::CLUSTER_HEADER,
+                cluster,
+            );
+            return;
+        };
+        let timeout_ms = timeout.map(|d| plan::route_timeout_ms(d).to_string());
+        let routed = Routed {
+            cluster: &t.cluster,
+            credential: (name, value.as_str()),
+            address: &address,
+            client_path: &self.request.client_path,
+            timeout_ms: timeout_ms.as_deref(),
+            operation: op.is_some(),
+        };
+        for edit in forward::routed(&routed, self.request.client_has) {
+            let map = MapType::HttpRequestHeaders;
+            match edit {
+                Edit::Set(name, value) => host::set_header(map, name, Some(value)),
+                Edit::Remove(name) => host::set_header(map, name, None),
+            };
+        }
+    }
+
+    pub fn on_response_headers(&mut self, end_of_stream: bool) -> (Action, Effect) {
+        self.callback();
+        match self.phase {
+            Phase::Routed => {}
+            Phase::Passthrough => {
+                self.add_outcome_headers(1);
+                return (Action::Continue, Effect::None);
+            }
+            _ => return (Action::Continue, Effect::None),
+        }
+        let status = host::header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|s| judge::parse_status(&s));
+        if !judge::needs_judging(self.config(), status) {
+            self.add_outcome_headers(1);
+            self.routed_answered(status);
+            return (Action::Continue, Effect::None);
+        }
+        // A failure candidate: `deliver` labels whatever answer the client finally gets.
+        let headers = host::headers(MapType::HttpResponseHeaders);
+        let content_type = headers
+            .iter()
+            .find(|(n, _)| n == "content-type")
+            .map(|(_, v)| v.clone());
+        let retry_after = retry_after::parse(
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+            self.now() / 1000,
+        );
+        if end_of_stream {
+            let answer = Answer {
+                status,
+                content_type,
+                retry_after,
+                body: Vec::new(),
+                headers: None,
+            };
+            let (flow, effect) = self.decide(answer);
+            return (flow.action(), effect);
+        }
+        self.phase = Phase::HoldingRouted {
+            status,
+            content_type,
+            retry_after,
+        };
+        (Action::Pause, Effect::None)
+    }
+
+    pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> (Action, Effect) {
+        self.callback();
+        match &mut self.phase {
+            Phase::Streaming => {
+                self.observe_chunk(body_size, end_of_stream);
+                (Action::Continue, Effect::None)
+            }
+            Phase::HoldingRouted {
+                status,
+                content_type,
+                retry_after,
+            } => {
+                if !end_of_stream {
+                    return (Action::Pause, Effect::None);
+                }
+                let status = *status;
+                let answer = Answer {
+                    status,
+                    content_type: content_type.take(),
+                    retry_after: *retry_after,
+                    // Judged on its status unless the body decides; the held body stays in
+                    // Envoy for the client.
+                    body: if judge::needs_body(&self.rt.config, status) {
+                        host::buffer(BufferType::HttpResponseBody, body_size)
+                    } else {
+                        Vec::new()
+                    },
+                    headers: None,
+                };
+                let (flow, effect) = self.decide(answer);
+                (flow.action(), effect)
+            }
+            Phase::Callout { .. } | Phase::Waiting { .. } => (Action::Pause, Effect::None),
+            _ => (Action::Continue, Effect::None),
+        }
+    }
+
+    /// The routed attempt answered with something that is not a failure: it streams through.
+    fn routed_answered(&mut self, status: Option<u16>) {
+        let now = self.now();
+        if let Some(target) = self.current_target() {
+            self.rt.metrics.attempt(
+                target,
+                judge::status_class(status, None),
+                now.saturating_sub(self.attempt_started_ms),
+            );
+            // Any answer that is not a failure shows the target is up.
+            self.record_health(target, None, now);
+            if (200..300).contains(&status.unwrap_or(0)) {
+                self.usage = Some(UsageScanner::default());
+            }
+        }
+        self.body = None;
+        if status == Some(200) && self.cache_key.is_some() {
+            self.cache_body = Some(Vec::new());
+        }
+        self.phase = Phase::Streaming;
+    }
+
+    /// Looks at a passing chunk of a successful routed response: token usage and the cache copy.
+    fn observe_chunk(&mut self, body_size: usize, end_of_stream: bool) {
+        let max_cache = self.config().cache.as_ref().map_or(0, |c| c.max_body_bytes);
+        if let Some(buf) = &mut self.cache_body {
+            if buf.len() + body_size > max_cache {
+                self.cache_body = None;
+            }
+        }
+        let chunk = if self.cache_body.is_some() {
+            host::buffer(BufferType::HttpResponseBody, body_size)
+        } else if self.usage.is_some() && body_size > 0 {
+            let take = body_size.min(usage::TAIL);
+            host::buffer_range(BufferType::HttpResponseBody, body_size - take, take)
+        } else {
+            Vec::new()
+        };
+        if let Some(scanner) = &mut self.usage {
+            scanner.push(&chunk);
+        }
+        if let Some(buf) = &mut self.cache_body {
+            buf.extend_from_slice(&chunk);
+        }
+        if end_of_stream {
+            self.finish_success(None);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The plan of a request: which of its targets can serve it, in chain order, with their tries
+//! and timeouts, and how much of its body the parse must keep for them.
+
+use std::time::Duration;
+
+use crate::body::{Body, Keep};
+use crate::chain::Hop;
+use crate::config::Config;
+use crate::provider::{self, Unservable};
+use crate::rewrite::{self, Operation};
+
+/// A target left out of a request's chain, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip<'a> {
+    pub target: usize,
+    pub reason: Unservable,
+    /// The model it was asked for.
+    pub model: Option<&'a str>,
+}
+
+/// The hops of an operation's chain: `targets` in order without those that cannot take it (an
+/// Azure target with no deployment for the model), which are returned apart.
+pub fn hops<'a>(
+    config: &'a Config,
+    targets: &[usize],
+    op: Operation,
+    client_path: &str,
+    body: &'a Body,
+) -> (Vec<Hop>, Vec<Skip<'a>>) {
+    let mut hops = Vec::with_capacity(targets.len());
+    let mut skipped = Vec::new();
+    for &i in targets {
+        let Some(t) = config.targets.get(i) else {
+            continue;
+        };
+        let model = rewrite::model_for(t, body);
+        match provider::address(t, Some(op), model, client_path) {
+            Ok(_) => hops.push(Hop {
+                target: i,
+                max_tries: t.retries + 1,
+                timeout: t.timeout,
+            }),
+            Err(reason) => skipped.push(Skip {
+                target: i,
+                reason,
+                model,
+            }),
+        }
+    }
+    (hops, skipped)
+}
+
+/// A pass-through goes once to the first target, bounded by the request's deadline.
+pub fn pass_through(config: &Config, targets: &[usize]) -> Option<Hop> {
+    targets.first().map(|&target| Hop {
+        target,
+        max_tries: 1,
+        timeout: config.deadline,
+    })
+}
+
+/// How much of the body the parse must keep: the document when the cache will key the request
+/// or a target of its chain may change the body.
+pub fn keep(config: &Config, targets: &[usize], cacheable: bool) -> Keep {
+    let rewrites = targets
+        .iter()
+        .filter_map(|&i| config.targets.get(i))
+        .any(|t| t.model.is_some() || t.override_params.is_some());
+    if cacheable || rewrites {
+        Keep::Document
+    } else {
+        Keep::Typed
+    }
+}
+
+/// Whether the cache may answer or store this request (before its body is read: a streamed
+/// request is told apart by the body).
+pub fn cacheable(config: &Config, op: Operation, no_cache: bool) -> bool {
+    config.cache.is_some() && op == Operation::ChatCompletions && !no_cache
+}
+
+/// The timeout Envoy's route gets for the routed attempt, in milliseconds (at least 1: 0 would
+/// mean "no timeout").
+pub fn route_timeout_ms(timeout: Duration) -> u64 {
+    crate::duration::millis(timeout).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Env};
+    use serde_json::json;
+
+    struct NoEnv;
+    impl Env for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn config(extra: serde_json::Value) -> Config {
+        let mut c = json!({"targets": [
+            {"name": "openai", "provider": "openai", "cluster": "o", "api_key": "k", "retries": 2, "timeout": "5s"},
+            {"name": "azure", "provider": "azure", "cluster": "a", "api_key": "k",
+             "resource_name": "r", "api_version": "2024-10-21", "deployments": {"gpt-4o": "prod"}},
+            {"name": "mini", "provider": "openai", "cluster": "o", "api_key": "k", "model": "gpt-4o-mini"},
+        ]});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        config::parse(c.to_string().as_bytes(), &NoEnv).unwrap()
+    }
+
+    fn body(text: &str) -> Body {
+        Body::parse(text.as_bytes().to_vec(), Keep::Typed).unwrap()
+    }
+
+    #[test]
+    fn the_chain_keeps_its_order_and_leaves_out_what_cannot_serve() {
+        let c = config(json!({}));
+        let b = body(r#"{"model": "gpt-4o"}"#);
+        let (chain, skipped) = hops(
+            &c,
+            &[0, 1, 2],
+            Operation::ChatCompletions,
+            "/v1/chat/completions",
+            &b,
+        );
+        let plan: Vec<(usize, u32, u64)> = chain
+            .iter()
+            .map(|h| (h.target, h.max_tries, h.timeout.as_secs()))
+            .collect();
+        assert_eq!(plan, vec![(0, 3, 5), (1, 1, 60), (2, 1, 60)]);
+        assert!(skipped.is_empty());
+
+        let b = body(r#"{"model": "gpt-3.5-turbo"}"#);
+        let (chain, skipped) = hops(&c, &[1, 0], Operation::Embeddings, "/v1/embeddings", &b);
+        assert_eq!(chain.iter().map(|h| h.target).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(
+            skipped,
+            vec![Skip {
+                target: 1,
+                reason: Unservable::NoDeployment,
+                model: Some("gpt-3.5-turbo")
+            }]
+        );
+    }
+
+    #[test]
+    fn a_pass_through_is_one_try_on_the_first_target_within_the_deadline() {
+        let c = config(json!({"deadline": "7s"}));
+        let hop = pass_through(&c, &[2, 0]).unwrap();
+        assert_eq!(
+            (hop.target, hop.max_tries, hop.timeout.as_secs()),
+            (2, 1, 7)
+        );
+        assert_eq!(pass_through(&c, &[]), None);
+    }
+
+    #[test]
+    fn the_document_is_kept_only_for_the_cache_or_a_rewrite() {
+        let c = config(json!({}));
+        assert_eq!(keep(&c, &[0, 1], false), Keep::Typed);
+        assert_eq!(keep(&c, &[0, 1], true), Keep::Document);
+        assert_eq!(
+            keep(&c, &[0, 2], false),
+            Keep::Document,
+            "mini sets a model"
+        );
+        let cached = config(json!({"cache": {"enabled": true}}));
+        assert!(cacheable(&cached, Operation::ChatCompletions, false));
+        assert!(!cacheable(&cached, Operation::ChatCompletions, true));
+        assert!(!cacheable(&cached, Operation::Embeddings, false));
+        assert!(!cacheable(&c, Operation::ChatCompletions, false));
+    }
+
+    #[test]
+    fn route_timeouts_are_never_zero() {
+        assert_eq!(route_timeout_ms(Duration::ZERO), 1);
+        assert_eq!(route_timeout_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(route_timeout_ms(Duration::MAX), u64::MAX);
+    }
+}
