@@ -3,23 +3,38 @@
 
 use crate::auth;
 use crate::config::Config;
+use crate::operation::{Operation, Resource};
 use crate::reply::Rejection;
-use crate::rewrite::Operation;
 
 /// What the filter does with a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// An operation: its body is read, the request rewritten per target and failed over.
     Operation(Operation),
+    /// A stored response of the Responses API: sent once to the target that created it (the
+    /// first allowed target when that is not known), addressed for that target.
+    Resource(Resource),
     /// Any other request: sent once to the first allowed target with that target's host and
     /// credential, not judged and never retried.
     PassThrough,
 }
 
 pub fn classify(method: &str, path: &str) -> Kind {
-    match Operation::from_request(method, path) {
-        Some(op) => Kind::Operation(op),
+    if let Some(op) = Operation::from_request(method, path) {
+        return Kind::Operation(op);
+    }
+    match Resource::from_request(method, path) {
+        Some(resource) => Kind::Resource(resource),
         None => Kind::PassThrough,
+    }
+}
+
+impl Kind {
+    pub fn operation(&self) -> Option<Operation> {
+        match self {
+            Kind::Operation(op) => Some(*op),
+            _ => None,
+        }
     }
 }
 
@@ -84,6 +99,7 @@ pub fn bypasses_cache(cache_control: Option<&[u8]>) -> bool {
 mod tests {
     use super::*;
     use crate::config::{self, Env};
+    use crate::operation::ResourceAction;
     use serde_json::json;
 
     struct NoEnv;
@@ -158,6 +174,14 @@ mod tests {
             Kind::Operation(Operation::ChatCompletions)
         );
         assert_eq!(classify("GET", "/v1/models"), Kind::PassThrough);
+        assert_eq!(
+            classify("DELETE", "/v1/responses/resp_9"),
+            Kind::Resource(Resource {
+                id: "resp_9".into(),
+                action: ResourceAction::Delete
+            })
+        );
+        assert_eq!(classify("PUT", "/v1/responses/resp_9"), Kind::PassThrough);
         assert_eq!(classify("GET", "/v1/chat/completions"), Kind::PassThrough);
     }
 

@@ -9,6 +9,7 @@
 //! failover state machine), `cooldown`, `retry_after`, `cache`, `usage`, `reply`, `duration`.
 //! Glue (only built for wasm32): `filter`, one module per phase of a request.
 
+pub mod affinity;
 pub mod auth;
 pub mod body;
 pub mod cache;
@@ -20,6 +21,7 @@ pub mod forward;
 pub mod intake;
 pub mod judge;
 mod object;
+pub mod operation;
 pub mod plan;
 pub mod provider;
 pub mod reply;

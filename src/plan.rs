@@ -50,6 +50,15 @@ pub fn hops<'a>(
     (hops, skipped)
 }
 
+/// A request continuing a stored response (`previous_response_id`) goes to the target that
+/// created it and nowhere else (no other target could find it): the chain is that target's hop
+/// when the chain has it. `None` when it has not (the owner cannot serve this request).
+pub fn pinned(hops: &[Hop], owner: usize) -> Option<Vec<Hop>> {
+    hops.iter()
+        .find(|h| h.target == owner)
+        .map(|h| vec![h.clone()])
+}
+
 /// A pass-through goes once to the first target, bounded by the request's deadline.
 pub fn pass_through(config: &Config, targets: &[usize]) -> Option<Hop> {
     targets.first().map(|&target| Hop {
@@ -61,11 +70,11 @@ pub fn pass_through(config: &Config, targets: &[usize]) -> Option<Hop> {
 
 /// How much of the body the parse must keep: the document when the cache will key the request
 /// or a target of its chain may change the body.
-pub fn keep(config: &Config, targets: &[usize], cacheable: bool) -> Keep {
+pub fn keep(config: &Config, targets: &[usize], op: Operation, cacheable: bool) -> Keep {
     let rewrites = targets
         .iter()
         .filter_map(|&i| config.targets.get(i))
-        .any(|t| t.model.is_some() || t.override_params.is_some());
+        .any(|t| rewrite::may_change_body(t, op));
     if cacheable || rewrites {
         Keep::Document
     } else {
@@ -147,6 +156,17 @@ mod tests {
     }
 
     #[test]
+    fn a_continued_response_goes_to_its_owner_only() {
+        let hop = |target| Hop {
+            target,
+            max_tries: 2,
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(pinned(&[hop(0), hop(1)], 1), Some(vec![hop(1)]));
+        assert_eq!(pinned(&[hop(0)], 1), None);
+    }
+
+    #[test]
     fn a_pass_through_is_one_try_on_the_first_target_within_the_deadline() {
         let c = config(json!({"deadline": "7s"}));
         let hop = pass_through(&c, &[2, 0]).unwrap();
@@ -160,12 +180,18 @@ mod tests {
     #[test]
     fn the_document_is_kept_only_for_the_cache_or_a_rewrite() {
         let c = config(json!({}));
-        assert_eq!(keep(&c, &[0, 1], false), Keep::Typed);
-        assert_eq!(keep(&c, &[0, 1], true), Keep::Document);
+        let chat = Operation::ChatCompletions;
+        assert_eq!(keep(&c, &[0, 1], chat, false), Keep::Typed);
+        assert_eq!(keep(&c, &[0, 1], chat, true), Keep::Document);
         assert_eq!(
-            keep(&c, &[0, 2], false),
+            keep(&c, &[0, 2], chat, false),
             Keep::Document,
             "mini sets a model"
+        );
+        assert_eq!(
+            keep(&c, &[0, 1], Operation::Responses, false),
+            Keep::Document,
+            "Azure's Responses API names the deployment in the body"
         );
         let cached = config(json!({"cache": {"enabled": true}}));
         assert!(cacheable(&cached, Operation::ChatCompletions, false));

@@ -1,5 +1,5 @@
-//! Client request -> request for one target: which operation it is, what its body says, and the
-//! body a target gets (its `model` and `override_params`).
+//! Client request -> the body one target gets (its `model`, the deployment where Azure wants it,
+//! its `override_params`).
 
 use std::borrow::Cow;
 
@@ -7,56 +7,20 @@ use serde_json::{Map, Value};
 
 use crate::body::Body;
 use crate::config::Target;
+use crate::provider;
 
-/// The operations the filter rewrites and fails over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-}
+pub use crate::operation::Operation;
 
-impl Operation {
-    /// From the client's `:path` (query string allowed). Only `POST` is an operation.
-    pub fn from_request(method: &str, path: &str) -> Option<Operation> {
-        if method != "POST" {
-            return None;
-        }
-        let path = path.split(['?', '#']).next().unwrap_or(path);
-        let path = path.strip_suffix('/').unwrap_or(path);
-        match path {
-            "/v1/chat/completions" => Some(Operation::ChatCompletions),
-            "/v1/completions" => Some(Operation::Completions),
-            "/v1/embeddings" => Some(Operation::Embeddings),
-            _ => None,
-        }
+/// The body `target` gets for `op`: the client's, unless the target sets `model` or
+/// `override_params`, or its API wants the deployment in the body (Azure's v1 API, the
+/// Responses API on Azure). `None` means "unchanged" (the client's bytes are sent as they are).
+pub fn body_for(target: &Target, op: Operation, body: &Body) -> Option<Vec<u8>> {
+    let model = provider::body_model(target, op, model_for(target, body));
+    let overrides = target.override_params.as_ref();
+    if overrides.is_none() && model == body.model.as_deref() {
+        return None;
     }
-
-    pub fn azure_suffix(self) -> &'static str {
-        match self {
-            Operation::ChatCompletions => "chat/completions",
-            Operation::Completions => "completions",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::ChatCompletions => "chat.completions",
-            Operation::Completions => "completions",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-}
-
-/// The body `target` gets: the client's, unless the target sets `model` or `override_params`.
-/// `None` means "unchanged" (the client's bytes are sent as they are).
-pub fn body_for(target: &Target, body: &Body) -> Option<Vec<u8>> {
-    rewrite(
-        body,
-        target.model.as_deref(),
-        target.override_params.as_ref(),
-    )
+    rewrite(body, model, overrides)
 }
 
 /// The body with `model` set (in place, or first when the client sent none) and `overrides`
@@ -100,6 +64,13 @@ pub fn rewrite(
     }
     out.push(b'}');
     Some(out)
+}
+
+/// Whether `target` may change a body for `op` (so the parse must keep the document).
+pub fn may_change_body(target: &Target, op: Operation) -> bool {
+    target.model.is_some()
+        || target.override_params.is_some()
+        || provider::deployment_in_body(target, op)
 }
 
 /// The model `target` is asked for: its own `model` if set, else the client's.
@@ -150,40 +121,6 @@ mod tests {
             .remove(0)
     }
 
-    #[test]
-    fn operations_are_recognised_by_method_and_path() {
-        let cases = [
-            (
-                "POST",
-                "/v1/chat/completions",
-                Some(Operation::ChatCompletions),
-            ),
-            (
-                "POST",
-                "/v1/chat/completions?foo=bar",
-                Some(Operation::ChatCompletions),
-            ),
-            (
-                "POST",
-                "/v1/chat/completions/",
-                Some(Operation::ChatCompletions),
-            ),
-            ("POST", "/v1/completions", Some(Operation::Completions)),
-            ("POST", "/v1/embeddings", Some(Operation::Embeddings)),
-            ("GET", "/v1/chat/completions", None),
-            ("POST", "/v1/models", None),
-            ("POST", "/v1/chat/completions/x", None),
-            ("POST", "/V1/CHAT/COMPLETIONS", None),
-        ];
-        for (method, path, want) in cases {
-            assert_eq!(
-                Operation::from_request(method, path),
-                want,
-                "{method} {path}"
-            );
-        }
-    }
-
     fn doc(text: &[u8]) -> Body {
         Body::parse(text.to_vec(), Keep::Document).unwrap()
     }
@@ -192,11 +129,12 @@ mod tests {
     fn target_body_overrides_model_and_merges_params() {
         let body =
             doc(br#"{"model":"gpt-4","temperature":1,"stream_options":{"a":1},"messages":[]}"#);
-        assert_eq!(body_for(&target(json!({})), &body), None);
+        let chat = Operation::ChatCompletions;
+        assert_eq!(body_for(&target(json!({})), chat, &body), None);
         let t = target(
             json!({"model": "gpt-4o-mini", "override_params": {"temperature": 0, "stream_options": {"include_usage": true}}}),
         );
-        let out: Value = serde_json::from_slice(&body_for(&t, &body).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&body_for(&t, chat, &body).unwrap()).unwrap();
         assert_eq!(
             out,
             json!({"model": "gpt-4o-mini", "temperature": 0, "stream_options": {"a": 1, "include_usage": true}, "messages": []})

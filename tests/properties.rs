@@ -19,7 +19,9 @@ use llm_failover::cache::{self, Entry};
 use llm_failover::chain::{
     Chain, Failure, FailureKind, GiveUpReason, Hop, NoRetry, Outcome, Step, MIN_ATTEMPT,
 };
-use llm_failover::config::{self, Config, ConfigError, Credential, Env, KeyMatch, Provider};
+use llm_failover::config::{
+    self, AzureApi, Config, ConfigError, Credential, Env, KeyMatch, Provider,
+};
 use llm_failover::cooldown::{self, State};
 use llm_failover::plan;
 use llm_failover::provider;
@@ -1149,16 +1151,23 @@ proptest! {
                     (Provider::Azure, Some(op), Ok(a)) => {
                         let az = t.azure.as_ref().unwrap();
                         let dep = az.deployment_for(model).unwrap();
-                        prop_assert_eq!(
-                            a.path.clone(),
-                            format!("/openai/deployments/{dep}/{}?api-version={}", op.azure_suffix(), az.api_version)
-                        );
+                        let v = &az.api_version;
+                        let want = match (az.api, op) {
+                            (AzureApi::V1, op) => format!("/openai/v1/{}", op.path()),
+                            (_, Operation::Responses) => format!("/openai/responses?api-version={v}"),
+                            (_, op) => format!("/openai/deployments/{dep}/{}?api-version={v}", op.path()),
+                        };
+                        prop_assert_eq!(a.path.clone(), want);
                         prop_assert!(!a.path.bytes().any(bad_byte), "{:?}", a.path);
                         prop_assert!(!a.authority.bytes().any(bad_byte));
                         prop_assert_eq!(&a.authority, &t.host);
                     }
                     (Provider::Azure, Some(_), Err(provider::Unservable::NoDeployment)) => {
                         prop_assert!(t.azure.as_ref().unwrap().deployment_for(model).is_none());
+                    }
+                    (Provider::Azure, Some(op), Err(provider::Unservable::Unsupported)) => {
+                        prop_assert_eq!(t.azure.as_ref().unwrap().api, AzureApi::V1);
+                        prop_assert_eq!(op, Operation::Completions);
                     }
                     (_, _, Ok(a)) => {
                         // Passed through: exactly what Envoy already validated, nothing added.
@@ -1187,9 +1196,16 @@ proptest! {
         let c = config::parse(v.to_string().as_bytes(), &env).unwrap();
         let parsed = Body::parse(body.clone(), Keep::Document).ok();
         let client: Option<Map<String, Value>> = parsed.as_ref().map(|_| serde_json::from_slice(&body).unwrap());
+        let op = Operation::ChatCompletions;
         for t in &c.targets {
-            let out = parsed.as_ref().and_then(|b| rewrite::body_for(t, b));
-            if t.model.is_none() && t.override_params.is_none() {
+            let out = parsed.as_ref().and_then(|b| rewrite::body_for(t, op, b));
+            // The model the target's body carries: its own, or its deployment where its API
+            // names it in the body (Azure's v1 API).
+            let body_model = parsed
+                .as_ref()
+                .and_then(|b| provider::body_model(t, op, rewrite::model_for(t, b)));
+            let same_model = parsed.as_ref().is_some_and(|b| body_model == b.model.as_deref());
+            if t.override_params.is_none() && (body_model.is_none() || same_model) {
                 prop_assert!(out.is_none());
                 continue;
             }
@@ -1198,8 +1214,8 @@ proptest! {
                 continue;
             };
             let out: Map<String, Value> = serde_json::from_slice(&out.unwrap()).unwrap();
-            if let Some(m) = &t.model {
-                prop_assert_eq!(out.get("model"), Some(&Value::from(m.as_str())));
+            if let Some(m) = body_model {
+                prop_assert_eq!(out.get("model"), Some(&Value::from(m)));
             }
             let overrides = t.override_params.as_ref().map(to_serde);
             for (k, want) in overrides.iter().flatten() {
@@ -1208,7 +1224,7 @@ proptest! {
                 }
             }
             for (k, was) in client {
-                let overridden = k == "model" && t.model.is_some()
+                let overridden = k == "model" && body_model.is_some()
                     || overrides.as_ref().is_some_and(|p| p.contains_key(k));
                 if !overridden {
                     prop_assert_eq!(out.get(k), Some(was));
@@ -1230,11 +1246,13 @@ proptest! {
         let (v, env) = spec.render();
         let c = config::parse(v.to_string().as_bytes(), &env).unwrap();
         let chain: Vec<usize> = (0..c.targets.len()).filter(|i| mask & (1 << (i % 8)) != 0).collect();
-        prop_assert_eq!(plan::keep(&c, &chain, true), Keep::Document);
-        if plan::keep(&c, &chain, false) == Keep::Typed {
-            let Ok(parsed) = Body::parse(body, Keep::Typed) else { return Ok(()) };
-            for &i in &chain {
-                prop_assert!(rewrite::body_for(&c.targets[i], &parsed).is_none());
+        for op in [Operation::ChatCompletions, Operation::Embeddings, Operation::Responses] {
+            prop_assert_eq!(plan::keep(&c, &chain, op, true), Keep::Document);
+            if plan::keep(&c, &chain, op, false) == Keep::Typed {
+                let Ok(parsed) = Body::parse(body.clone(), Keep::Typed) else { return Ok(()) };
+                for &i in &chain {
+                    prop_assert!(rewrite::body_for(&c.targets[i], op, &parsed).is_none());
+                }
             }
         }
     }

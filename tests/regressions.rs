@@ -68,8 +68,10 @@ fn bodies_the_rewrite_cannot_read_are_refused() {
     let mut t = openai();
     t["model"] = json!("gpt-4o-mini");
     let c = config::parse(json!({"targets": [t]}).to_string().as_bytes(), &NoEnv).unwrap();
-    let out: Value =
-        serde_json::from_slice(&rewrite::body_for(&c.targets[0], &body).unwrap()).unwrap();
+    let out: Value = serde_json::from_slice(
+        &rewrite::body_for(&c.targets[0], Operation::ChatCompletions, &body).unwrap(),
+    )
+    .unwrap();
     assert_eq!(out["model"], "gpt-4o-mini");
 }
 

@@ -181,8 +181,13 @@ def test_failover_from_openai_tls_cluster_to_azure_tls_cluster(make_stack, mock_
     assert r.headers["x-llm-failover-attempts"] == "3"  # openai: retries 1, then azure
     assert [s["sni"] for s in openai.api_requests()] == [OPENAI_HOST, OPENAI_HOST]
     [seen] = azure.api_requests()
-    deployment = azure_target_config()["deployments"]["gpt-4o"]
-    assert seen["path"] == f"/openai/deployments/{deployment}/chat/completions"
+    target = azure_target_config()
+    deployment = target["deployments"]["gpt-4o"]
+    if target["api_version"] == "v1":
+        assert (seen["path"], seen["query"]) == ("/openai/v1/chat/completions", {})
+        assert seen["body"]["model"] == deployment
+    else:
+        assert seen["path"] == f"/openai/deployments/{deployment}/chat/completions"
     assert seen["sni"] == AZURE_HOST
     assert seen["headers"]["host"] == AZURE_HOST
     assert seen["headers"]["api-key"] == KEYS["AZURE_OPENAI_API_KEY"]

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use llm_failover::body::{Body, Keep};
 use llm_failover::cache;
-use llm_failover::config::{self, Config, Env, Provider};
+use llm_failover::config::{self, AzureApi, Config, Env, Provider};
 use llm_failover::provider;
 use llm_failover::rewrite::{self, Operation};
 
@@ -26,7 +26,9 @@ const CONFIG: &str = r#"{"targets": [
   {"name": "azure", "provider": "azure", "cluster": "azure", "resource_name": "res", "api_key": "az",
    "api_version": "2024-10-21", "deployments": {"gpt-4": "gpt4-prod", "gpt-4\r\nx: y": "crlf-model", "": "empty-model"}},
   {"name": "azure-default", "provider": "azure", "cluster": "azure", "host": "h.example:8443",
-   "api_key": "x", "api_version": "2024-06-01", "deployment": "dflt"}
+   "api_key": "x", "api_version": "2024-06-01", "deployment": "dflt"},
+  {"name": "azure-v1", "provider": "azure", "cluster": "azure", "resource_name": "res1", "api_key": "az",
+   "api_version": "v1", "deployments": {"gpt-4o": "gpt-4o-prod"}}
 ]}"#;
 
 fn config() -> &'static Config {
@@ -77,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(a.authority, t.host);
                     assert!(!a.authority.bytes().any(bad_byte));
                     if t.provider == Provider::Azure && op.is_some() {
-                        assert!(a.path.starts_with("/openai/deployments/"));
+                        assert!(a.path.starts_with("/openai/"));
                         assert!(!a.path.bytes().any(bad_byte), "{:?}", a.path);
                     } else {
                         assert_eq!(a.path, path, "passed through unchanged");
@@ -87,17 +89,23 @@ fuzz_target!(|data: &[u8]| {
                     assert!(t.provider == Provider::Azure && op.is_some());
                     assert!(t.azure.as_ref().unwrap().deployment_for(model).is_none());
                 }
+                Err(provider::Unservable::Unsupported) => {
+                    assert_eq!(op, Some(Operation::Completions));
+                    assert_eq!(t.azure.as_ref().unwrap().api, AzureApi::V1);
+                }
             }
         }
         let Ok(before) = &inspected else { continue };
-        let out = rewrite::body_for(t, before);
-        if t.model.is_none() && t.override_params.is_none() {
+        let op = op.unwrap_or(Operation::ChatCompletions);
+        let out = rewrite::body_for(t, op, before);
+        let body_model = provider::body_model(t, op, rewrite::model_for(t, before));
+        if t.override_params.is_none() && (body_model.is_none() || body_model == before.model.as_deref()) {
             assert!(out.is_none());
             continue;
         }
         let out = out.expect("an accepted body can be rewritten");
         let after = Body::parse(out, Keep::Typed).expect("a rewritten body is still a request");
-        assert_eq!(after.model, t.model.clone().or(before.model.clone()));
+        assert_eq!(after.model.as_deref(), body_model.or(before.model.as_deref()));
         assert_eq!(after.stream, before.stream);
         assert_eq!(after.previous_response_id, before.previous_response_id);
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_path_to_error::Segment;
 
 use super::raw::{
-    Deferred, Dur, Mode, Obj, RawCache, RawConfig, RawCooldown, RawCooldownSwitch, RawKey,
-    RawProvider, RawStrategy, RawTarget, Text,
+    Deferred, Dur, LongDur, Mode, Obj, RawCache, RawConfig, RawCooldown, RawCooldownSwitch, RawKey,
+    RawProvider, RawResponses, RawStrategy, RawTarget, Text,
 };
 use super::*;
 use crate::quote;
@@ -23,6 +23,8 @@ const MAX_CACHE_ENTRIES: u32 = 1_000_000;
 const MAX_CACHE_BODY: u64 = 4 * 1024 * 1024;
 const MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 const MAX_RETRIES: u32 = 10;
+const DEFAULT_AFFINITY_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_AFFINITY_ENTRIES: u32 = 16384;
 
 /// Parses and validates the plugin configuration.
 pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
@@ -91,6 +93,7 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         None => None,
         Some(Obj(c)) => cache(c, "cache")?,
     };
+    let responses = responses(raw.responses.map(|Obj(r)| r))?;
     let deadline = duration(raw.deadline, DEFAULT_DEADLINE);
     let max_request_body_bytes = match raw.max_request_body_bytes {
         None => DEFAULT_MAX_BODY,
@@ -105,8 +108,31 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         targets,
         keys,
         cache,
+        responses,
         deadline,
         max_request_body_bytes,
+    })
+}
+
+fn responses(raw: Option<RawResponses>) -> Result<ResponsesSettings, ConfigError> {
+    let raw = raw.unwrap_or(RawResponses {
+        affinity_ttl: None,
+        max_affinity_entries: None,
+    });
+    let max_affinity_entries = match raw.max_affinity_entries {
+        None => DEFAULT_AFFINITY_ENTRIES,
+        Some(n) => bounded(
+            u64::from(n),
+            1,
+            u64::from(MAX_CACHE_ENTRIES),
+            "responses.max_affinity_entries",
+        )? as u32,
+    };
+    Ok(ResponsesSettings {
+        affinity_ttl: raw
+            .affinity_ttl
+            .map_or(DEFAULT_AFFINITY_TTL, |Text(LongDur(d))| d),
+        max_affinity_entries,
     })
 }
 
@@ -302,7 +328,13 @@ fn azure_settings(
             "missing (required for provider \"azure\": a model -> deployment map, or `deployment`)",
         ));
     }
+    let api = if api_version == "v1" {
+        AzureApi::V1
+    } else {
+        AzureApi::Deployments
+    };
     Ok(AzureSettings {
+        api,
         api_version,
         deployments,
         default_deployment,

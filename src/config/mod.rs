@@ -86,8 +86,20 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Which of Azure OpenAI's APIs a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AzureApi {
+    /// `/openai/deployments/<deployment>/<operation>?api-version=<v>`.
+    Deployments,
+    /// The v1 API (`api_version: "v1"`): `/openai/v1/<operation>`, the deployment in the body's
+    /// `model`, no `api-version`.
+    V1,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AzureSettings {
+    pub api: AzureApi,
+    /// The `api-version` query parameter (`"v1"` for the v1 API, which sends none).
     pub api_version: String,
     /// model -> deployment; the `"*"` entry is kept apart as `default_deployment`.
     pub deployments: BTreeMap<String, String>,
@@ -150,6 +162,15 @@ pub struct CacheSettings {
     pub max_body_bytes: usize,
 }
 
+/// The Responses API's affinity: which target created each response id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponsesSettings {
+    /// How long the owner of a response id is remembered.
+    pub affinity_ttl: Duration,
+    /// Slots in Envoy shared data (a new id evicts the one in its slot).
+    pub max_affinity_entries: u32,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub on_status_codes: Vec<u16>,
@@ -161,6 +182,7 @@ pub struct Config {
     pub chain: Vec<usize>,
     pub keys: Option<Vec<GatewayKey>>,
     pub cache: Option<CacheSettings>,
+    pub responses: ResponsesSettings,
     pub deadline: Duration,
     pub max_request_body_bytes: usize,
 }

@@ -31,6 +31,9 @@ pub struct RawConfig {
     pub keys: Option<Vec<Obj<RawKey>>>,
     /// Response cache of non-streaming chat completions.
     pub cache: Option<Obj<RawCache>>,
+    /// The Responses API: how long and how many response ids are remembered with the target
+    /// that created them.
+    pub responses: Option<Obj<RawResponses>>,
     /// The most a client waits for the whole chain (default "120s").
     pub deadline: Option<Text<Dur>>,
     /// Larger request bodies get 413 (default 4194304, at most 67108864).
@@ -103,7 +106,8 @@ pub struct RawTarget {
     pub override_params: Option<Map<String, Value>>,
     /// Azure: the resource (host <resource_name>.openai.azure.com), unless `host` is set.
     pub resource_name: Option<String>,
-    /// Azure: the api-version query parameter.
+    /// Azure: the api-version query parameter, or "v1" for Azure's v1 API (/openai/v1/...,
+    /// the deployment in the body's model, no api-version).
     pub api_version: Option<String>,
     /// Azure: model -> deployment; "*" is the default.
     pub deployments: Option<BTreeMap<String, String>>,
@@ -227,6 +231,32 @@ impl<'de, T: FromText> Deserialize<'de> for Text<T> {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Responses"))]
+#[serde(deny_unknown_fields)]
+pub struct RawResponses {
+    /// How long the target that created a response id is remembered (default "24h", at most
+    /// "720h").
+    pub affinity_ttl: Option<Text<LongDur>>,
+    /// Ids remembered at most, in Envoy shared data (default 16384, at most 1000000).
+    pub max_affinity_entries: Option<u32>,
+}
+
+/// A duration of at most 30 days.
+#[derive(Debug, Clone, Copy)]
+pub struct LongDur(pub Duration);
+
+impl FromText for LongDur {
+    const EXPECTED: &'static str =
+        "a duration such as \"30m\", \"24h\" or \"720h\" (at most 30 days)";
+    fn from_text(text: &str) -> Option<LongDur> {
+        crate::duration::parse(text)
+            .filter(|d| *d <= Duration::from_secs(30 * 24 * 3600))
+            .map(LongDur)
+    }
+}
+
 /// A string read by `T`'s parser only when its object is switched on (`enabled: false` turns a
 /// cache or a cooldown off whatever its other settings say).
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +308,20 @@ mod schema {
                 "description": "A duration: one or more <number><unit> parts, units ms, s, m, h (\"500ms\", \"10s\", \"1.5s\", \"2m\", \"1m30s\"); at most one day.",
                 "pattern": "^\\s*([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h)(([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h))*\\s*$"
             })
+        }
+    }
+
+    impl JsonSchema for Text<LongDur> {
+        fn schema_name() -> Cow<'static, str> {
+            "LongDuration".into()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            let mut schema = Text::<Dur>::json_schema(generator);
+            schema.insert(
+                "description".into(),
+                "A duration as for Duration, at most 30 days (\"720h\").".into(),
+            );
+            schema
         }
     }
 

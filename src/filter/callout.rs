@@ -9,7 +9,6 @@ use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
 use super::host;
 use crate::body::Body;
 use crate::forward;
-use crate::intake::Kind;
 use crate::judge;
 use crate::provider;
 use crate::quote;
@@ -55,12 +54,10 @@ impl Exchange {
     /// The callout to target `i`: its address, credential and body, the client's headers.
     fn dispatch(&self, i: usize, timeout: Duration) -> Option<u32> {
         let t = self.target(i)?;
-        let Some(Kind::Operation(op)) = self.request.kind else {
-            return None;
-        };
+        let op = self.operation()?;
         let address =
             provider::address(t, Some(op), self.model_for(t), &self.request.client_path).ok()?;
-        let changed = self.body.as_ref().and_then(|b| rewrite::body_for(t, b));
+        let changed = self.body.as_ref().and_then(|b| rewrite::body_for(t, op, b));
         let body = changed
             .as_deref()
             .or(self.body.as_ref().map(Body::raw))

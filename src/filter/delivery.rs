@@ -7,6 +7,7 @@ use proxy_wasm::types::MapType;
 use super::exchange::{Answer, Exchange, Flow, Phase};
 use super::host;
 use super::shared;
+use crate::affinity;
 use crate::cache::Entry;
 use crate::chain::FailureKind;
 use crate::duration::millis;
@@ -62,6 +63,10 @@ impl Exchange {
                 .to_string();
             if headers.iter().any(|(n, _)| n == "content-encoding") {
                 self.cache_key = None;
+            }
+            if self.creates_response() {
+                let head = answer.body.get(..affinity::HEAD).unwrap_or(&answer.body);
+                self.remember_response(target, head, self.now());
             }
             self.finish_success(Some((&answer.body, &content_type)));
         }

@@ -3,7 +3,8 @@
 //! `intake` (request headers), `request_body` (the body, the cache and the plan), `routed` (the
 //! first attempt, through Envoy's route), `failover` (the next step after a failed attempt),
 //! `callout` (retries and failovers as callouts), `timers` (waiting out a Retry-After),
-//! `delivery` (what the client gets) and `health` (cooldowns).
+//! `delivery` (what the client gets), `health` (cooldowns) and `affinity` (who owns a Responses
+//! API id).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -134,6 +135,8 @@ pub struct Exchange {
     pub(super) cache_key: Option<Digest>,
     pub(super) cache_body: Option<Vec<u8>>,
     pub(super) usage: Option<UsageScanner>,
+    /// The beginning of a Responses API answer, read until its response id is found.
+    pub(super) response_head: Option<Vec<u8>>,
     pub(super) dispatched: Option<u32>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
@@ -157,6 +160,7 @@ impl Exchange {
             cache_key: None,
             cache_body: None,
             usage: None,
+            response_head: None,
             dispatched: None,
             recorded: None,
             clean: Cell::new(0),
@@ -210,6 +214,11 @@ impl Exchange {
     /// The model `t` is asked for: its own, else the client's.
     pub(super) fn model_for<'a>(&'a self, t: &'a Target) -> Option<&'a str> {
         t.model.as_deref().or(self.model())
+    }
+
+    /// The operation, for a request that is one.
+    pub(super) fn operation(&self) -> Option<crate::operation::Operation> {
+        self.request.kind.as_ref().and_then(Kind::operation)
     }
 
     /// The target of the attempt in flight (or the last one).

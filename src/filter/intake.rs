@@ -30,6 +30,7 @@ impl Exchange {
                 .unwrap_or("")
         };
         let kind = intake::classify(text(":method"), text(":path"));
+        let held = matches!(kind, Kind::Operation(_));
         let r = &mut self.request;
         r.client_path = text(":path").to_string();
         r.id = intake::request_id(get("x-request-id"));
@@ -39,7 +40,7 @@ impl Exchange {
             api_key: get("api-key").is_some(),
             accept_encoding: get("accept-encoding").is_some(),
         };
-        r.kind = Some(kind);
+        r.kind = Some(kind.clone());
         let access = intake::authorize(&self.rt.config, get("authorization"), get("api-key"));
         for (name, value) in headers {
             if forward::forwarded_to_callouts(&name) {
@@ -62,24 +63,31 @@ impl Exchange {
             Kind::Operation(_) if end_of_stream => self.reject(&Rejection::InvalidBody {
                 reason: "the body is empty".to_string(),
             }),
-            Kind::Operation(_) => {
+            _ if held => {
                 self.phase = Phase::ReadingBody;
                 Action::Pause
             }
-            Kind::PassThrough => {
-                self.pass_through();
+            Kind::Resource(resource) => {
+                let owner = self.owner_of(&resource.id, self.now());
+                self.pass_through(owner);
+                Action::Continue
+            }
+            Kind::Operation(_) | Kind::PassThrough => {
+                self.pass_through(None);
                 Action::Continue
             }
         }
     }
 
-    /// Not an operation the filter rewrites: to the first allowed target, with its host and
-    /// credential, once. The client never chooses the cluster: it is set here too.
-    fn pass_through(&mut self) {
+    /// Not an operation the filter rewrites: once to `target` (a stored response's owner) or
+    /// the first allowed target, with its host and credential. The client never chooses the
+    /// cluster: it is set here too.
+    fn pass_through(&mut self, target: Option<usize>) {
         self.phase = Phase::Passthrough;
-        let Some(hop) = plan::pass_through(self.config(), self.targets()) else {
+        let Some(mut hop) = plan::pass_through(self.config(), self.targets()) else {
             return;
         };
+        hop.target = target.unwrap_or(hop.target);
         self.address_routed(hop.target, None);
         let deadline = self.config().deadline;
         self.chain = Chain::start(vec![hop], self.now(), deadline, Duration::ZERO, |_| false)

@@ -6,6 +6,7 @@ use proxy_wasm::types::MetricType;
 use super::host;
 use crate::chain::GiveUpReason;
 use crate::config::Config;
+use crate::provider::Unservable;
 use crate::usage::Usage;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
@@ -16,6 +17,7 @@ struct TargetMetrics {
     cooldown_skips: Option<u32>,
     cooldowns_started: Option<u32>,
     deployment_skips: Option<u32>,
+    operation_skips: Option<u32>,
     latency_ms: Option<u32>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
@@ -30,6 +32,7 @@ pub struct Metrics {
     retries: Option<u32>,
     fallbacks: Option<u32>,
     attempts: Option<u32>,
+    affinity_pins: Option<u32>,
     targets: Vec<TargetMetrics>,
     /// `[from * n + to]`
     fallback_pairs: Vec<Option<u32>>,
@@ -54,6 +57,7 @@ impl Metrics {
                 cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
                 cooldowns_started: counter(&format!("cooldowns.target.{t}")),
                 deployment_skips: counter(&format!("deployment_skips.target.{t}")),
+                operation_skips: counter(&format!("operation_skips.target.{t}")),
                 latency_ms: host::define(
                     MetricType::Histogram,
                     &format!("llm_failover.attempt_latency_ms.target.{t}"),
@@ -90,6 +94,7 @@ impl Metrics {
             retries: counter("retries"),
             fallbacks: counter("fallbacks"),
             attempts: counter("attempts"),
+            affinity_pins: counter("affinity_pins"),
             targets,
             fallback_pairs,
             rejected,
@@ -128,8 +133,16 @@ impl Metrics {
         }
     }
 
-    pub fn deployment_skip(&self, target: usize) {
-        self.per_target(target, |m| m.deployment_skips, 1);
+    /// A target left out of a request's chain because it cannot serve it.
+    pub fn unservable(&self, target: usize, why: Unservable) {
+        match why {
+            Unservable::NoDeployment => self.per_target(target, |m| m.deployment_skips, 1),
+            Unservable::Unsupported => self.per_target(target, |m| m.operation_skips, 1),
+        }
+    }
+
+    pub fn affinity_pin(&self) {
+        host::increment(self.affinity_pins, 1);
     }
 
     pub fn cooldown_skip(&self, target: usize) {

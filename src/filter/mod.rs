@@ -2,6 +2,7 @@
 //! per request, whose journey is split by phase (see `exchange`). Decisions are made by the pure
 //! modules; this layer only moves data in and out.
 
+mod affinity;
 mod callout;
 mod delivery;
 mod exchange;

@@ -10,7 +10,6 @@ use crate::body::Body;
 use crate::cache;
 use crate::chain::Chain;
 use crate::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
-use crate::intake::Kind;
 use crate::plan;
 use crate::quote;
 use crate::reply::Rejection;
@@ -19,8 +18,7 @@ use crate::rewrite::{self, Operation};
 impl Exchange {
     pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.callback();
-        let (Phase::ReadingBody, Some(Kind::Operation(op))) = (&self.phase, self.request.kind)
-        else {
+        let (Phase::ReadingBody, Some(op)) = (&self.phase, self.operation()) else {
             return Action::Continue;
         };
         let limit = self.config().max_request_body_bytes;
@@ -36,7 +34,7 @@ impl Exchange {
         }
         let raw = host::buffer(BufferType::HttpRequestBody, body_size);
         let cacheable = plan::cacheable(self.config(), op, self.request.no_cache);
-        let keep = plan::keep(self.config(), self.targets(), cacheable);
+        let keep = plan::keep(self.config(), self.targets(), op, cacheable);
         match Body::parse(raw, keep) {
             Ok(body) => self.body = Some(body),
             Err(reason) => {
@@ -57,16 +55,32 @@ impl Exchange {
             return Action::Continue;
         };
         let config = &self.rt.config;
-        let (hops, skipped) =
+        let (mut hops, skipped) =
             plan::hops(config, self.targets(), op, &self.request.client_path, body);
         for skip in &skipped {
             log::info!(
-                "{} skip target={} reason=no_deployment model={}",
+                "{} skip target={} reason={} model={}",
                 self.tag(),
                 self.target_name(skip.target),
+                skip.reason.as_str(),
                 quote(skip.model.unwrap_or(""))
             );
-            self.rt.metrics.deployment_skip(skip.target);
+            self.rt.metrics.unservable(skip.target, skip.reason);
+        }
+        if let Some(previous) = body.previous_response_id.as_deref() {
+            let pinned = self
+                .owner_of(previous, now)
+                .and_then(|owner| plan::pinned(&hops, owner));
+            if let Some(pinned) = pinned {
+                log::info!(
+                    "{} pinned to target={} (it holds previous_response_id {})",
+                    self.tag(),
+                    self.target_name(pinned.first().map_or(0, |h| h.target)),
+                    quote(previous)
+                );
+                self.rt.metrics.affinity_pin();
+                hops = pinned;
+            }
         }
         let cooling = |t: usize| self.is_cooling(t, now);
         let started = Chain::start(hops, now, config.deadline, config.max_retry_wait, cooling);
@@ -87,7 +101,7 @@ impl Exchange {
         let new_body = self
             .target(first.target)
             .zip(self.body.as_ref())
-            .and_then(|(t, body)| rewrite::body_for(t, body));
+            .and_then(|(t, body)| rewrite::body_for(t, op, body));
         let replaced =
             new_body.filter(|b| host::replace_buffer(BufferType::HttpRequestBody, body_size, b));
         self.address_routed(first.target, Some(first.timeout));

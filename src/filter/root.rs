@@ -1,5 +1,5 @@
 //! Root context: parses the config once, defines metrics, and drives timers (delayed retries) and
-//! the cache sweep from its tick.
+//! the sweeps of expired cache and affinity slots from its tick.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -27,7 +27,23 @@ pub struct Root {
     /// entries at most: retries whose wait ended in the last tick).
     callouts: Vec<(u32, u32, Weak<RefCell<Exchange>>)>,
     ticks: u32,
-    sweep_next: u32,
+    cache_sweep: Sweep,
+    affinity_sweep: Sweep,
+}
+
+/// Where a sweep of `0..slots` goes on next.
+#[derive(Default)]
+struct Sweep {
+    next: u32,
+}
+
+impl Sweep {
+    fn next(&mut self, slots: u32) -> std::ops::Range<u32> {
+        let start = self.next.min(slots);
+        let end = start.saturating_add(SWEEP_CHUNK).min(slots);
+        self.next = if end >= slots { 0 } else { end };
+        start..end
+    }
 }
 
 impl Root {
@@ -37,7 +53,8 @@ impl Root {
             timers: Rc::new(RefCell::new(Timers::default())),
             callouts: Vec::new(),
             ticks: 0,
-            sweep_next: 0,
+            cache_sweep: Sweep::default(),
+            affinity_sweep: Sweep::default(),
         }
     }
 
@@ -76,14 +93,16 @@ impl Root {
         }
     }
 
-    fn sweep_cache(&mut self, now: u64) {
-        let Some(settings) = self.runtime.as_ref().and_then(|r| r.config.cache.clone()) else {
+    /// Empties a chunk of expired cache and affinity slots (shared data keeps entries forever).
+    fn sweep(&mut self, now: u64) {
+        let Some(rt) = self.runtime.clone() else {
             return;
         };
-        let start = self.sweep_next.min(settings.max_entries);
-        let end = start.saturating_add(SWEEP_CHUNK).min(settings.max_entries);
-        shared::cache_sweep(start..end, now);
-        self.sweep_next = if end >= settings.max_entries { 0 } else { end };
+        if let Some(cache) = &rt.config.cache {
+            shared::cache_sweep(self.cache_sweep.next(cache.max_entries), now);
+        }
+        let slots = rt.config.responses.max_affinity_entries;
+        shared::affinity_sweep(self.affinity_sweep.next(slots), now);
     }
 }
 
@@ -172,7 +191,7 @@ impl RootContext for Root {
         self.fire_due_timers(now);
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks.is_multiple_of(SWEEP_EVERY_TICKS) {
-            self.sweep_cache(now);
+            self.sweep(now);
         }
         // Callouts whose request is gone (client disconnected) are forgotten.
         self.callouts.retain(|(_, _, weak)| weak.strong_count() > 0);

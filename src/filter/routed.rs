@@ -8,6 +8,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::exchange::{Answer, Effect, Exchange, Phase};
 use super::host;
+use crate::affinity;
 use crate::forward::{self, Edit, Routed};
 use crate::intake::Kind;
 use crate::judge;
@@ -21,12 +22,12 @@ impl Exchange {
     /// operation its per-attempt timeout.
     pub(super) fn address_routed(&mut self, i: usize, timeout: Option<Duration>) {
         let Some(t) = self.target(i) else { return };
-        let op = match self.request.kind {
-            Some(Kind::Operation(op)) => Some(op),
-            _ => None,
+        let op = self.operation();
+        let path = &self.request.client_path;
+        let address = match &self.request.kind {
+            Some(Kind::Resource(resource)) => Ok(provider::resource_address(t, resource, path)),
+            _ => provider::address(t, op, self.model_for(t), path),
         };
-        let model = self.model_for(t);
-        let address = provider::address(t, op, model, &self.request.client_path);
         let (Ok(address), Some(&(name, ref value))) = (address, self.rt.credentials.get(i)) else {
             // Not expected (the plan leaves out what cannot be addressed); the cluster is set
             // whatever happens, so the client never chooses it.
@@ -152,6 +153,9 @@ impl Exchange {
             self.record_health(target, None, now);
             if (200..300).contains(&status.unwrap_or(0)) {
                 self.usage = Some(UsageScanner::default());
+                if self.creates_response() {
+                    self.response_head = Some(Vec::new());
+                }
             }
         }
         self.body = None;
@@ -159,6 +163,19 @@ impl Exchange {
             self.cache_body = Some(Vec::new());
         }
         self.phase = Phase::Streaming;
+    }
+
+    /// A Responses API answer passing through: its beginning, until its id is known.
+    fn read_response_id(&mut self, body_size: usize) {
+        let (Some(mut head), Some(target)) = (self.response_head.take(), self.current_target())
+        else {
+            return;
+        };
+        let want = body_size.min(affinity::HEAD.saturating_sub(head.len()));
+        head.extend(host::buffer_range(BufferType::HttpResponseBody, 0, want));
+        if !self.remember_response(target, &head, self.now()) {
+            self.response_head = Some(head);
+        }
     }
 
     /// Looks at a passing chunk of a successful routed response: token usage and the cache copy.
@@ -180,6 +197,7 @@ impl Exchange {
         if let Some(scanner) = &mut self.usage {
             scanner.push(&chunk);
         }
+        self.read_response_id(body_size);
         if let Some(buf) = &mut self.cache_body {
             buf.extend_from_slice(&chunk);
         }

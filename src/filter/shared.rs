@@ -1,9 +1,10 @@
-//! Envoy shared data (one store for every worker of the VM): cooldown state and cache slots.
-//! Writers use compare-and-swap.
+//! Envoy shared data (one store for every worker of the VM): cooldown state, cache slots and the
+//! owners of Responses API ids. Writers use compare-and-swap.
 
 use super::host;
+use crate::affinity::{self, Owner};
 use crate::cache::{self, Digest, Entry};
-use crate::config::{CacheSettings, Cooldown};
+use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
 use crate::cooldown::{self, State};
 use std::time::Duration;
 
@@ -63,14 +64,42 @@ pub fn cache_put(settings: &CacheSettings, entry: &Entry) {
     let _ = host::shared_set(&key, &entry.encode(), cas);
 }
 
-/// Empties expired slots in `range`; the sweep walks all slots a chunk per tick.
+/// Empties expired cache slots in `range`; the sweep walks all slots a chunk per tick.
 pub fn cache_sweep(range: std::ops::Range<u32>, now_ms: u64) {
+    sweep(range, now_ms, cache::slot_key, Entry::expiry);
+}
+
+/// The target that created response `id`, if known and not expired.
+pub fn affinity_get(settings: &ResponsesSettings, id: &str, now_ms: u64) -> Option<String> {
+    let key = affinity::slot_key(affinity::slot(id, settings.max_affinity_entries));
+    let (bytes, _) = host::shared_get(&key);
+    affinity::lookup(&bytes?, id, now_ms)
+}
+
+/// Remembers that `target` created response `id` (the newest id wins its slot).
+pub fn affinity_put(settings: &ResponsesSettings, owner: &Owner) {
+    let key = affinity::slot_key(affinity::slot(&owner.id, settings.max_affinity_entries));
+    let (_, cas) = host::shared_get(&key);
+    let _ = host::shared_set(&key, &owner.encode(), cas);
+}
+
+/// Empties expired affinity slots in `range`.
+pub fn affinity_sweep(range: std::ops::Range<u32>, now_ms: u64) {
+    sweep(range, now_ms, affinity::slot_key, Owner::expiry);
+}
+
+fn sweep(
+    range: std::ops::Range<u32>,
+    now_ms: u64,
+    slot_key: fn(u32) -> String,
+    expiry: fn(&[u8]) -> Option<u64>,
+) {
     for slot in range {
-        let key = cache::slot_key(slot);
+        let key = slot_key(slot);
         let (bytes, cas) = host::shared_get(&key);
         let expired = bytes
             .as_deref()
-            .and_then(Entry::expiry)
+            .and_then(expiry)
             .is_some_and(|exp| exp <= now_ms);
         if expired {
             let _ = host::shared_set(&key, &[], cas);
