@@ -15,15 +15,17 @@ pub type Digest = [u8; 32];
 /// Shared-data key prefix; a slot's key is `<prefix><slot>`.
 pub const SLOT_PREFIX: &str = "llm_failover.cache.";
 
-/// The cache key of a request: SHA-256 over the gateway key's name, the operation and the
-/// canonical JSON of the body (serde_json's: object keys sorted, a repeated key's last value,
+/// The cache key of a request: SHA-256 over the cache's scope (a route's name), the gateway key's
+/// name, the operation and the canonical JSON of the body (serde_json's: object keys sorted, a repeated key's last value,
 /// no insignificant white space, integers apart from decimals so that `1` and `1.0` differ), so
 /// two bodies that differ only in key order, spacing or escapes share an entry.
-pub fn key(key_name: &str, op: Operation, body: &Body) -> Option<Digest> {
+pub fn key(scope: &str, key_name: &str, op: Operation, body: &Body) -> Option<Digest> {
     let members = body.members();
     let sorted: BTreeMap<&str, &Value> = members.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let canonical = serde_json::to_vec(&sorted).ok()?;
-    let mut material = Vec::with_capacity(key_name.len() + canonical.len() + 24);
+    let mut material = Vec::with_capacity(scope.len() + key_name.len() + canonical.len() + 24);
+    material.extend_from_slice(scope.as_bytes());
+    material.push(0);
     material.extend_from_slice(key_name.as_bytes());
     material.push(0);
     material.extend_from_slice(op.as_str().as_bytes());
@@ -38,8 +40,19 @@ pub fn slot(digest: &Digest, max_entries: u32) -> u32 {
     (u64::from_le_bytes(first) % u64::from(max_entries.max(1))) as u32
 }
 
+/// The shared-data key of a slot of the top-level cache.
 pub fn slot_key(slot: u32) -> String {
-    format!("{SLOT_PREFIX}{slot}")
+    slot_key_in("", slot)
+}
+
+/// The shared-data key of a slot of the cache of `scope` (a route's name; "" for the top-level
+/// cache): each cache has slots of its own.
+pub fn slot_key_in(scope: &str, slot: u32) -> String {
+    if scope.is_empty() {
+        format!("{SLOT_PREFIX}{slot}")
+    } else {
+        format!("{SLOT_PREFIX}{scope}.{slot}")
+    }
 }
 
 /// A cached 200 response.
@@ -136,7 +149,23 @@ mod tests {
 
     fn key(name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
         let body = Body::parse(body.to_vec(), Keep::Document).ok()?;
-        super::key(name, op, &body)
+        super::key("", name, op, &body)
+    }
+
+    #[test]
+    fn every_cache_has_its_own_keys_and_slots() {
+        let body = Body::parse(br#"{"m":1}"#.to_vec(), Keep::Document).unwrap();
+        let op = Operation::ChatCompletions;
+        assert_ne!(
+            super::key("", "k", op, &body),
+            super::key("r", "k", op, &body)
+        );
+        assert_ne!(
+            super::key("ab", "c", op, &body),
+            super::key("a", "bc", op, &body)
+        );
+        assert_eq!(slot_key(7), "llm_failover.cache.7");
+        assert_eq!(slot_key_in("test", 7), "llm_failover.cache.test.7");
     }
 
     #[test]

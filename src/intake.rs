@@ -2,7 +2,7 @@
 //! does with it (an operation it rewrites and fails over, or a pass-through to the first target).
 
 use crate::auth;
-use crate::config::Config;
+use crate::config::{Config, Route};
 use crate::operation::{Operation, Resource};
 use crate::reply::Rejection;
 
@@ -63,9 +63,11 @@ impl Access {
 }
 
 /// Checks the gateway key when `keys` is configured: `Authorization: Bearer <key>` or
-/// `api-key: <key>`. Without `keys` every request is allowed every target.
+/// `api-key: <key>`, and that a route's `keys` name it. Without `keys` every request is allowed
+/// every target.
 pub fn authorize(
     config: &Config,
+    route: Option<&Route>,
     authorization: Option<&[u8]>,
     api_key: Option<&[u8]>,
 ) -> Result<Access, Rejection> {
@@ -73,10 +75,26 @@ pub fn authorize(
         return Ok(Access { key: None });
     };
     let presented = auth::presented_key(authorization, api_key);
-    auth::authenticate(keys, presented)
+    let key = auth::authenticate(keys, presented)
         .and_then(|found| keys.iter().position(|k| std::ptr::eq(k, found)))
-        .map(|key| Access { key: Some(key) })
-        .ok_or(Rejection::Unauthorized)
+        .ok_or(Rejection::Unauthorized)?;
+    match route {
+        Some(r)
+            if r.keys
+                .as_ref()
+                .is_some_and(|allowed| !allowed.contains(&key)) =>
+        {
+            Err(Rejection::Forbidden {
+                route: r.name.clone(),
+            })
+        }
+        _ => Ok(Access { key: Some(key) }),
+    }
+}
+
+/// The route a request is on: a `POST` to a route's path.
+pub fn route_for(config: &Config, method: &str, path: &str) -> Option<usize> {
+    (method == "POST").then(|| config.route_for(path)).flatten()
 }
 
 /// The request id as logs show it: printable ASCII, at most 64 characters.
@@ -131,7 +149,7 @@ mod tests {
     #[test]
     fn without_keys_every_request_may_use_every_target() {
         let c = config(None);
-        let access = authorize(&c, Some(b"Bearer anything"), None).unwrap();
+        let access = authorize(&c, None, Some(b"Bearer anything"), None).unwrap();
         assert_eq!(access.targets(&c), &[0, 1]);
         assert_eq!(access.key_name(&c), "");
     }
@@ -156,7 +174,7 @@ mod tests {
             (Some(b"Bearer "), Some(b""), None),
         ];
         for (authorization, api_key, want) in cases {
-            let got = authorize(&c, authorization, api_key);
+            let got = authorize(&c, None, authorization, api_key);
             match want {
                 Some((name, targets)) => {
                     let access = got.unwrap();
@@ -165,6 +183,36 @@ mod tests {
                 None => assert_eq!(got, Err(Rejection::Unauthorized)),
             }
         }
+    }
+
+    #[test]
+    fn a_route_admits_the_keys_it_names_and_refuses_other_valid_keys() {
+        let mut c = config(Some(json!([
+            {"name": "app", "key_sha256": sha("gw-app")},
+            {"name": "batch", "key_sha256": sha("gw-batch")},
+        ])));
+        c.routes.push(crate::config::Route {
+            name: "r".into(),
+            path: "/r".into(),
+            operation: Operation::ChatCompletions,
+            steps: c.steps.clone(),
+            cache: None,
+            keys: Some(vec![1]),
+        });
+        let route = c.routes.first();
+        assert!(authorize(&c, route, Some(b"Bearer gw-batch"), None).is_ok());
+        assert_eq!(
+            authorize(&c, route, Some(b"Bearer gw-app"), None),
+            Err(Rejection::Forbidden { route: "r".into() })
+        );
+        assert_eq!(
+            authorize(&c, route, Some(b"Bearer nope"), None),
+            Err(Rejection::Unauthorized)
+        );
+        assert!(authorize(&c, None, Some(b"Bearer gw-app"), None).is_ok());
+        assert_eq!(route_for(&c, "POST", "/r?x=1"), Some(0));
+        assert_eq!(route_for(&c, "GET", "/r"), None);
+        assert_eq!(route_for(&c, "POST", "/r/"), None);
     }
 
     #[test]

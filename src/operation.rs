@@ -37,6 +37,14 @@ impl Operation {
         }
     }
 
+    /// The operation's OpenAI path, with `query` (without `?`) if any.
+    pub fn openai_path(self, query: Option<&str>) -> String {
+        match query {
+            Some(q) => format!("/v1/{}?{q}", self.path()),
+            None => format!("/v1/{}", self.path()),
+        }
+    }
+
     /// The name used in cache keys and logs.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::body::{Body, Keep};
 use crate::chain::Hop;
-use crate::config::Config;
+use crate::config::{CacheSettings, Config, Step};
 use crate::provider::{self, Unservable};
 use crate::rewrite::{self, Operation};
 
@@ -18,30 +18,41 @@ pub struct Skip<'a> {
     pub model: Option<&'a str>,
 }
 
-/// The hops of an operation's chain: `targets` in order without those that cannot take it (an
-/// Azure target with no deployment for the model), which are returned apart.
+/// The steps of a request: its route's, or every target's, in chain order, without the
+/// targets its gateway key may not use (`allowed`).
+pub fn steps<'c>(config: &'c Config, route: Option<usize>, allowed: &[usize]) -> Vec<&'c Step> {
+    let all = match route.and_then(|r| config.routes.get(r)) {
+        Some(route) => &route.steps,
+        None => &config.steps,
+    };
+    all.iter().filter(|s| allowed.contains(&s.target)).collect()
+}
+
+/// The hops of an operation's chain: its steps in order without those whose target cannot take
+/// it (an Azure target with no deployment for the model, an API without the operation), which
+/// are returned apart.
 pub fn hops<'a>(
     config: &'a Config,
-    targets: &[usize],
+    steps: &[&'a Step],
     op: Operation,
     client_path: &str,
     body: &'a Body,
 ) -> (Vec<Hop>, Vec<Skip<'a>>) {
-    let mut hops = Vec::with_capacity(targets.len());
+    let mut hops = Vec::with_capacity(steps.len());
     let mut skipped = Vec::new();
-    for &i in targets {
-        let Some(t) = config.targets.get(i) else {
+    for &step in steps {
+        let Some(t) = config.targets.get(step.target) else {
             continue;
         };
-        let model = rewrite::model_for(t, body);
+        let model = rewrite::model_of(step, body);
         match provider::address(t, Some(op), model, client_path) {
             Ok(_) => hops.push(Hop {
-                target: i,
-                max_tries: t.retries + 1,
-                timeout: t.timeout,
+                target: step.target,
+                max_tries: step.retries + 1,
+                timeout: step.timeout,
             }),
             Err(reason) => skipped.push(Skip {
-                target: i,
+                target: step.target,
                 reason,
                 model,
             }),
@@ -69,12 +80,14 @@ pub fn pass_through(config: &Config, targets: &[usize]) -> Option<Hop> {
 }
 
 /// How much of the body the parse must keep: the document when the cache will key the request
-/// or a target of its chain may change the body.
-pub fn keep(config: &Config, targets: &[usize], op: Operation, cacheable: bool) -> Keep {
-    let rewrites = targets
-        .iter()
-        .filter_map(|&i| config.targets.get(i))
-        .any(|t| rewrite::may_change_body(t, op));
+/// or a step of its chain may change the body.
+pub fn keep(config: &Config, steps: &[&Step], op: Operation, cacheable: bool) -> Keep {
+    let rewrites = steps.iter().any(|s| {
+        config
+            .targets
+            .get(s.target)
+            .is_some_and(|t| rewrite::may_change_body(t, s, op))
+    });
     if cacheable || rewrites {
         Keep::Document
     } else {
@@ -82,10 +95,19 @@ pub fn keep(config: &Config, targets: &[usize], op: Operation, cacheable: bool) 
     }
 }
 
-/// Whether the cache may answer or store this request (before its body is read: a streamed
-/// request is told apart by the body).
-pub fn cacheable(config: &Config, op: Operation, no_cache: bool) -> bool {
-    config.cache.is_some() && op == Operation::ChatCompletions && !no_cache
+/// The cache that may answer or store this request (before its body is read: a streamed
+/// request is told apart by the body): its route's own, or the top-level one off routes.
+pub fn cache(
+    config: &Config,
+    route: Option<usize>,
+    op: Operation,
+    no_cache: bool,
+) -> Option<&CacheSettings> {
+    let settings = match route {
+        Some(r) => config.routes.get(r)?.cache.as_ref(),
+        None => config.cache.as_ref(),
+    };
+    settings.filter(|_| op == Operation::ChatCompletions && !no_cache)
 }
 
 /// The timeout Envoy's route gets for the routed attempt, in milliseconds (at least 1: 0 would
@@ -128,9 +150,10 @@ mod tests {
     fn the_chain_keeps_its_order_and_leaves_out_what_cannot_serve() {
         let c = config(json!({}));
         let b = body(r#"{"model": "gpt-4o"}"#);
+        let all = steps(&c, None, &c.chain);
         let (chain, skipped) = hops(
             &c,
-            &[0, 1, 2],
+            &all,
             Operation::ChatCompletions,
             "/v1/chat/completions",
             &b,
@@ -143,7 +166,13 @@ mod tests {
         assert!(skipped.is_empty());
 
         let b = body(r#"{"model": "gpt-3.5-turbo"}"#);
-        let (chain, skipped) = hops(&c, &[1, 0], Operation::Embeddings, "/v1/embeddings", &b);
+        let some = steps(&c, None, &[1, 0]);
+        assert_eq!(
+            some.iter().map(|s| s.target).collect::<Vec<_>>(),
+            vec![0, 1],
+            "chain order"
+        );
+        let (chain, skipped) = hops(&c, &some, Operation::Embeddings, "/v1/embeddings", &b);
         assert_eq!(chain.iter().map(|h| h.target).collect::<Vec<_>>(), vec![0]);
         assert_eq!(
             skipped,
@@ -152,6 +181,52 @@ mod tests {
                 reason: Unservable::NoDeployment,
                 model: Some("gpt-3.5-turbo")
             }]
+        );
+    }
+
+    #[test]
+    fn a_route_has_its_own_steps_and_cache() {
+        let c = config(json!({
+            "cache": {"enabled": true},
+            "routes": [{"name": "r", "path": "/r", "operation": "chat",
+                        "targets": [{"target": "azure", "retries": 3, "timeout": "2s", "model": "gpt-4o"}, "openai"],
+                        "cache": {"enabled": true, "ttl": "5s"}},
+                       {"name": "plain", "path": "/p", "operation": "chat", "targets": ["mini"]}]
+        }));
+        let route = steps(&c, Some(0), &c.chain);
+        let settings: Vec<(usize, u32, u64, Option<&str>)> = route
+            .iter()
+            .map(|s| (s.target, s.retries, s.timeout.as_secs(), s.model.as_deref()))
+            .collect();
+        assert_eq!(settings, vec![(1, 3, 2, Some("gpt-4o")), (0, 2, 5, None)]);
+        // A key limited to openai keeps only that step.
+        assert_eq!(
+            steps(&c, Some(0), &[0])
+                .iter()
+                .map(|s| s.target)
+                .collect::<Vec<_>>(),
+            vec![0]
+        );
+        // The step's model picks the deployment when the client sends none.
+        let b = body(r#"{"messages": []}"#);
+        let (chain, skipped) = hops(
+            &c,
+            &route,
+            Operation::ChatCompletions,
+            "/v1/chat/completions",
+            &b,
+        );
+        assert_eq!(chain.len(), 2);
+        assert!(skipped.is_empty());
+        let chat = Operation::ChatCompletions;
+        assert_eq!(
+            cache(&c, Some(0), chat, false).map(|s| (s.scope.as_str(), s.ttl.as_secs())),
+            Some(("r", 5))
+        );
+        assert_eq!(
+            cache(&c, Some(1), chat, false),
+            None,
+            "a route uses its own cache only"
         );
     }
 
@@ -181,23 +256,24 @@ mod tests {
     fn the_document_is_kept_only_for_the_cache_or_a_rewrite() {
         let c = config(json!({}));
         let chat = Operation::ChatCompletions;
-        assert_eq!(keep(&c, &[0, 1], chat, false), Keep::Typed);
-        assert_eq!(keep(&c, &[0, 1], chat, true), Keep::Document);
+        let (first_two, with_mini) = (steps(&c, None, &[0, 1]), steps(&c, None, &[0, 2]));
+        assert_eq!(keep(&c, &first_two, chat, false), Keep::Typed);
+        assert_eq!(keep(&c, &first_two, chat, true), Keep::Document);
         assert_eq!(
-            keep(&c, &[0, 2], chat, false),
+            keep(&c, &with_mini, chat, false),
             Keep::Document,
             "mini sets a model"
         );
         assert_eq!(
-            keep(&c, &[0, 1], Operation::Responses, false),
+            keep(&c, &first_two, Operation::Responses, false),
             Keep::Document,
             "Azure's Responses API names the deployment in the body"
         );
         let cached = config(json!({"cache": {"enabled": true}}));
-        assert!(cacheable(&cached, Operation::ChatCompletions, false));
-        assert!(!cacheable(&cached, Operation::ChatCompletions, true));
-        assert!(!cacheable(&cached, Operation::Embeddings, false));
-        assert!(!cacheable(&c, Operation::ChatCompletions, false));
+        assert!(cache(&cached, None, chat, false).is_some());
+        assert!(cache(&cached, None, chat, true).is_none());
+        assert!(cache(&cached, None, Operation::Embeddings, false).is_none());
+        assert!(cache(&c, None, chat, false).is_none());
     }
 
     #[test]

@@ -10,6 +10,8 @@ use crate::chain::FailureKind;
 pub enum Rejection {
     /// No or wrong gateway key.
     Unauthorized,
+    /// A valid gateway key that the route does not name.
+    Forbidden { route: String },
     /// The request body is larger than `max_request_body_bytes`.
     BodyTooLarge { limit: usize },
     /// The body of an operation that must be rewritten is not a JSON object.
@@ -33,6 +35,7 @@ impl Rejection {
     pub fn status(&self) -> u32 {
         match self {
             Rejection::Unauthorized => 401,
+            Rejection::Forbidden { .. } => 403,
             Rejection::BodyTooLarge { .. } => 413,
             Rejection::InvalidBody { .. } => 400,
             Rejection::NoTarget { .. } => 400,
@@ -47,6 +50,7 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::Unauthorized => "invalid_api_key",
+            Rejection::Forbidden { .. } => "permission_denied",
             Rejection::BodyTooLarge { .. } => "request_too_large",
             Rejection::InvalidBody { .. } => "invalid_request_body",
             Rejection::NoTarget { .. } => "model_not_available",
@@ -60,6 +64,7 @@ impl Rejection {
     fn kind(&self) -> &'static str {
         match self {
             Rejection::Unauthorized
+            | Rejection::Forbidden { .. }
             | Rejection::BodyTooLarge { .. }
             | Rejection::InvalidBody { .. }
             | Rejection::NoTarget { .. } => "invalid_request_error",
@@ -74,6 +79,7 @@ impl Rejection {
             Rejection::Unauthorized => {
                 "Missing or invalid gateway key. Send it as 'Authorization: Bearer <key>' or 'api-key: <key>'.".to_string()
             }
+            Rejection::Forbidden { route } => format!("This gateway key may not use route '{route}'."),
             Rejection::BodyTooLarge { limit } => format!("Request body is larger than the gateway's limit of {limit} bytes."),
             Rejection::InvalidBody { reason } => format!("Request body must be a JSON object: {reason}."),
             Rejection::NoTarget { model: Some(m) } => format!("No configured target can serve model '{m}'."),
@@ -165,6 +171,11 @@ mod tests {
     fn every_rejection_is_openai_shaped_with_its_status_and_code() {
         let cases = [
             (Rejection::Unauthorized, 401, "invalid_api_key"),
+            (
+                Rejection::Forbidden { route: "r".into() },
+                403,
+                "permission_denied",
+            ),
             (
                 Rejection::BodyTooLarge { limit: 10 },
                 413,

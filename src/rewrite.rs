@@ -6,17 +6,23 @@ use std::borrow::Cow;
 use serde_json::{Map, Value};
 
 use crate::body::Body;
-use crate::config::Target;
+use crate::config::{Step, Target};
 use crate::provider;
 
 pub use crate::operation::Operation;
 
-/// The body `target` gets for `op`: the client's, unless the target sets `model` or
-/// `override_params`, or its API wants the deployment in the body (Azure's v1 API, the
-/// Responses API on Azure). `None` means "unchanged" (the client's bytes are sent as they are).
+/// The body `target` gets for `op` with its own settings (see [`body_for_step`]).
 pub fn body_for(target: &Target, op: Operation, body: &Body) -> Option<Vec<u8>> {
-    let model = provider::body_model(target, op, model_for(target, body));
-    let overrides = target.override_params.as_ref();
+    body_for_step(target, &step_of(target), op, body)
+}
+
+/// The body `target` gets as `step` of a chain, for `op`: the client's, unless the step sets
+/// `model` or `override_params`, or the target's API wants the deployment in the body (Azure's
+/// v1 API, the Responses API on Azure). `None` means "unchanged" (the client's bytes are sent as
+/// they are).
+pub fn body_for_step(target: &Target, step: &Step, op: Operation, body: &Body) -> Option<Vec<u8>> {
+    let model = provider::body_model(target, op, step.model.as_deref(), body.model.as_deref());
+    let overrides = step.override_params.as_ref();
     if overrides.is_none() && model == body.model.as_deref() {
         return None;
     }
@@ -66,16 +72,33 @@ pub fn rewrite(
     Some(out)
 }
 
-/// Whether `target` may change a body for `op` (so the parse must keep the document).
-pub fn may_change_body(target: &Target, op: Operation) -> bool {
-    target.model.is_some()
-        || target.override_params.is_some()
+/// Whether `target` as `step` may change a body for `op` (so the parse must keep the document).
+pub fn may_change_body(target: &Target, step: &Step, op: Operation) -> bool {
+    step.model.is_some()
+        || step.override_params.is_some()
         || provider::deployment_in_body(target, op)
 }
 
-/// The model `target` is asked for: its own `model` if set, else the client's.
+/// The model `target` is asked for with its own settings: its `model` if set, else the client's.
 pub fn model_for<'a>(target: &'a Target, body: &'a Body) -> Option<&'a str> {
     target.model.as_deref().or(body.model.as_deref())
+}
+
+/// The model a step is asked for: its `model` (the route step's, or the target's) if set, else
+/// the client's.
+pub fn model_of<'a>(step: &'a Step, body: &'a Body) -> Option<&'a str> {
+    step.model.as_deref().or(body.model.as_deref())
+}
+
+/// A target's own settings as a step (its index does not matter here).
+fn step_of(target: &Target) -> Step {
+    Step {
+        target: 0,
+        retries: target.retries,
+        timeout: target.timeout,
+        model: target.model.clone(),
+        override_params: target.override_params.clone(),
+    }
 }
 
 /// Deep merge: objects merge key by key, anything else replaces.

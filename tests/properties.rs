@@ -937,7 +937,7 @@ fn inspect(body: &[u8]) -> Result<Body, String> {
 /// The cache key of a body as the filter computes it (`None` when the body is refused).
 fn cache_key(name: &str, op: Operation, body: &[u8]) -> Option<cache::Digest> {
     let body = Body::parse(body.to_vec(), Keep::Document).ok()?;
-    cache::key(name, op, &body)
+    cache::key("", name, op, &body)
 }
 
 /// Objects shaped like the configuration, with arbitrary values in the known places.
@@ -1203,7 +1203,7 @@ proptest! {
             // names it in the body (Azure's v1 API).
             let body_model = parsed
                 .as_ref()
-                .and_then(|b| provider::body_model(t, op, rewrite::model_for(t, b)));
+                .and_then(|b| provider::body_model(t, op, t.model.as_deref(), b.model.as_deref()));
             let same_model = parsed.as_ref().is_some_and(|b| body_model == b.model.as_deref());
             if t.override_params.is_none() && (body_model.is_none() || same_model) {
                 prop_assert!(out.is_none());
@@ -1246,9 +1246,10 @@ proptest! {
         let (v, env) = spec.render();
         let c = config::parse(v.to_string().as_bytes(), &env).unwrap();
         let chain: Vec<usize> = (0..c.targets.len()).filter(|i| mask & (1 << (i % 8)) != 0).collect();
+        let steps = plan::steps(&c, None, &chain);
         for op in [Operation::ChatCompletions, Operation::Embeddings, Operation::Responses] {
-            prop_assert_eq!(plan::keep(&c, &chain, op, true), Keep::Document);
-            if plan::keep(&c, &chain, op, false) == Keep::Typed {
+            prop_assert_eq!(plan::keep(&c, &steps, op, true), Keep::Document);
+            if plan::keep(&c, &steps, op, false) == Keep::Typed {
                 let Ok(parsed) = Body::parse(body.clone(), Keep::Typed) else { return Ok(()) };
                 for &i in &chain {
                     prop_assert!(rewrite::body_for(&c.targets[i], op, &parsed).is_none());

@@ -64,7 +64,7 @@ fn bodies_the_rewrite_cannot_read_are_refused() {
     let text = br#"{"model":"m","x":{"deep":[1e300,"\u00e9",-0,18446744073709551616]}}"#;
     assert!(Body::parse(text.to_vec(), Keep::Typed).is_ok());
     let body = Body::parse(text.to_vec(), Keep::Document).unwrap();
-    assert!(cache::key("k", Operation::ChatCompletions, &body).is_some());
+    assert!(cache::key("", "k", Operation::ChatCompletions, &body).is_some());
     let mut t = openai();
     t["model"] = json!("gpt-4o-mini");
     let c = config::parse(json!({"targets": [t]}).to_string().as_bytes(), &NoEnv).unwrap();

@@ -7,6 +7,9 @@
   127.0.0.1.
 * deploy/kubernetes/envoy-config.yaml <- envoy/production.yaml, verbatim, as the ConfigMap of the
   Kubernetes sidecar.
+* envoy/routes.yaml <- envoy/local.yaml with the plugin configuration of envoy/routes.json (the
+  named route of BricksLLM's "OpenAI with Azure OpenAI as failover" guide), for
+  `make run CONFIG=envoy/routes.yaml`.
 
     python tools/render_configs.py           write both files
     python tools/render_configs.py --check   exit 1 when a file differs from what would be written
@@ -27,6 +30,9 @@ LOCAL = ROOT / "envoy" / "local.yaml"
 COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
 K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "envoy-config.yaml"
+ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
+ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
+WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 # envoy/local.yaml cluster -> docker-compose.yml service that serves it
 COMPOSE_SERVICES = {"openai": "mock-openai", "azure": "mock-azure"}
@@ -98,8 +104,33 @@ def render_k8s_configmap() -> str:
     )
 
 
+def render_routes_envoy() -> str:
+    cfg = yaml.safe_load(LOCAL.read_text())
+    plugin = ROUTES_PLUGIN.read_text()
+    found = 0
+    for listener in cfg["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                for hf in (f.get("typed_config") or {}).get("http_filters", []):
+                    if (hf.get("typed_config") or {}).get("@type") == WASM_FILTER:
+                        hf["typed_config"]["config"]["configuration"]["value"] = plugin
+                        found += 1
+    if found != 1:
+        raise SystemExit(f"envoy/local.yaml: expected one Wasm filter, found {found}")
+    header = (
+        "# GENERATED from envoy/local.yaml and envoy/routes.json by tools/render_configs.py: do not edit,\n"
+        "# edit those and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
+        "# The local stack with a named route: BricksLLM's \"OpenAI with Azure OpenAI as failover\" guide\n"
+        "# (README.md, \"Coming from BricksLLM\"). `make run CONFIG=envoy/routes.yaml` starts it; then\n"
+        "#   curl -X POST 127.0.0.1:10000/api/routes/test/chat/completion -H 'Authorization: Bearer my-secret-key' \\\n"
+        "#        -H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": \"system\", \"content\": \"hi\"}]}'\n"
+    )
+    return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
+
+
 def outputs() -> dict[Path, str]:
-    return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap()}
+    return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
+            ROUTES_ENVOY: render_routes_envoy()}
 
 
 def main(argv=None) -> int:

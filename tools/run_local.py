@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make run`: start Envoy with llm-failover on 127.0.0.1:10000 (admin 127.0.0.1:9901).
 
-Without provider keys: the local stack, Envoy (envoy/local.yaml) in front of the mock OpenAI
+Without provider keys: the local stack, Envoy (envoy/local.yaml, or the config given as the first
+argument, e.g. envoy/routes.yaml: `make run CONFIG=envoy/routes.yaml`) in front of the mock OpenAI
 (127.0.0.1:18001) and mock Azure OpenAI (127.0.0.1:18002) upstreams.
 With OPENAI_API_KEY, AZURE_OPENAI_API_KEY and AZURE_OPENAI_RESOURCE set: the production config
 (envoy/production.yaml) against the real services, with the Azure resource name filled in.
@@ -45,7 +46,9 @@ def main():
         config.write_text((ROOT / "envoy" / "production.yaml").read_text().replace("my-resource", resource))
         print(f"Real keys found: using envoy/production.yaml with Azure resource {resource!r}")
     else:
-        config = ROOT / "envoy" / "local.yaml"
+        config = ROOT / (sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else "envoy/local.yaml")
+        if not config.is_file():
+            sys.exit(f"no config {config}")
         mock = [str(VENV_BIN / "python"), str(ROOT / "tests" / "mocks" / "upstream.py")]
         procs.append(subprocess.Popen(mock + ["--provider", "openai", "--port", "18001", "--api-key", "sk-local-openai-mock-key"]))
         procs.append(subprocess.Popen(mock + ["--provider", "azure", "--port", "18002", "--api-key", "local-azure-mock-key",
@@ -72,7 +75,12 @@ def main():
     print("""
 llm-failover is up: Envoy on http://127.0.0.1:10000 (admin http://127.0.0.1:9901). Ctrl-C stops it.
 """)
-    if not real:
+    if not real and config.name == "routes.yaml":
+        print("""Try the named route (see README.md, "Coming from BricksLLM"):
+  curl -X POST 127.0.0.1:10000/api/routes/test/chat/completion -H 'Authorization: Bearer my-secret-key' \\
+       -H 'Content-Type: application/json' -d '{"messages": [{"role": "system", "content": "hi"}]}'
+""")
+    elif not real:
         print("""Try a failover (see README.md, "Try it"):
   curl -s -X POST 127.0.0.1:18001/__mock/script -d '[{"status": 429, "retry_after": "20", "repeat": 1}]'
   curl -si 127.0.0.1:10000/v1/chat/completions -H 'content-type: application/json' \\

@@ -47,6 +47,7 @@ WASM_REL = "dist/llm_failover.wasm"
 LOCAL = ROOT / "envoy" / "local.yaml"
 COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
+ROUTES = ROOT / "envoy" / "routes.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 ISTIO_DIR = ROOT / "deploy" / "istio"
@@ -180,7 +181,7 @@ def endpoint(cluster: dict) -> dict:
 
 
 def check_envoy_configs(report: Report):
-    for path in (LOCAL, COMPOSE_ENVOY, PRODUCTION):
+    for path in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES):
         with report.check(f"envoy --mode validate {rel(path)}"):
             need_envoy_ok(path)
 
@@ -562,7 +563,7 @@ def check_plugin_schema(report: Report):
 
     configs = shipped_plugin_configs()
     with report.check(f"every shipped plugin configuration ({len(configs)}) against {rel(CONFIG_SCHEMA)}"):
-        need(len(configs) >= 6, f"found only {[w for w, _ in configs]}")
+        need(len(configs) >= 7, f"found only {[w for w, _ in configs]}")
         bad = [f"{where}: {e}" for where, doc in configs for e in errors(doc)]
         need(not bad, "\n".join(bad))
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 fn key(name: &str, op: Operation, bytes: &[u8]) -> Option<cache::Digest> {
     let body = Body::parse(bytes.to_vec(), Keep::Document).ok()?;
-    cache::key(name, op, &body)
+    cache::key("", name, op, &body)
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -73,6 +73,18 @@ fuzz_target!(|data: &[u8]| {
     if let Some(cache) = &c.cache {
         assert!(!cache.ttl.is_zero() && cache.max_entries > 0 && cache.max_body_bytes > 0);
     }
+    for (i, r) in c.routes.iter().enumerate() {
+        assert!(r.path.starts_with('/') && !r.path.contains('?'));
+        assert!(c.routes[..i].iter().all(|o| o.path != r.path && o.name != r.name));
+        assert_eq!(c.route_for(&r.path), Some(i));
+        assert!(!r.steps.is_empty());
+        for (j, s) in r.steps.iter().enumerate() {
+            assert!(s.target < c.targets.len() && s.retries <= 10);
+            assert!(r.steps[..j].iter().all(|o| o.target != s.target));
+        }
+        let keys = c.keys.as_ref().map_or(0, Vec::len);
+        assert!(r.keys.iter().flatten().all(|&k| k < keys));
+    }
     // The same bytes always give the same configuration.
     assert_eq!(config::parse(data, &FuzzEnv).ok(), Some(c));
 });

@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
     let inspected = Body::parse(body.to_vec(), Keep::Document);
     if let Ok(b) = &inspected {
         // Whatever is accepted, the cache key can read.
-        assert!(cache::key("k", Operation::ChatCompletions, b).is_some());
+        assert!(cache::key("", "k", Operation::ChatCompletions, b).is_some());
     }
     let empty = Body::parse(b"{}".to_vec(), Keep::Typed).unwrap();
     let info = inspected.as_ref().unwrap_or(&empty);
@@ -98,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
         let Ok(before) = &inspected else { continue };
         let op = op.unwrap_or(Operation::ChatCompletions);
         let out = rewrite::body_for(t, op, before);
-        let body_model = provider::body_model(t, op, rewrite::model_for(t, before));
+        let body_model = provider::body_model(t, op, t.model.as_deref(), before.model.as_deref());
         if t.override_params.is_none() && (body_model.is_none() || body_model == before.model.as_deref()) {
             assert!(out.is_none());
             continue;

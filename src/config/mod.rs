@@ -157,9 +157,52 @@ pub struct GatewayKey {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheSettings {
+    /// Which cache: "" for the top-level one, the route's name for a route's (each has its own
+    /// slots in shared data).
+    pub scope: String,
     pub ttl: Duration,
     pub max_entries: u32,
     pub max_body_bytes: usize,
+}
+
+/// One target of a chain with the settings it has there: its own, or a route step's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Index into `Config::targets`.
+    pub target: usize,
+    pub retries: u32,
+    pub timeout: Duration,
+    /// The model sent instead of (or when the client sends none) the client's.
+    pub model: Option<String>,
+    pub override_params: Option<Map<String, Value>>,
+}
+
+impl Step {
+    /// A target with its own settings.
+    pub fn of(index: usize, target: &Target) -> Step {
+        Step {
+            target: index,
+            retries: target.retries,
+            timeout: target.timeout,
+            model: target.model.clone(),
+            override_params: target.override_params.clone(),
+        }
+    }
+}
+
+/// A named route (as BricksLLM's): requests on `path` are `operation`s down its own chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    /// Matched exactly, without the query string.
+    pub path: String,
+    pub operation: crate::operation::Operation,
+    /// In chain order; a target appears once.
+    pub steps: Vec<Step>,
+    /// This route's own cache (the top-level one is not used on routes).
+    pub cache: Option<CacheSettings>,
+    /// Indices into `Config::keys` of the gateway keys that may call it (`None`: every key).
+    pub keys: Option<Vec<usize>>,
 }
 
 /// The Responses API's affinity: which target created each response id.
@@ -180,7 +223,10 @@ pub struct Config {
     /// Every target in order (indices into `targets`): the chain of a request that no gateway
     /// key limits.
     pub chain: Vec<usize>,
+    /// Every target with its own settings, in order: the steps of a request on no route.
+    pub steps: Vec<Step>,
     pub keys: Option<Vec<GatewayKey>>,
+    pub routes: Vec<Route>,
     pub cache: Option<CacheSettings>,
     pub responses: ResponsesSettings,
     pub deadline: Duration,
@@ -194,6 +240,12 @@ impl Config {
 
     pub fn target_index(&self, name: &str) -> Option<usize> {
         self.targets.iter().position(|t| t.name == name)
+    }
+
+    /// The route whose path is `path` (without its query string), if any.
+    pub fn route_for(&self, path: &str) -> Option<usize> {
+        let path = crate::operation::path_only(path);
+        self.routes.iter().position(|r| r.path == path)
     }
 }
 

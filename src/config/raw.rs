@@ -34,6 +34,8 @@ pub struct RawConfig {
     /// The Responses API: how long and how many response ids are remembered with the target
     /// that created them.
     pub responses: Option<Obj<RawResponses>>,
+    /// Named routes: a request on a route's path is its operation, down its own chain.
+    pub routes: Option<Vec<Obj<RawRoute>>>,
     /// The most a client waits for the whole chain (default "120s").
     pub deadline: Option<Text<Dur>>,
     /// Larger request bodies get 413 (default 4194304, at most 67108864).
@@ -233,6 +235,86 @@ impl<'de, T: FromText> Deserialize<'de> for Text<T> {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Route"))]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique; appears in logs, stats (`route` label) and the access log (`llmf_route`).
+    #[cfg_attr(test, schemars(required))]
+    pub name: Option<String>,
+    /// The request path this route answers, matched exactly without the query string.
+    #[cfg_attr(test, schemars(required))]
+    pub path: Option<String>,
+    /// What a request on the path is.
+    #[cfg_attr(test, schemars(required))]
+    pub operation: Option<RawOperation>,
+    /// The route's chain: target names, or steps overriding a target's settings on this route.
+    #[cfg_attr(test, schemars(required))]
+    pub targets: Option<Vec<RawStep>>,
+    /// This route's response cache (chat routes only).
+    pub cache: Option<Obj<RawCache>>,
+    /// Names of the gateway keys that may call this route (default: every key).
+    pub keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Operation"))]
+#[serde(rename_all = "lowercase")]
+pub enum RawOperation {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+/// A target name, or a step object.
+#[derive(Debug)]
+pub enum RawStep {
+    Name(String),
+    Step(RawStepSettings),
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Step"))]
+#[serde(deny_unknown_fields)]
+pub struct RawStepSettings {
+    /// The target's name.
+    #[cfg_attr(test, schemars(required))]
+    pub target: Option<String>,
+    /// Extra attempts on this target on this route (default: the target's).
+    pub retries: Option<u32>,
+    /// Per attempt on this route (default: the target's).
+    pub timeout: Option<Text<Dur>>,
+    /// The model sent to this target on this route; fills in the model when the client sends
+    /// none.
+    pub model: Option<String>,
+    /// Object deep-merged into the request body on this route (default: the target's).
+    pub override_params: Option<Map<String, Value>>,
+}
+
+impl<'de> Deserialize<'de> for RawStep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct StepVisitor;
+        impl<'de> Visitor<'de> for StepVisitor {
+            type Value = RawStep;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a target name or a step object")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawStep, E> {
+                Ok(RawStep::Name(s.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawStep, A::Error> {
+                RawStepSettings::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawStep::Step)
+            }
+        }
+        d.deserialize_any(StepVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[cfg_attr(test, schemars(rename = "Responses"))]
 #[serde(deny_unknown_fields)]
 pub struct RawResponses {
@@ -331,6 +413,18 @@ mod schema {
         }
         fn json_schema(generator: &mut SchemaGenerator) -> Schema {
             Text::<Dur>::json_schema(generator)
+        }
+    }
+
+    impl JsonSchema for RawStep {
+        fn schema_name() -> Cow<'static, str> {
+            "StepOrName".into()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            let step = generator.subschema_for::<RawStepSettings>();
+            json_schema!({
+                "anyOf": [{"type": "string", "description": "A target's name."}, step]
+            })
         }
     }
 

@@ -462,3 +462,105 @@ fn a_schema_reference_for_editors_is_ignored() {
     v["$schema"] = json!("./docs/config.schema.json");
     assert_eq!(parse_value(&v).unwrap(), parse_value(&base()).unwrap());
 }
+
+/// A route as BricksLLM's guide writes it, and every mistake in one refused with its field.
+#[test]
+fn routes_are_checked_naming_the_field() {
+    fn route() -> Value {
+        json!({"name": "test", "path": "/api/routes/test/chat/completion", "operation": "chat",
+               "targets": [{"target": "openai", "retries": 2, "timeout": "10s", "model": "gpt-4"},
+                           {"target": "azure", "retries": 2, "timeout": "10s"}],
+               "cache": {"enabled": true, "ttl": "5s"}, "keys": ["app"]})
+    }
+    let with = |mutate: &dyn Fn(&mut Value)| {
+        let mut v = base();
+        v["keys"] = json!([{"name": "app", "key_env": "GW_KEY"}]);
+        v["routes"] = json!([route()]);
+        mutate(&mut v);
+        parse_value(&v)
+    };
+    let c = with(&|_| {}).unwrap();
+    let [r] = c.routes.as_slice() else {
+        panic!("{:?}", c.routes)
+    };
+    assert_eq!(r.path, "/api/routes/test/chat/completion");
+    assert_eq!(r.operation, crate::operation::Operation::ChatCompletions);
+    let steps: Vec<(usize, u32, Option<&str>)> = r
+        .steps
+        .iter()
+        .map(|s| (s.target, s.retries, s.model.as_deref()))
+        .collect();
+    assert_eq!(steps, vec![(0, 2, Some("gpt-4")), (1, 2, None)]);
+    assert_eq!(r.cache.as_ref().map(|c| c.scope.as_str()), Some("test"));
+    assert_eq!(r.keys, Some(vec![0]));
+
+    type Case = (&'static str, Box<dyn Fn(&mut Value)>);
+    let cases: Vec<Case> = vec![
+        (
+            "routes[0].targets[1].target: unknown target \"azur\"",
+            Box::new(|v| v["routes"][0]["targets"][1]["target"] = json!("azur")),
+        ),
+        (
+            "routes[0].targets[1]: unknown target \"azur\"",
+            Box::new(|v| v["routes"][0]["targets"][1] = json!("azur")),
+        ),
+        (
+            "routes[0].targets[1]: the target is already a step of this route",
+            Box::new(|v| v["routes"][0]["targets"][1] = json!("openai")),
+        ),
+        (
+            "routes[1].path: \"/api/routes/test/chat/completion\" is already the path of route \"test\"",
+            Box::new(|v| {
+                let mut other = route();
+                other["name"] = json!("other");
+                v["routes"].as_array_mut().unwrap().push(other);
+            }),
+        ),
+        (
+            "routes[0].path: must be a path starting with '/', without a query string (e.g. \"/api/routes/test/chat/completion\")",
+            Box::new(|v| v["routes"][0]["path"] = json!("api/routes/test")),
+        ),
+        (
+            "routes[0].operation: expected one of \"chat\", \"completions\", \"embeddings\", \"responses\", got \"images\"",
+            Box::new(|v| v["routes"][0]["operation"] = json!("images")),
+        ),
+        (
+            "routes[0].keys[0]: no key named \"nobody\"",
+            Box::new(|v| v["routes"][0]["keys"] = json!(["nobody"])),
+        ),
+        (
+            "routes[0].keys: the top-level `keys` is absent, so no request presents a gateway key (add `keys`)",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("keys");
+            }),
+        ),
+        (
+            "routes[0].cache: only chat routes are cached (responses are state, embeddings and completions are not cached)",
+            Box::new(|v| v["routes"][0]["operation"] = json!("embeddings")),
+        ),
+        (
+            "routes[0].targets[0].retries: at most 10 (use more targets instead)",
+            Box::new(|v| v["routes"][0]["targets"][0]["retries"] = json!(11)),
+        ),
+        (
+            "routes[0].targets[0].timeot: unknown field (expected one of `target`, `retries`, `timeout`, `model`, `override_params`)",
+            Box::new(|v| v["routes"][0]["targets"][0]["timeot"] = json!("1s")),
+        ),
+        (
+            "routes[0].targets: empty (at least one target)",
+            Box::new(|v| v["routes"][0]["targets"] = json!([])),
+        ),
+        (
+            "routes[0].name: missing",
+            Box::new(|v| {
+                v["routes"][0].as_object_mut().unwrap().remove("name");
+            }),
+        ),
+    ];
+    for (want, mutate) in cases {
+        match with(&*mutate) {
+            Ok(_) => panic!("accepted: {want}"),
+            Err(e) => assert_eq!(e.to_string(), want),
+        }
+    }
+}

@@ -55,9 +55,13 @@ impl Exchange {
     fn dispatch(&self, i: usize, timeout: Duration) -> Option<u32> {
         let t = self.target(i)?;
         let op = self.operation()?;
-        let address =
-            provider::address(t, Some(op), self.model_for(t), &self.request.client_path).ok()?;
-        let changed = self.body.as_ref().and_then(|b| rewrite::body_for(t, op, b));
+        let step = self.step(i)?;
+        let model = self.model_for(i);
+        let address = provider::address(t, Some(op), model, &self.request.client_path).ok()?;
+        let changed = self
+            .body
+            .as_ref()
+            .and_then(|b| rewrite::body_for_step(t, step, op, b));
         let body = changed
             .as_deref()
             .or(self.body.as_ref().map(Body::raw))

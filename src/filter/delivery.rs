@@ -34,7 +34,7 @@ impl Exchange {
             (TARGET_HEADER, name.as_str()),
             (ATTEMPTS_HEADER, attempts_text.as_str()),
         ];
-        if self.config().cache.is_some() {
+        if self.cache_settings().is_some() {
             ours.push((CACHE_HEADER, "miss"));
         }
         if let Some(rejection) =
@@ -93,7 +93,7 @@ impl Exchange {
         }
         host::set_header(map, ATTEMPTS_HEADER, Some(&attempts.to_string()));
         self.record_state(&name, attempts, false);
-        if self.config().cache.is_some() {
+        if self.cache_settings().is_some() {
             host::set_header(map, CACHE_HEADER, Some("miss"));
         }
     }
@@ -112,12 +112,12 @@ impl Exchange {
         if let Some(u) = tokens {
             self.rt.metrics.tokens(target, u);
         }
-        let (Some(settings), Some(digest)) = (&self.rt.config.cache, self.cache_key) else {
-            return;
-        };
         let (cached, content_type) = match body {
             Some((b, ct)) => (Some(b.to_vec()), ct.to_string()),
             None => (self.cache_body.take(), "application/json".to_string()),
+        };
+        let (Some(settings), Some(digest)) = (self.cache_settings(), self.cache_key) else {
+            return;
         };
         let Some(cached) = cached.filter(|b| b.len() <= settings.max_body_bytes && !b.is_empty())
         else {

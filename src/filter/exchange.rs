@@ -17,9 +17,10 @@ use super::metrics::Metrics;
 use crate::body::Body;
 use crate::cache::Digest;
 use crate::chain::Chain;
-use crate::config::{Config, Target};
+use crate::config::{CacheSettings, Config, Step, Target};
 use crate::forward::ClientHeaders;
 use crate::intake::{Access, Kind};
+use crate::plan;
 use crate::provider;
 use crate::reply::Rejection;
 use crate::usage::UsageScanner;
@@ -115,11 +116,17 @@ pub(super) struct Answer {
 pub(super) struct Request {
     pub id: String,
     pub kind: Option<Kind>,
+    /// The path the providers address: the client's, or on a route its operation's OpenAI
+    /// path (with the client's query string).
     pub client_path: String,
+    /// The `:path` as the client sent it.
+    pub sent_path: String,
     /// Client headers every callout carries.
     pub forwarded: Vec<(String, String)>,
     pub client_has: ClientHeaders,
     pub access: Option<Access>,
+    /// The named route the request is on (index into `Config::routes`).
+    pub route: Option<usize>,
     pub no_cache: bool,
 }
 
@@ -211,9 +218,40 @@ impl Exchange {
         self.body.as_ref().and_then(|b| b.model.as_deref())
     }
 
-    /// The model `t` is asked for: its own, else the client's.
-    pub(super) fn model_for<'a>(&'a self, t: &'a Target) -> Option<&'a str> {
-        t.model.as_deref().or(self.model())
+    /// The steps of this request's chain: its route's or every target's, without the targets
+    /// its gateway key may not use.
+    pub(super) fn steps(&self) -> Vec<&Step> {
+        plan::steps(&self.rt.config, self.request.route, self.targets())
+    }
+
+    /// Target `target` as a step of this request's chain.
+    pub(super) fn step(&self, target: usize) -> Option<&Step> {
+        let config = &self.rt.config;
+        match self.request.route.and_then(|r| config.routes.get(r)) {
+            Some(route) => route.steps.iter().find(|s| s.target == target),
+            None => config.steps.get(target),
+        }
+    }
+
+    /// The model target `target` is asked for: its step's, else the client's.
+    pub(super) fn model_for(&self, target: usize) -> Option<&str> {
+        self.step(target)
+            .and_then(|s| s.model.as_deref())
+            .or(self.model())
+    }
+
+    /// The cache this request's scope has (its route's, or the top-level one off routes).
+    pub(super) fn cache_settings(&self) -> Option<&CacheSettings> {
+        let config = &self.rt.config;
+        match self.request.route {
+            Some(r) => config.routes.get(r)?.cache.as_ref(),
+            None => config.cache.as_ref(),
+        }
+    }
+
+    pub(super) fn route_name(&self) -> Option<&str> {
+        let route = self.rt.config.routes.get(self.request.route?)?;
+        Some(&route.name)
     }
 
     /// The operation, for a request that is one.
@@ -241,10 +279,16 @@ impl Exchange {
 
     /// How every log line of this request starts.
     pub(super) fn tag(&self) -> String {
-        if self.request.id.is_empty() {
-            format!("[ctx={}]", self.context_id)
-        } else {
-            format!("[ctx={} req={}]", self.context_id, self.request.id)
+        let mut tag = format!("[ctx={}", self.context_id);
+        if !self.request.id.is_empty() {
+            tag.push_str(" req=");
+            tag.push_str(&self.request.id);
         }
+        if let Some(route) = self.route_name() {
+            tag.push_str(" route=");
+            tag.push_str(route);
+        }
+        tag.push(']');
+        tag
     }
 }

@@ -28,6 +28,7 @@ impl Exchange {
         };
         let kind = failure.as_ref().map(|f| f.kind);
         self.rt.metrics.attempt(
+            self.request.route,
             current,
             judge::status_class(answer.status, kind),
             now.saturating_sub(self.attempt_started_ms),
@@ -99,7 +100,7 @@ impl Exchange {
                 for s in skipped {
                     self.note_cooldown_skip(s);
                 }
-                self.rt.metrics.fallback(from, to);
+                self.rt.metrics.fallback(self.request.route, from, to);
                 log::info!(
                     "{} failover from={} to={} after {what} attempt={attempts}",
                     self.tag(),

@@ -11,6 +11,7 @@ use super::host;
 use crate::chain::Chain;
 use crate::forward::{self, ClientHeaders};
 use crate::intake::{self, Kind};
+use crate::operation;
 use crate::plan;
 use crate::reply::Rejection;
 
@@ -29,10 +30,21 @@ impl Exchange {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .unwrap_or("")
         };
-        let kind = intake::classify(text(":method"), text(":path"));
+        let route = intake::route_for(&self.rt.config, text(":method"), text(":path"));
+        let on_route = route.and_then(|i| self.rt.config.routes.get(i));
+        let kind = match on_route {
+            Some(r) => Kind::Operation(r.operation),
+            None => intake::classify(text(":method"), text(":path")),
+        };
         let held = matches!(kind, Kind::Operation(_));
         let r = &mut self.request;
-        r.client_path = text(":path").to_string();
+        r.route = route;
+        r.sent_path = text(":path").to_string();
+        // A route's requests reach their targets as the route's operation.
+        r.client_path = match on_route {
+            Some(route) => route.operation.openai_path(operation::query(text(":path"))),
+            None => text(":path").to_string(),
+        };
         r.id = intake::request_id(get("x-request-id"));
         r.no_cache = intake::bypasses_cache(get("cache-control"));
         r.client_has = ClientHeaders {
@@ -41,7 +53,12 @@ impl Exchange {
             accept_encoding: get("accept-encoding").is_some(),
         };
         r.kind = Some(kind.clone());
-        let access = intake::authorize(&self.rt.config, get("authorization"), get("api-key"));
+        let access = intake::authorize(
+            &self.rt.config,
+            on_route,
+            get("authorization"),
+            get("api-key"),
+        );
         for (name, value) in headers {
             if forward::forwarded_to_callouts(&name) {
                 if let Ok(v) = String::from_utf8(value) {
@@ -49,10 +66,20 @@ impl Exchange {
                 }
             }
         }
-        self.rt.metrics.request();
+        self.rt.metrics.request(route);
+        if let Some(name) = self.route_name() {
+            host::set_filter_state("llm_failover.route", name);
+        }
 
         match access {
             Ok(access) => self.request.access = Some(access),
+            Err(rejection @ Rejection::Forbidden { .. }) => {
+                log::info!(
+                    "{} rejected: the gateway key may not use this route",
+                    self.tag()
+                );
+                return self.reject(&rejection);
+            }
             Err(rejection) => {
                 log::info!("{} rejected: missing or invalid gateway key", self.tag());
                 return self.reject(&rejection);

@@ -1,5 +1,7 @@
-//! Envoy stats. Names carry their labels as `.target.<name>`, `.status.<class>`, `.from.<a>.to.<b>`
-//! segments; the shipped `stats_config` turns them into Prometheus labels.
+//! Envoy stats. Names carry their labels as `.route.<r>`, `.target.<name>`, `.status.<class>`,
+//! `.from.<a>.to.<b>` segments; the shipped `stats_config` turns them into Prometheus labels. A
+//! request on a route is counted in the route's series (`route` label), any other in the series
+//! without one; the unlabelled totals count both.
 
 use proxy_wasm::types::MetricType;
 
@@ -11,8 +13,15 @@ use crate::usage::Usage;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 
+const REJECTIONS: [&str; 5] = [
+    "invalid_api_key",
+    "permission_denied",
+    "request_too_large",
+    "invalid_request_body",
+    "model_not_available",
+];
+
 struct TargetMetrics {
-    attempts: Vec<Option<u32>>,
     retries: Option<u32>,
     cooldown_skips: Option<u32>,
     cooldowns_started: Option<u32>,
@@ -23,24 +32,71 @@ struct TargetMetrics {
     completion_tokens: Option<u32>,
 }
 
-pub struct Metrics {
+/// The series of one scope: the plain paths (no `route` label) or one route.
+struct Scoped {
     requests: Option<u32>,
-    exhausted: Option<u32>,
-    budget_spent: Option<u32>,
     cache_hits: Option<u32>,
     cache_misses: Option<u32>,
+    /// `[target * STATUS_CLASSES.len() + class]`
+    attempts: Vec<Option<u32>>,
+    /// `[from * n + to]`
+    fallbacks: Vec<Option<u32>>,
+}
+
+pub struct Metrics {
+    totals: Scoped,
+    exhausted: Option<u32>,
+    budget_spent: Option<u32>,
     retries: Option<u32>,
     fallbacks: Option<u32>,
     attempts: Option<u32>,
     affinity_pins: Option<u32>,
     targets: Vec<TargetMetrics>,
-    /// `[from * n + to]`
-    fallback_pairs: Vec<Option<u32>>,
-    rejected: Vec<(&'static str, Option<u32>)>,
+    /// Index 0: the plain paths; 1 + r: route r.
+    scopes: Vec<Scoped>,
+    rejected: Vec<Option<u32>>,
 }
 
 fn counter(name: &str) -> Option<u32> {
     host::define(MetricType::Counter, &format!("llm_failover.{name}"))
+}
+
+impl Scoped {
+    /// `label`: "" for the plain paths, `route.<name>.` for a route.
+    fn define(label: &str, names: &[&str]) -> Scoped {
+        let attempts = names
+            .iter()
+            .flat_map(|t| {
+                STATUS_CLASSES
+                    .iter()
+                    .map(move |c| counter(&format!("attempts.{label}target.{t}.status.{c}")))
+            })
+            .collect();
+        let fallbacks = names
+            .iter()
+            .flat_map(|from| {
+                names.iter().map(move |to| {
+                    (from != to)
+                        .then(|| counter(&format!("fallbacks.{label}from.{from}.to.{to}")))?
+                })
+            })
+            .collect();
+        let label = label.trim_end_matches('.');
+        let scoped = |name: &str| {
+            if label.is_empty() {
+                None
+            } else {
+                counter(&format!("{name}.{label}"))
+            }
+        };
+        Scoped {
+            requests: scoped("requests"),
+            cache_hits: scoped("cache_hits"),
+            cache_misses: scoped("cache_misses"),
+            attempts,
+            fallbacks,
+        }
+    }
 }
 
 impl Metrics {
@@ -49,10 +105,6 @@ impl Metrics {
         let targets = names
             .iter()
             .map(|t| TargetMetrics {
-                attempts: STATUS_CLASSES
-                    .iter()
-                    .map(|c| counter(&format!("attempts.target.{t}.status.{c}")))
-                    .collect(),
                 retries: counter(&format!("retries.target.{t}")),
                 cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
                 cooldowns_started: counter(&format!("cooldowns.target.{t}")),
@@ -66,59 +118,54 @@ impl Metrics {
                 completion_tokens: counter(&format!("tokens.target.{t}.kind.completion")),
             })
             .collect();
-        let mut fallback_pairs = Vec::with_capacity(names.len() * names.len());
-        for from in &names {
-            for to in &names {
-                fallback_pairs.push(if from == to {
-                    None
-                } else {
-                    counter(&format!("fallbacks.from.{from}.to.{to}"))
-                });
-            }
+        let mut scopes = vec![Scoped::define("", &names)];
+        for r in &config.routes {
+            scopes.push(Scoped::define(&format!("route.{}.", r.name), &names));
         }
-        let rejected = [
-            "invalid_api_key",
-            "request_too_large",
-            "invalid_request_body",
-            "model_not_available",
-        ]
-        .into_iter()
-        .map(|code| (code, counter(&format!("rejected.reason.{code}"))))
-        .collect();
         Metrics {
-            requests: counter("requests"),
+            totals: Scoped {
+                requests: counter("requests"),
+                cache_hits: counter("cache_hits"),
+                cache_misses: counter("cache_misses"),
+                attempts: Vec::new(),
+                fallbacks: Vec::new(),
+            },
             exhausted: counter("exhausted"),
             budget_spent: counter("deadline_exceeded"),
-            cache_hits: counter("cache_hits"),
-            cache_misses: counter("cache_misses"),
             retries: counter("retries"),
             fallbacks: counter("fallbacks"),
             attempts: counter("attempts"),
             affinity_pins: counter("affinity_pins"),
             targets,
-            fallback_pairs,
-            rejected,
+            scopes,
+            rejected: REJECTIONS
+                .iter()
+                .map(|code| counter(&format!("rejected.reason.{code}")))
+                .collect(),
         }
     }
 
-    fn target(&self, i: usize) -> Option<&TargetMetrics> {
-        self.targets.get(i)
-    }
-
     fn per_target(&self, i: usize, counter: impl Fn(&TargetMetrics) -> Option<u32>, by: u64) {
-        host::increment(self.target(i).and_then(counter), by);
+        host::increment(self.targets.get(i).and_then(counter), by);
     }
 
-    pub fn request(&self) {
-        host::increment(self.requests, 1);
+    fn scope(&self, route: Option<usize>) -> Option<&Scoped> {
+        self.scopes.get(route.map_or(0, |r| r + 1))
     }
 
-    pub fn cache_hit(&self) {
-        host::increment(self.cache_hits, 1);
+    pub fn request(&self, route: Option<usize>) {
+        host::increment(self.totals.requests, 1);
+        host::increment(self.scope(route).and_then(|s| s.requests), 1);
     }
 
-    pub fn cache_miss(&self) {
-        host::increment(self.cache_misses, 1);
+    pub fn cache_hit(&self, route: Option<usize>) {
+        host::increment(self.totals.cache_hits, 1);
+        host::increment(self.scope(route).and_then(|s| s.cache_hits), 1);
+    }
+
+    pub fn cache_miss(&self, route: Option<usize>) {
+        host::increment(self.totals.cache_misses, 1);
+        host::increment(self.scope(route).and_then(|s| s.cache_misses), 1);
     }
 
     pub fn retry(&self, target: usize) {
@@ -158,27 +205,37 @@ impl Metrics {
         self.per_target(target, |m| m.completion_tokens, usage.completion);
     }
 
-    pub fn attempt(&self, target: usize, class: &str, latency_ms: u64) {
+    pub fn attempt(&self, route: Option<usize>, target: usize, class: &str, latency_ms: u64) {
         host::increment(self.attempts, 1);
-        if let Some(t) = self.targets.get(target) {
-            let i = STATUS_CLASSES
-                .iter()
-                .position(|c| *c == class)
-                .unwrap_or(STATUS_CLASSES.len() - 1);
-            host::increment(t.attempts.get(i).copied().flatten(), 1);
-            host::record(t.latency_ms, latency_ms);
-        }
+        let class = STATUS_CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .unwrap_or(STATUS_CLASSES.len() - 1);
+        let at = target * STATUS_CLASSES.len() + class;
+        host::increment(
+            self.scope(route)
+                .and_then(|s| s.attempts.get(at).copied().flatten()),
+            1,
+        );
+        host::record(
+            self.targets.get(target).and_then(|t| t.latency_ms),
+            latency_ms,
+        );
     }
 
-    pub fn fallback(&self, from: usize, to: usize) {
+    pub fn fallback(&self, route: Option<usize>, from: usize, to: usize) {
         host::increment(self.fallbacks, 1);
-        let n = self.targets.len();
-        host::increment(self.fallback_pairs.get(from * n + to).copied().flatten(), 1);
+        let at = from * self.targets.len() + to;
+        host::increment(
+            self.scope(route)
+                .and_then(|s| s.fallbacks.get(at).copied().flatten()),
+            1,
+        );
     }
 
     pub fn rejected(&self, code: &str) {
-        if let Some((_, id)) = self.rejected.iter().find(|(c, _)| *c == code) {
-            host::increment(*id, 1);
+        if let Some(i) = REJECTIONS.iter().position(|c| *c == code) {
+            host::increment(self.rejected.get(i).copied().flatten(), 1);
         }
     }
 }

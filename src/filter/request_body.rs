@@ -33,8 +33,10 @@ impl Exchange {
             return Action::Pause;
         }
         let raw = host::buffer(BufferType::HttpRequestBody, body_size);
-        let cacheable = plan::cacheable(self.config(), op, self.request.no_cache);
-        let keep = plan::keep(self.config(), self.targets(), op, cacheable);
+        let config = &self.rt.config;
+        let cacheable =
+            plan::cache(config, self.request.route, op, self.request.no_cache).is_some();
+        let keep = plan::keep(config, &self.steps(), op, cacheable);
         match Body::parse(raw, keep) {
             Ok(body) => self.body = Some(body),
             Err(reason) => {
@@ -55,8 +57,8 @@ impl Exchange {
             return Action::Continue;
         };
         let config = &self.rt.config;
-        let (mut hops, skipped) =
-            plan::hops(config, self.targets(), op, &self.request.client_path, body);
+        let steps = self.steps();
+        let (mut hops, skipped) = plan::hops(config, &steps, op, &self.request.client_path, body);
         for skip in &skipped {
             log::info!(
                 "{} skip target={} reason={} model={}",
@@ -98,10 +100,14 @@ impl Exchange {
             self.note_cooldown_skip(skipped);
         }
         self.chain = Some(chain);
-        let new_body = self
-            .target(first.target)
-            .zip(self.body.as_ref())
-            .and_then(|(t, body)| rewrite::body_for(t, op, body));
+        let new_body = match (
+            self.target(first.target),
+            self.step(first.target),
+            &self.body,
+        ) {
+            (Some(t), Some(step), Some(body)) => rewrite::body_for_step(t, step, op, body),
+            _ => None,
+        };
         let replaced =
             new_body.filter(|b| host::replace_buffer(BufferType::HttpRequestBody, body_size, b));
         self.address_routed(first.target, Some(first.timeout));
@@ -123,22 +129,22 @@ impl Exchange {
     fn answer_from_cache(&mut self, op: Operation, now: u64) -> bool {
         let config = &self.rt.config;
         let (Some(settings), Some(body), Some(access)) =
-            (&config.cache, &self.body, self.request.access)
+            (self.cache_settings(), &self.body, self.request.access)
         else {
             return false;
         };
         if body.stream {
             return false;
         }
-        let Some(digest) = cache::key(access.key_name(config), op, body) else {
+        let Some(digest) = cache::key(&settings.scope, access.key_name(config), op, body) else {
             return false;
         };
         let Some(entry) = shared::cache_get(settings, &digest, now) else {
-            self.rt.metrics.cache_miss();
+            self.rt.metrics.cache_miss(self.request.route);
             self.cache_key = Some(digest);
             return false;
         };
-        self.rt.metrics.cache_hit();
+        self.rt.metrics.cache_hit(self.request.route);
         log::debug!("{} cache hit target={}", self.tag(), entry.target);
         self.phase = Phase::Replied;
         let headers = [

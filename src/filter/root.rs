@@ -27,7 +27,8 @@ pub struct Root {
     /// entries at most: retries whose wait ended in the last tick).
     callouts: Vec<(u32, u32, Weak<RefCell<Exchange>>)>,
     ticks: u32,
-    cache_sweep: Sweep,
+    /// One per cache: the top-level one first (if any), then the routes' in order.
+    cache_sweeps: Vec<Sweep>,
     affinity_sweep: Sweep,
 }
 
@@ -53,7 +54,7 @@ impl Root {
             timers: Rc::new(RefCell::new(Timers::default())),
             callouts: Vec::new(),
             ticks: 0,
-            cache_sweep: Sweep::default(),
+            cache_sweeps: Vec::new(),
             affinity_sweep: Sweep::default(),
         }
     }
@@ -98,8 +99,10 @@ impl Root {
         let Some(rt) = self.runtime.clone() else {
             return;
         };
-        if let Some(cache) = &rt.config.cache {
-            shared::cache_sweep(self.cache_sweep.next(cache.max_entries), now);
+        let caches = rt.config.cache.iter();
+        let caches = caches.chain(rt.config.routes.iter().filter_map(|r| r.cache.as_ref()));
+        for (cache, sweep) in caches.zip(self.cache_sweeps.iter_mut()) {
+            shared::cache_sweep(&cache.scope, sweep.next(cache.max_entries), now);
         }
         let slots = rt.config.responses.max_affinity_entries;
         shared::affinity_sweep(self.affinity_sweep.next(slots), now);
@@ -175,6 +178,9 @@ impl RootContext for Root {
                     .collect();
                 let chain = chain.join(" -> ");
                 log::info!("configured {} target(s): {chain}", config.targets.len());
+                let caches = usize::from(config.cache.is_some())
+                    + config.routes.iter().filter(|r| r.cache.is_some()).count();
+                self.cache_sweeps = (0..caches).map(|_| Sweep::default()).collect();
                 self.runtime = Some(Rc::new(Runtime::new(config)));
                 host::set_tick_period(TICK);
                 true

@@ -26,7 +26,7 @@ impl Exchange {
         let path = &self.request.client_path;
         let address = match &self.request.kind {
             Some(Kind::Resource(resource)) => Ok(provider::resource_address(t, resource, path)),
-            _ => provider::address(t, op, self.model_for(t), path),
+            _ => provider::address(t, op, self.model_for(i), path),
         };
         let (Ok(address), Some(&(name, ref value))) = (address, self.rt.credentials.get(i)) else {
             // Not expected (the plan leaves out what cannot be addressed); the cluster is set
@@ -44,7 +44,7 @@ impl Exchange {
             cluster: &t.cluster,
             credential: (name, value.as_str()),
             address: &address,
-            client_path: &self.request.client_path,
+            client_path: &self.request.sent_path,
             timeout_ms: timeout_ms.as_deref(),
             operation: op.is_some(),
         };
@@ -145,6 +145,7 @@ impl Exchange {
         let now = self.now();
         if let Some(target) = self.current_target() {
             self.rt.metrics.attempt(
+                self.request.route,
                 target,
                 judge::status_class(status, None),
                 now.saturating_sub(self.attempt_started_ms),
@@ -180,7 +181,7 @@ impl Exchange {
 
     /// Looks at a passing chunk of a successful routed response: token usage and the cache copy.
     fn observe_chunk(&mut self, body_size: usize, end_of_stream: bool) {
-        let max_cache = self.config().cache.as_ref().map_or(0, |c| c.max_body_bytes);
+        let max_cache = self.cache_settings().map_or(0, |c| c.max_body_bytes);
         if let Some(buf) = &mut self.cache_body {
             if buf.len() + body_size > max_cache {
                 self.cache_body = None;

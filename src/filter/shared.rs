@@ -52,21 +52,28 @@ pub fn record_success(target: &str) {
     }
 }
 
+fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {
+    cache::slot_key_in(&settings.scope, cache::slot(digest, settings.max_entries))
+}
+
 pub fn cache_get(settings: &CacheSettings, digest: &Digest, now_ms: u64) -> Option<Entry> {
-    let (bytes, _) = host::shared_get(&cache::slot_key(cache::slot(digest, settings.max_entries)));
+    let (bytes, _) = host::shared_get(&cache_slot_key(settings, digest));
     cache::lookup(&bytes?, digest, now_ms)
 }
 
 /// Stores an entry in its slot unless another worker wrote the slot meanwhile (then theirs wins).
 pub fn cache_put(settings: &CacheSettings, entry: &Entry) {
-    let key = cache::slot_key(cache::slot(&entry.digest, settings.max_entries));
+    let key = cache_slot_key(settings, &entry.digest);
     let (_, cas) = host::shared_get(&key);
     let _ = host::shared_set(&key, &entry.encode(), cas);
 }
 
-/// Empties expired cache slots in `range`; the sweep walks all slots a chunk per tick.
-pub fn cache_sweep(range: std::ops::Range<u32>, now_ms: u64) {
-    sweep(range, now_ms, cache::slot_key, Entry::expiry);
+/// Empties expired slots in `range` of the cache of `scope`; the sweep walks all slots a chunk
+/// per tick.
+pub fn cache_sweep(scope: &str, range: std::ops::Range<u32>, now_ms: u64) {
+    for slot in range {
+        expire(&cache::slot_key_in(scope, slot), now_ms, Entry::expiry);
+    }
 }
 
 /// The target that created response `id`, if known and not expired.
@@ -85,24 +92,19 @@ pub fn affinity_put(settings: &ResponsesSettings, owner: &Owner) {
 
 /// Empties expired affinity slots in `range`.
 pub fn affinity_sweep(range: std::ops::Range<u32>, now_ms: u64) {
-    sweep(range, now_ms, affinity::slot_key, Owner::expiry);
+    for slot in range {
+        expire(&affinity::slot_key(slot), now_ms, Owner::expiry);
+    }
 }
 
-fn sweep(
-    range: std::ops::Range<u32>,
-    now_ms: u64,
-    slot_key: fn(u32) -> String,
-    expiry: fn(&[u8]) -> Option<u64>,
-) {
-    for slot in range {
-        let key = slot_key(slot);
-        let (bytes, cas) = host::shared_get(&key);
-        let expired = bytes
-            .as_deref()
-            .and_then(expiry)
-            .is_some_and(|exp| exp <= now_ms);
-        if expired {
-            let _ = host::shared_set(&key, &[], cas);
-        }
+/// Empties the slot at `key` if what it holds has expired.
+fn expire(key: &str, now_ms: u64, expiry: fn(&[u8]) -> Option<u64>) {
+    let (bytes, cas) = host::shared_get(key);
+    let expired = bytes
+        .as_deref()
+        .and_then(expiry)
+        .is_some_and(|exp| exp <= now_ms);
+    if expired {
+        let _ = host::shared_set(key, &[], cas);
     }
 }

@@ -65,17 +65,21 @@ pub fn resource_address(target: &Target, resource: &Resource, client_path: &str)
     }
 }
 
-/// The model a target's body must carry for `op` (`None`: the client's, unchanged): an Azure
-/// target addressed by its v1 API, or by the Responses API, names the deployment in the body;
-/// any other target its own `model`, if it sets one.
+/// The model a target's body must carry for `op` (`None`: the client's, unchanged), given the
+/// model its step sets (a route step's, or the target's own) and the client's: an Azure target
+/// addressed by its v1 API, or by the Responses API, names the deployment of the model asked;
+/// any other target the step's model, if it sets one.
 pub fn body_model<'a>(
     target: &'a Target,
     op: Operation,
-    model: Option<&'a str>,
+    step_model: Option<&'a str>,
+    client_model: Option<&'a str>,
 ) -> Option<&'a str> {
     match &target.azure {
-        Some(azure) if azure::deployment_in_body(azure, op) => azure.deployment_for(model),
-        _ => target.model.as_deref(),
+        Some(azure) if azure::deployment_in_body(azure, op) => {
+            azure.deployment_for(step_model.or(client_model))
+        }
+        _ => step_model,
     }
 }
 
@@ -298,7 +302,7 @@ mod tests {
             ),
         ];
         for (i, op, model, want) in cases {
-            assert_eq!(body_model(&t[i], op, model), want, "{i} {op:?}");
+            assert_eq!(body_model(&t[i], op, None, model), want, "{i} {op:?}");
         }
     }
 
