@@ -95,6 +95,28 @@ pub struct Chain {
     failed_over: bool,
 }
 
+/// Whether a target may take an attempt now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Ready,
+    /// Spilled over (about to be rate-limited): passed over while another target is ready, but
+    /// tried when it is the only one left.
+    Avoid,
+    /// Cooling down: passed over on a failover; at the start of a chain it is tried only when
+    /// every target is cooling (a request is never refused because of cooldowns).
+    Skip,
+}
+
+impl Availability {
+    fn from_cooling(cooling: bool) -> Availability {
+        if cooling {
+            Availability::Skip
+        } else {
+            Availability::Ready
+        }
+    }
+}
+
 /// The first attempt of a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirstAttempt {
@@ -114,9 +136,24 @@ impl Chain {
         max_retry_wait: Duration,
         cooling: impl Fn(usize) -> bool,
     ) -> Option<(Chain, FirstAttempt)> {
-        let first_ready = hops.iter().position(|h| !cooling(h.target));
-        let pos = first_ready.unwrap_or(0);
-        let skipped = match first_ready {
+        let availability = |t| Availability::from_cooling(cooling(t));
+        Chain::start_with(hops, now_ms, deadline, max_retry_wait, availability)
+    }
+
+    /// [`Chain::start`] with each target's [`Availability`]: the first ready hop; else the
+    /// first avoided one; else the first hop (every target cooling).
+    pub fn start_with(
+        hops: Vec<Hop>,
+        now_ms: u64,
+        deadline: Duration,
+        max_retry_wait: Duration,
+        availability: impl Fn(usize) -> Availability,
+    ) -> Option<(Chain, FirstAttempt)> {
+        let states: Vec<Availability> = hops.iter().map(|h| availability(h.target)).collect();
+        let first = |want| states.iter().position(|s| *s == want);
+        let chosen = first(Availability::Ready).or_else(|| first(Availability::Avoid));
+        let pos = chosen.unwrap_or(0);
+        let skipped = match chosen {
             Some(p) => hops.iter().take(p).map(|h| h.target).collect(),
             None => Vec::new(),
         };
@@ -183,6 +220,17 @@ impl Chain {
         now_ms: u64,
         cooling: impl Fn(usize) -> bool,
     ) -> (Step, Option<NoRetry>) {
+        self.next_with(outcome, now_ms, |t| Availability::from_cooling(cooling(t)))
+    }
+
+    /// [`Chain::next`] with each target's [`Availability`]: a failover goes to the next ready
+    /// hop; else to the next avoided one; cooling hops are passed over.
+    pub fn next_with(
+        &mut self,
+        outcome: &Outcome,
+        now_ms: u64,
+        availability: impl Fn(usize) -> Availability,
+    ) -> (Step, Option<NoRetry>) {
         let failure = match outcome {
             Outcome::Delivered => return (Step::Deliver, None),
             Outcome::Failed(f) => f,
@@ -215,12 +263,19 @@ impl Chain {
                 no_retry = Some(NoRetry::RetryAfterOverBudget);
             }
         }
-        let mut skipped = Vec::new();
-        for (i, next) in self.hops.iter().enumerate().skip(self.pos + 1) {
-            if cooling(next.target) {
-                skipped.push(next.target);
-                continue;
-            }
+        let rest: Vec<(usize, Availability)> = (self.pos + 1..self.hops.len())
+            .filter_map(|i| self.hops.get(i).map(|h| (i, availability(h.target))))
+            .collect();
+        let pick = |want| rest.iter().find(|(_, s)| *s == want).map(|(i, _)| *i);
+        if let Some(i) = pick(Availability::Ready).or_else(|| pick(Availability::Avoid)) {
+            let skipped = rest
+                .iter()
+                .filter(|(j, _)| *j < i)
+                .filter_map(|(j, _)| self.hops.get(*j).map(|h| h.target))
+                .collect();
+            let Some(next) = self.hops.get(i) else {
+                return (Step::GiveUp(GiveUpReason::Exhausted), no_retry);
+            };
             self.pos = i;
             self.tries_here = 1;
             self.attempts += 1;
@@ -376,6 +431,43 @@ mod tests {
         let mut c = start(&[(0, 0, 10), (1, 0, 10)], 60);
         assert_eq!(
             c.next(&status(500), 0, |t| t == 1).0,
+            Step::GiveUp(GiveUpReason::Exhausted)
+        );
+    }
+
+    #[test]
+    fn a_spilled_target_is_avoided_while_another_is_ready_and_tried_when_it_is_the_last() {
+        use Availability::*;
+        let states = |s: [Availability; 3]| move |t: usize| s[t];
+        let spec = [(0, 0, 10), (1, 0, 10), (2, 0, 10)];
+        // At the start: the first ready; else the first avoided; else the first.
+        let first = |s| {
+            Chain::start_with(hops(&spec), 0, 60 * S, 5 * S, states(s))
+                .unwrap()
+                .1
+        };
+        assert_eq!(first([Avoid, Ready, Ready]).target, 1);
+        assert_eq!(first([Avoid, Ready, Ready]).skipped, vec![0]);
+        assert_eq!(first([Skip, Avoid, Skip]).target, 1);
+        assert_eq!(first([Skip, Skip, Skip]).target, 0);
+        // On a failover: the next ready, else the next avoided; cooling ones never.
+        let after = |s| {
+            let mut c = Chain::start_with(hops(&spec), 0, 60 * S, 5 * S, |_| Ready)
+                .unwrap()
+                .0;
+            c.next_with(&status(503), 0, states(s)).0
+        };
+        let failover = |to, skipped: Vec<usize>| Step::Failover {
+            from: 0,
+            to,
+            timeout: 10 * S,
+            skipped,
+        };
+        assert_eq!(after([Ready, Avoid, Ready]), failover(2, vec![1]));
+        assert_eq!(after([Ready, Avoid, Skip]), failover(1, vec![]));
+        assert_eq!(after([Ready, Skip, Avoid]), failover(2, vec![1]));
+        assert_eq!(
+            after([Ready, Skip, Skip]),
             Step::GiveUp(GiveUpReason::Exhausted)
         );
     }

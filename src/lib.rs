@@ -11,6 +11,7 @@
 
 pub mod affinity;
 pub mod auth;
+pub mod balance;
 pub mod body;
 pub mod cache;
 pub mod chain;
@@ -27,6 +28,7 @@ pub mod provider;
 pub mod reply;
 pub mod retry_after;
 pub mod rewrite;
+pub mod spillover;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

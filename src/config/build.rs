@@ -37,6 +37,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
 
 fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     let strategy = raw.strategy.map(|s| s.0);
+    let loadbalance = strategy.as_ref().and_then(|s| s.mode) == Some(Mode::Loadbalance);
     let (on_status_codes, failover_on_content_filter, max_retry_wait) =
         strategy_settings(strategy)?;
 
@@ -95,6 +96,26 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         Some(Obj(c)) => cache(c, "cache", "")?,
     };
     let routes = routes(raw.routes.unwrap_or_default(), &targets, keys.as_deref())?;
+    if loadbalance {
+        if targets.iter().all(|t| t.weight == 0) {
+            return Err(ConfigError::new(
+                "targets",
+                "no target has a weight above 0 for strategy.mode \"loadbalance\"",
+            ));
+        }
+        for (i, r) in routes.iter().enumerate() {
+            let weighed = r
+                .steps
+                .iter()
+                .any(|s| targets.get(s.target).is_some_and(|t| t.weight > 0));
+            if !weighed {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].targets"),
+                    "no step's target has a weight above 0 for strategy.mode \"loadbalance\"",
+                ));
+            }
+        }
+    }
     let responses = responses(raw.responses.map(|Obj(r)| r))?;
     let deadline = duration(raw.deadline, DEFAULT_DEADLINE);
     let max_request_body_bytes = match raw.max_request_body_bytes {
@@ -103,6 +124,7 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     };
 
     Ok(Config {
+        loadbalance,
         on_status_codes,
         failover_on_content_filter,
         max_retry_wait,
@@ -151,12 +173,6 @@ fn strategy_settings(s: Option<RawStrategy>) -> Result<(Vec<u16>, bool, Duration
         failover_on_content_filter: None,
         max_retry_wait: None,
     });
-    if s.mode == Some(Mode::Loadbalance) {
-        return Err(ConfigError::new(
-            "strategy.mode",
-            "\"loadbalance\" is not supported yet; use \"fallback\"",
-        ));
-    }
     let codes = match s.on_status_codes {
         None => std::iter::once(429).chain(500..=599).collect(),
         Some(codes) if codes.is_empty() => {
@@ -270,6 +286,21 @@ fn target(raw: RawTarget, field: &str, env: &dyn Env) -> Result<Target, ConfigEr
         ));
     }
     let cooldown = cooldown(raw.cooldown, &at("cooldown"))?;
+    let spillover = match raw.spillover {
+        None => None,
+        Some(Obj(s)) => {
+            if s.min_remaining_requests.is_none() && s.min_remaining_tokens.is_none() {
+                return Err(ConfigError::new(
+                    at("spillover"),
+                    "set min_remaining_requests, min_remaining_tokens or both",
+                ));
+            }
+            Some(Spillover {
+                min_remaining_requests: s.min_remaining_requests,
+                min_remaining_tokens: s.min_remaining_tokens,
+            })
+        }
+    };
 
     Ok(Target {
         name,
@@ -283,6 +314,8 @@ fn target(raw: RawTarget, field: &str, env: &dyn Env) -> Result<Target, ConfigEr
         override_params: raw.override_params,
         azure,
         cooldown,
+        weight: raw.weight.unwrap_or(1),
+        spillover,
     })
 }
 

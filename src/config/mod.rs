@@ -139,6 +139,16 @@ pub struct Target {
     pub override_params: Option<Map<String, Value>>,
     pub azure: Option<AzureSettings>,
     pub cooldown: Option<Cooldown>,
+    /// Share of first attempts under load balancing (0: only ever a fallback).
+    pub weight: u32,
+    pub spillover: Option<Spillover>,
+}
+
+/// When a target is skipped before it starts answering 429 (its answers' rate-limit headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spillover {
+    pub min_remaining_requests: Option<u64>,
+    pub min_remaining_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +226,8 @@ pub struct ResponsesSettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// `strategy.mode: "loadbalance"`: first attempts spread by weight.
+    pub loadbalance: bool,
     pub on_status_codes: Vec<u16>,
     pub failover_on_content_filter: bool,
     pub max_retry_wait: Duration,

@@ -47,7 +47,9 @@ pub struct RawConfig {
 #[cfg_attr(test, schemars(rename = "Strategy"))]
 #[serde(deny_unknown_fields)]
 pub struct RawStrategy {
-    /// "fallback": the ordered chain.
+    /// "fallback" (default): the ordered chain. "loadbalance": the first attempt goes to a
+    /// target picked at random in proportion to its `weight`; the others, in order, are its
+    /// fallbacks.
     pub mode: Option<Mode>,
     /// Upstream statuses that count as failure (default 429 and 500-599).
     pub on_status_codes: Option<Vec<u16>>,
@@ -117,6 +119,22 @@ pub struct RawTarget {
     pub deployment: Option<String>,
     /// Circuit breaker shared by all workers: false disables it, an object tunes it.
     pub cooldown: Option<RawCooldownSwitch>,
+    /// Share of first attempts under "loadbalance" (default 1; 0: only ever a fallback).
+    pub weight: Option<u32>,
+    /// Skip this target before it starts answering 429: when an answer reports fewer remaining
+    /// requests or tokens than these, until the reported reset time.
+    pub spillover: Option<Obj<RawSpillover>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Spillover"))]
+#[serde(deny_unknown_fields)]
+pub struct RawSpillover {
+    /// Spill over when `x-ratelimit-remaining-requests` is below this.
+    pub min_remaining_requests: Option<u64>,
+    /// Spill over when `x-ratelimit-remaining-tokens` is below this.
+    pub min_remaining_tokens: Option<u64>,
 }
 
 /// `true`/`false`, or the policy as an object.

@@ -100,6 +100,9 @@ impl Exchange {
             self.now() / 1000,
         );
         let body = host::buffer(BufferType::HttpCallResponseBody, body_size);
+        if let Some(target) = self.current_target() {
+            self.record_limits(target, &headers, self.now());
+        }
         let answer = Answer {
             status,
             content_type,

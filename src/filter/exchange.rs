@@ -6,7 +6,7 @@
 //! `delivery` (what the client gets), `health` (cooldowns) and `affinity` (who owns a Responses
 //! API id).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ pub struct Runtime {
     pub metrics: Metrics,
     /// Credential header of each target, built once.
     pub credentials: Vec<(&'static str, String)>,
+    /// Load balancing's random source (one per VM, so per worker).
+    pub rng: RefCell<fastrand::Rng>,
 }
 
 impl Runtime {
@@ -45,6 +47,7 @@ impl Runtime {
             config,
             metrics,
             credentials,
+            rng: RefCell::new(fastrand::Rng::new()),
         }
     }
 }

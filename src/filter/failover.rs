@@ -35,7 +35,7 @@ impl Exchange {
         );
         self.record_health(current, failure.as_ref(), now);
 
-        let (step, no_retry) = chain.next(&outcome, now, |t| self.is_cooling(t, now));
+        let (step, no_retry) = chain.next_with(&outcome, now, |t| self.availability(t, now));
         let attempts = chain.attempts();
         let failed_over = chain.failed_over();
         self.chain = Some(chain);
@@ -98,7 +98,7 @@ impl Exchange {
                 skipped,
             } => {
                 for s in skipped {
-                    self.note_cooldown_skip(s);
+                    self.note_skip(s, now);
                 }
                 self.rt.metrics.fallback(self.request.route, from, to);
                 log::info!(

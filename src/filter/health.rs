@@ -1,13 +1,72 @@
-//! What a request knows of its targets' health: the cooldowns (circuit breakers) shared by all
-//! workers, read before an attempt and updated after it.
+//! What a request knows of its targets' health, shared by all workers: the cooldowns (circuit
+//! breakers) and the spill-overs (a target about to be rate-limited), read before an attempt and
+//! updated after it.
 
 use super::exchange::Exchange;
+use super::host::Headers;
 use super::shared;
-use crate::chain::{Failure, FailureKind};
+use crate::chain::{Availability, Failure, FailureKind};
 use crate::cooldown;
 use crate::duration::millis;
+use crate::spillover;
 
 impl Exchange {
+    /// Whether target `target` may take an attempt now: cooling targets are skipped, spilled
+    /// ones avoided.
+    pub(super) fn availability(&self, target: usize, now: u64) -> Availability {
+        if self.is_cooling(target, now) {
+            Availability::Skip
+        } else if self.is_spilled(target, now) {
+            Availability::Avoid
+        } else {
+            Availability::Ready
+        }
+    }
+
+    fn is_spilled(&self, target: usize, now: u64) -> bool {
+        match self.target(target) {
+            Some(t) if t.spillover.is_some() => shared::spilled_until(&t.name) > now,
+            _ => false,
+        }
+    }
+
+    /// Reads a target's rate-limit headers from one of its answers and, when it reports
+    /// running low, avoids the target until its reset.
+    pub(super) fn record_limits(&self, target: usize, headers: &Headers, now: u64) {
+        let Some((t, policy)) = self.target(target).and_then(|t| Some((t, t.spillover?))) else {
+            return;
+        };
+        let limits = spillover::limits(headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
+        let Some(avoid) = spillover::avoid_for(&policy, &limits) else {
+            return;
+        };
+        if shared::spill(&t.name, now.saturating_add(millis(avoid))) {
+            self.rt.metrics.spillover(target);
+            log::info!(
+                "{} spillover target={} for {}ms (remaining requests {:?}, tokens {:?})",
+                self.tag(),
+                t.name,
+                millis(avoid),
+                limits.remaining_requests,
+                limits.remaining_tokens
+            );
+        }
+    }
+
+    /// Logs and counts a target passed over, with why.
+    pub(super) fn note_skip(&self, target: usize, now: u64) {
+        if self.is_cooling(target, now) {
+            self.note_cooldown_skip(target);
+        } else {
+            self.rt.metrics.spillover_skip(target);
+            log::info!(
+                "{} skip target={} reason=spillover",
+                self.tag(),
+                self.target_name(target)
+            );
+        }
+    }
+
     /// Whether target `target` is cooling down (and so skipped).
     pub(super) fn is_cooling(&self, target: usize, now: u64) -> bool {
         match self.target(target) {

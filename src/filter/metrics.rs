@@ -27,6 +27,9 @@ struct TargetMetrics {
     cooldowns_started: Option<u32>,
     deployment_skips: Option<u32>,
     operation_skips: Option<u32>,
+    picks: Option<u32>,
+    spillovers: Option<u32>,
+    spillover_skips: Option<u32>,
     latency_ms: Option<u32>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
@@ -110,6 +113,9 @@ impl Metrics {
                 cooldowns_started: counter(&format!("cooldowns.target.{t}")),
                 deployment_skips: counter(&format!("deployment_skips.target.{t}")),
                 operation_skips: counter(&format!("operation_skips.target.{t}")),
+                picks: counter(&format!("picks.target.{t}")),
+                spillovers: counter(&format!("spillovers.target.{t}")),
+                spillover_skips: counter(&format!("spillover_skips.target.{t}")),
                 latency_ms: host::define(
                     MetricType::Histogram,
                     &format!("llm_failover.attempt_latency_ms.target.{t}"),
@@ -194,6 +200,19 @@ impl Metrics {
 
     pub fn cooldown_skip(&self, target: usize) {
         self.per_target(target, |m| m.cooldown_skips, 1);
+    }
+
+    /// The load balancer gave a request's first attempt to `target`.
+    pub fn pick(&self, target: usize) {
+        self.per_target(target, |m| m.picks, 1);
+    }
+
+    pub fn spillover(&self, target: usize) {
+        self.per_target(target, |m| m.spillovers, 1);
+    }
+
+    pub fn spillover_skip(&self, target: usize) {
+        self.per_target(target, |m| m.spillover_skips, 1);
     }
 
     pub fn cooldown_started(&self, target: usize) {

@@ -6,9 +6,10 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use super::exchange::{Exchange, Phase};
 use super::host;
 use super::shared;
+use crate::balance;
 use crate::body::Body;
 use crate::cache;
-use crate::chain::Chain;
+use crate::chain::{Availability, Chain, Hop};
 use crate::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
 use crate::plan;
 use crate::quote;
@@ -69,11 +70,14 @@ impl Exchange {
             );
             self.rt.metrics.unservable(skip.target, skip.reason);
         }
+        let mut pinned = false;
         if let Some(previous) = body.previous_response_id.as_deref() {
-            let pinned = self
+            let owner_hop = self
                 .owner_of(previous, now)
                 .and_then(|owner| plan::pinned(&hops, owner));
-            if let Some(pinned) = pinned {
+            if let Some(owner_hop) = owner_hop {
+                pinned = true;
+                let pinned = owner_hop;
                 log::info!(
                     "{} pinned to target={} (it holds previous_response_id {})",
                     self.tag(),
@@ -84,8 +88,17 @@ impl Exchange {
                 hops = pinned;
             }
         }
-        let cooling = |t: usize| self.is_cooling(t, now);
-        let started = Chain::start(hops, now, config.deadline, config.max_retry_wait, cooling);
+        if config.loadbalance && !pinned {
+            hops = self.balance(hops, now);
+        }
+        let availability = |t: usize| self.availability(t, now);
+        let started = Chain::start_with(
+            hops,
+            now,
+            config.deadline,
+            config.max_retry_wait,
+            availability,
+        );
         let Some((chain, first)) = started else {
             log::info!(
                 "{} rejected: no target serves model {}",
@@ -97,7 +110,7 @@ impl Exchange {
             });
         };
         for &skipped in &first.skipped {
-            self.note_cooldown_skip(skipped);
+            self.note_skip(skipped, now);
         }
         self.chain = Some(chain);
         let new_body = match (
@@ -122,6 +135,30 @@ impl Exchange {
         self.attempt_started_ms = now;
         self.phase = Phase::Routed;
         Action::Continue
+    }
+
+    /// Load balancing: the first attempt to a target picked by weight among the available ones,
+    /// the rest of the chain in order after it.
+    fn balance(&self, hops: Vec<Hop>, now: u64) -> Vec<Hop> {
+        let candidates: Vec<(usize, u32)> = hops
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| self.availability(h.target, now) == Availability::Ready)
+            .filter_map(|(i, h)| Some((i, self.target(h.target)?.weight)))
+            .filter(|&(_, w)| w > 0)
+            .collect();
+        let total = balance::total(&candidates);
+        if total == 0 {
+            return hops;
+        }
+        let roll = self.rt.rng.borrow_mut().u64(0..total);
+        let Some(first) = balance::pick(&candidates, roll) else {
+            return hops;
+        };
+        if let Some(target) = hops.get(first).map(|h| h.target) {
+            self.rt.metrics.pick(target);
+        }
+        balance::first_then_the_rest(hops, first)
     }
 
     /// Answers from the cache when it holds this request's answer (true); otherwise remembers

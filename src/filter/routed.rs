@@ -69,13 +69,24 @@ impl Exchange {
         }
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
+        // A target that spills over has every answer's rate-limit headers read.
+        let spills = self
+            .current_target()
+            .filter(|&t| self.target(t).is_some_and(|t| t.spillover.is_some()));
         if !judge::needs_judging(self.config(), status) {
+            if let Some(target) = spills {
+                let headers = host::headers(MapType::HttpResponseHeaders);
+                self.record_limits(target, &headers, self.now());
+            }
             self.add_outcome_headers(1);
             self.routed_answered(status);
             return (Action::Continue, Effect::None);
         }
         // A failure candidate: `deliver` labels whatever answer the client finally gets.
         let headers = host::headers(MapType::HttpResponseHeaders);
+        if let Some(target) = spills {
+            self.record_limits(target, &headers, self.now());
+        }
         let content_type = headers
             .iter()
             .find(|(n, _)| n == "content-type")

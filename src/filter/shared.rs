@@ -6,6 +6,7 @@ use crate::affinity::{self, Owner};
 use crate::cache::{self, Digest, Entry};
 use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
 use crate::cooldown::{self, State};
+use crate::spillover;
 use std::time::Duration;
 
 const CAS_TRIES: usize = 4;
@@ -54,6 +55,32 @@ pub fn record_success(target: &str) {
 
 fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {
     cache::slot_key_in(&settings.scope, cache::slot(digest, settings.max_entries))
+}
+
+fn spill_key(target: &str) -> String {
+    format!("llm_failover.spill.{target}")
+}
+
+/// Unix ms until which a target is avoided (0: it is not).
+pub fn spilled_until(target: &str) -> u64 {
+    let (bytes, _) = host::shared_get(&spill_key(target));
+    bytes.map_or(0, |b| spillover::decode(&b))
+}
+
+/// Avoids a target until `until_ms`, unless it already is until later. True when this started
+/// (or lengthened) a spill-over.
+pub fn spill(target: &str, until_ms: u64) -> bool {
+    let key = spill_key(target);
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(&key);
+        if bytes.map_or(0, |b| spillover::decode(&b)) >= until_ms {
+            return false;
+        }
+        if host::shared_set(&key, &spillover::encode(until_ms), cas).is_ok() {
+            return true;
+        }
+    }
+    false
 }
 
 pub fn cache_get(settings: &CacheSettings, digest: &Digest, now_ms: u64) -> Option<Entry> {
