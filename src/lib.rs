@@ -29,6 +29,7 @@ pub mod reply;
 pub mod retry_after;
 pub mod rewrite;
 pub mod spillover;
+pub mod token;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

@@ -24,6 +24,9 @@ pub enum Rejection {
     DeadlineExceeded,
     /// The filter has no valid configuration.
     NotConfigured,
+    /// Every target that could serve the request authenticates with Entra ID tokens and none
+    /// has one (the token endpoint failed since start-up).
+    NoCredential,
 }
 
 pub struct LocalReply {
@@ -43,6 +46,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable { timeout: false, .. } => 502,
             Rejection::DeadlineExceeded => 504,
             Rejection::NotConfigured => 503,
+            Rejection::NoCredential => 503,
         }
     }
 
@@ -58,6 +62,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable { timeout: false, .. } => "upstream_unavailable",
             Rejection::DeadlineExceeded => "deadline_exceeded",
             Rejection::NotConfigured => "gateway_not_configured",
+            Rejection::NoCredential => "credential_unavailable",
         }
     }
 
@@ -70,7 +75,8 @@ impl Rejection {
             | Rejection::NoTarget { .. } => "invalid_request_error",
             Rejection::UpstreamUnavailable { .. }
             | Rejection::DeadlineExceeded
-            | Rejection::NotConfigured => "server_error",
+            | Rejection::NotConfigured
+            | Rejection::NoCredential => "server_error",
         }
     }
 
@@ -92,6 +98,7 @@ impl Rejection {
             }
             Rejection::DeadlineExceeded => "The gateway's request deadline was spent before any target answered.".to_string(),
             Rejection::NotConfigured => "The gateway has no valid configuration; see Envoy's log.".to_string(),
+            Rejection::NoCredential => "No target that could serve this request has an Entra ID token yet; see Envoy's log.".to_string(),
         }
     }
 
@@ -211,6 +218,7 @@ mod tests {
             ),
             (Rejection::DeadlineExceeded, 504, "deadline_exceeded"),
             (Rejection::NotConfigured, 503, "gateway_not_configured"),
+            (Rejection::NoCredential, 503, "credential_unavailable"),
         ];
         for (rejection, status, code) in cases {
             let reply = rejection.reply();

@@ -7,6 +7,10 @@
   127.0.0.1.
 * deploy/kubernetes/envoy-config.yaml <- envoy/production.yaml, verbatim, as the ConfigMap of the
   Kubernetes sidecar.
+* envoy/production-entra.yaml <- envoy/production.yaml with the Azure target on Entra ID tokens
+  the filter fetches itself (client credentials; docs/deployment.md shows the managed-identity
+  form) and the two token endpoints' clusters: login.microsoftonline.com over TLS (SNI, name
+  check) and Azure IMDS (169.254.169.254, plain HTTP, as IMDS is).
 * envoy/routes.yaml <- envoy/local.yaml with the plugin configuration of envoy/routes.json (the
   named route of BricksLLM's "OpenAI with Azure OpenAI as failover" guide), for
   `make run CONFIG=envoy/routes.yaml`.
@@ -19,7 +23,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +36,7 @@ LOCAL = ROOT / "envoy" / "local.yaml"
 COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
 K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "envoy-config.yaml"
+PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
 ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
 ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -128,9 +135,59 @@ def render_routes_envoy() -> str:
     return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
 
 
+def wasm_configs(cfg: dict) -> list[dict]:
+    found = []
+    for listener in cfg["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                for hf in (f.get("typed_config") or {}).get("http_filters", []):
+                    if (hf.get("typed_config") or {}).get("@type") == WASM_FILTER:
+                        found.append(hf["typed_config"]["config"])
+    return found
+
+
+def render_production_entra() -> str:
+    cfg = yaml.safe_load(PRODUCTION.read_text())
+    [wasm] = wasm_configs(cfg)
+    plugin = json.loads(wasm["configuration"]["value"])
+    [azure] = [t for t in plugin["targets"] if t["provider"] == "azure"]
+    del azure["api_key_env"]
+    azure["azure_ad"] = {"cluster": "entra", "tenant_id": "my-tenant-id", "client_id": "my-client-id",
+                         "client_secret_env": "AZURE_CLIENT_SECRET"}
+    wasm["configuration"]["value"] = json.dumps(plugin, indent=2) + "\n"
+    wasm["vm_config"]["environment_variables"]["host_env_keys"] = sorted(
+        {t["api_key_env"] for t in plugin["targets"] if "api_key_env" in t} | {"AZURE_CLIENT_SECRET"})
+    clusters = cfg["static_resources"]["clusters"]
+    [openai] = [c for c in clusters if c["name"] == "openai"]
+    entra = copy.deepcopy(openai)
+    entra["name"] = "entra"
+    entra["load_assignment"]["cluster_name"] = "entra"
+    entra["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "address"] = "login.microsoftonline.com"
+    tls = entra["transport_socket"]["typed_config"]
+    tls["sni"] = "login.microsoftonline.com"
+    tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] = [
+        {"san_type": "DNS", "matcher": {"exact": "login.microsoftonline.com"}}]
+    imds = {"name": "imds", "type": "STATIC", "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": "imds", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "169.254.169.254", "port_value": 80}}}}]}]}}
+    clusters += [entra, imds]
+    header = (
+        "# GENERATED from envoy/production.yaml by tools/render_configs.py: do not edit, edit\n"
+        "# envoy/production.yaml (or this generator) and run `python tools/render_configs.py`.\n"
+        "# `make validate` fails when stale. envoy/production.yaml with the Azure target on Entra ID\n"
+        "# tokens that the filter fetches and refreshes itself: client credentials of an app registration\n"
+        "# (set my-tenant-id and my-client-id; the client secret comes from AZURE_CLIENT_SECRET in Envoy's\n"
+        "# environment), through cluster \"entra\" (login.microsoftonline.com over TLS). For the machine's\n"
+        "# managed identity use {\"cluster\": \"imds\", \"managed_identity\": true} instead (cluster \"imds\":\n"
+        "# Azure IMDS, plain HTTP). docs/deployment.md, \"Entra ID tokens\", has the details.\n"
+    )
+    return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
+
+
 def outputs() -> dict[Path, str]:
     return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
-            ROUTES_ENVOY: render_routes_envoy()}
+            ROUTES_ENVOY: render_routes_envoy(), PRODUCTION_ENTRA: render_production_entra()}
 
 
 def main(argv=None) -> int:

@@ -39,10 +39,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(c.target_index(&t.name), Some(i), "target names are unique");
         assert!(header_safe(&t.name) && header_safe(&t.cluster) && header_safe(&t.host));
         assert!(t.retries <= 10);
-        let secret = match &t.credential {
-            Credential::ApiKey(s) | Credential::AzureAdToken(s) => s,
-        };
-        assert!(header_safe(secret));
+        match &t.credential {
+            Credential::ApiKey(s) | Credential::AzureAdToken(s) => assert!(header_safe(s)),
+            Credential::Entra(source) => {
+                assert!(t.azure.is_some(), "Entra ID tokens only for Azure targets");
+                assert!(header_safe(&source.cluster) && header_safe(&source.authority));
+                assert!(source.resource.starts_with("https://"));
+            }
+        }
         if let Some(az) = &t.azure {
             let url_safe = |s: &str| {
                 !s.is_empty()

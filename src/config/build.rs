@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde_path_to_error::Segment;
 
 use super::raw::{
-    Deferred, Dur, LongDur, Mode, Obj, RawCache, RawConfig, RawCooldown, RawCooldownSwitch, RawKey,
-    RawOperation, RawProvider, RawResponses, RawRoute, RawStep, RawStrategy, RawTarget, Text,
+    Deferred, Dur, LongDur, Mode, Obj, RawAzureAd, RawCache, RawConfig, RawCooldown,
+    RawCooldownSwitch, RawKey, RawOperation, RawProvider, RawResponses, RawRoute, RawStep,
+    RawStrategy, RawTarget, Text,
 };
 use super::*;
 use crate::operation::Operation;
@@ -407,6 +408,7 @@ fn credential(
     let set: Vec<&str> = [
         ("api_key_env", raw.api_key_env.is_some()),
         ("azure_ad_token_env", raw.azure_ad_token_env.is_some()),
+        ("azure_ad", raw.azure_ad.is_some()),
         ("api_key", raw.api_key.is_some()),
     ]
     .into_iter()
@@ -416,7 +418,7 @@ fn credential(
         [] => {
             let hint = match provider {
                 Provider::OpenAi => "api_key_env",
-                Provider::Azure => "api_key_env or azure_ad_token_env",
+                Provider::Azure => "api_key_env, azure_ad or azure_ad_token_env",
             };
             return Err(ConfigError::new(
                 format!("{field}.api_key_env"),
@@ -427,10 +429,19 @@ fn credential(
         [first, ..] => {
             return Err(ConfigError::new(
                 format!("{field}.{first}"),
-                "set only one of api_key_env, api_key, azure_ad_token_env",
+                "set only one of api_key_env, api_key, azure_ad_token_env, azure_ad",
             ))
         }
     };
+    if let Some(Obj(ad)) = &raw.azure_ad {
+        if provider != Provider::Azure {
+            return Err(ConfigError::new(
+                format!("{field}.azure_ad"),
+                "only valid for provider \"azure\"",
+            ));
+        }
+        return entra(ad, &format!("{field}.azure_ad"), env).map(Credential::Entra);
+    }
     let from_env = |var: &str| -> Result<String, ConfigError> {
         let value = env.var(var).unwrap_or_default().trim().to_string();
         if value.is_empty() {
@@ -456,7 +467,9 @@ fn credential(
             Credential::ApiKey(key.to_string())
         }
     };
-    let (Credential::ApiKey(secret) | Credential::AzureAdToken(secret)) = &credential;
+    let (Credential::ApiKey(secret) | Credential::AzureAdToken(secret)) = &credential else {
+        return Ok(credential);
+    };
     if !secret.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Err(ConfigError::new(
             format!("{field}.{used}"),
@@ -464,6 +477,102 @@ fn credential(
         ));
     }
     Ok(credential)
+}
+
+const ENTRA_LOGIN_HOST: &str = "login.microsoftonline.com";
+const IMDS_HOST: &str = "169.254.169.254";
+const COGNITIVE_SERVICES: &str = "https://cognitiveservices.azure.com";
+
+fn entra(raw: &RawAzureAd, field: &str, env: &dyn Env) -> Result<EntraSource, ConfigError> {
+    let at = |name: &str| format!("{field}.{name}");
+    let cluster = raw
+        .cluster
+        .clone()
+        .ok_or_else(|| ConfigError::new(at("cluster"), "missing"))?;
+    if cluster.is_empty() || cluster.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(ConfigError::new(
+            at("cluster"),
+            "must be a non-empty Envoy cluster name",
+        ));
+    }
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+    let managed = raw.managed_identity == Some(true);
+    let kind = if managed {
+        for (set, name) in [
+            (raw.tenant_id.is_some(), "tenant_id"),
+            (raw.client_secret_env.is_some(), "client_secret_env"),
+        ] {
+            if set {
+                return Err(ConfigError::new(
+                    at(name),
+                    "not used with managed_identity (IMDS needs no secret)",
+                ));
+            }
+        }
+        if raw.client_id.as_deref().is_some_and(|c| !plain(c)) {
+            return Err(ConfigError::new(at("client_id"), "must be an id"));
+        }
+        EntraKind::ManagedIdentity {
+            client_id: raw.client_id.clone(),
+        }
+    } else {
+        let need = |value: &Option<String>, name: &str| -> Result<String, ConfigError> {
+            let v = value.clone().ok_or_else(|| {
+                ConfigError::new(
+                    at(name),
+                    "missing (client credentials need tenant_id, client_id and client_secret_env; or set managed_identity: true)",
+                )
+            })?;
+            if plain(&v) {
+                Ok(v)
+            } else {
+                Err(ConfigError::new(at(name), "must be an id without spaces"))
+            }
+        };
+        let tenant_id = need(&raw.tenant_id, "tenant_id")?;
+        let client_id = need(&raw.client_id, "client_id")?;
+        let var = need(&raw.client_secret_env, "client_secret_env")?;
+        let client_secret = env.var(&var).unwrap_or_default().trim().to_string();
+        if client_secret.is_empty() {
+            return Err(ConfigError::new(
+                at("client_secret_env"),
+                format!(
+                    "environment variable {} is not set or empty in the VM \
+                     (list it in vm_config.environment_variables)",
+                    quote(&var)
+                ),
+            ));
+        }
+        EntraKind::ClientCredentials {
+            tenant_id,
+            client_id,
+            client_secret,
+        }
+    };
+    let default_host = if managed { IMDS_HOST } else { ENTRA_LOGIN_HOST };
+    let authority = raw.host.clone().unwrap_or_else(|| default_host.to_string());
+    if !plain(&authority) {
+        return Err(ConfigError::new(
+            at("host"),
+            "must be a host name, optionally with :port",
+        ));
+    }
+    let resource = raw
+        .resource
+        .clone()
+        .unwrap_or_else(|| COGNITIVE_SERVICES.to_string());
+    if !resource.starts_with("https://") || !plain(&resource) {
+        return Err(ConfigError::new(
+            at("resource"),
+            "must be an https:// resource URI (e.g. \"https://cognitiveservices.azure.com\")",
+        ));
+    }
+    Ok(EntraSource {
+        cluster,
+        authority,
+        resource,
+        kind,
+    })
 }
 
 fn cooldown(raw: Option<RawCooldownSwitch>, field: &str) -> Result<Option<Cooldown>, ConfigError> {

@@ -74,6 +74,8 @@ pub enum Credential {
     ApiKey(String),
     /// Azure Entra ID token: `Authorization: Bearer <token>`.
     AzureAdToken(String),
+    /// Azure Entra ID tokens the filter fetches and refreshes itself (`azure_ad`).
+    Entra(EntraSource),
 }
 
 // Secrets never reach a log line, even through `{:?}`.
@@ -82,6 +84,49 @@ impl fmt::Debug for Credential {
         match self {
             Credential::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
             Credential::AzureAdToken(_) => f.write_str("AzureAdToken(<redacted>)"),
+            Credential::Entra(source) => write!(f, "Entra({source:?})"),
+        }
+    }
+}
+
+/// Where a target's Entra ID tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntraSource {
+    /// The Envoy cluster of the token endpoint.
+    pub cluster: String,
+    /// Its `:authority` (login.microsoftonline.com, or 169.254.169.254 for IMDS).
+    pub authority: String,
+    /// The resource the token is for (`https://cognitiveservices.azure.com`).
+    pub resource: String,
+    pub kind: EntraKind,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum EntraKind {
+    /// An app registration's client secret (`POST /<tenant>/oauth2/v2.0/token`).
+    ClientCredentials {
+        tenant_id: String,
+        client_id: String,
+        client_secret: String,
+    },
+    /// The managed identity of the machine (Azure IMDS); `client_id` picks a user-assigned one.
+    ManagedIdentity { client_id: Option<String> },
+}
+
+impl fmt::Debug for EntraKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntraKind::ClientCredentials {
+                tenant_id,
+                client_id,
+                ..
+            } => write!(
+                f,
+                "ClientCredentials {{ tenant_id: {tenant_id:?}, client_id: {client_id:?}, client_secret: <redacted> }}"
+            ),
+            EntraKind::ManagedIdentity { client_id } => {
+                write!(f, "ManagedIdentity {{ client_id: {client_id:?} }}")
+            }
         }
     }
 }

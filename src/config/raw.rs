@@ -100,6 +100,9 @@ pub struct RawTarget {
     pub api_key: Option<String>,
     /// Azure only: environment variable holding an Entra ID token, sent as a bearer token.
     pub azure_ad_token_env: Option<String>,
+    /// Azure only: Entra ID tokens the filter obtains and refreshes itself, from an app's
+    /// client secret or the machine's managed identity.
+    pub azure_ad: Option<Obj<RawAzureAd>>,
     /// Extra attempts on this target before moving on (default 0, at most 10).
     pub retries: Option<u32>,
     /// Per attempt (default "60s").
@@ -124,6 +127,28 @@ pub struct RawTarget {
     /// Skip this target before it starts answering 429: when an answer reports fewer remaining
     /// requests or tokens than these, until the reported reset time.
     pub spillover: Option<Obj<RawSpillover>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "AzureAd"))]
+#[serde(deny_unknown_fields)]
+pub struct RawAzureAd {
+    /// The Envoy cluster that reaches the token endpoint (login.microsoftonline.com, or IMDS).
+    #[cfg_attr(test, schemars(required))]
+    pub cluster: Option<String>,
+    /// The :authority sent (default login.microsoftonline.com, or 169.254.169.254 for IMDS).
+    pub host: Option<String>,
+    /// Client credentials: the directory (tenant) id.
+    pub tenant_id: Option<String>,
+    /// Client credentials: the app's client id; managed identity: a user-assigned identity's.
+    pub client_id: Option<String>,
+    /// Client credentials: environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// true: the machine's managed identity, through Azure IMDS.
+    pub managed_identity: Option<bool>,
+    /// The resource tokens are for (default "https://cognitiveservices.azure.com").
+    pub resource: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -66,7 +66,7 @@ impl Exchange {
             .as_deref()
             .or(self.body.as_ref().map(Body::raw))
             .unwrap_or_default();
-        let &(name, ref value) = self.rt.credentials.get(i)?;
+        let (name, value) = self.rt.credential(i, self.now())?;
         let length = body.len().to_string();
         let headers = forward::callout(
             &address,

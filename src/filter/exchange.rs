@@ -17,12 +17,13 @@ use super::metrics::Metrics;
 use crate::body::Body;
 use crate::cache::Digest;
 use crate::chain::Chain;
-use crate::config::{CacheSettings, Config, Step, Target};
+use crate::config::{CacheSettings, Config, Credential, Step, Target};
 use crate::forward::ClientHeaders;
 use crate::intake::{Access, Kind};
 use crate::plan;
 use crate::provider;
 use crate::reply::Rejection;
+use crate::token::{Token, EXPIRY_MARGIN};
 use crate::usage::UsageScanner;
 
 /// The parsed config and what is derived from it once.
@@ -33,6 +34,8 @@ pub struct Runtime {
     pub credentials: Vec<(&'static str, String)>,
     /// Load balancing's random source (one per VM, so per worker).
     pub rng: RefCell<fastrand::Rng>,
+    /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
+    tokens: RefCell<Vec<Option<Token>>>,
 }
 
 impl Runtime {
@@ -48,7 +51,32 @@ impl Runtime {
             metrics,
             credentials,
             rng: RefCell::new(fastrand::Rng::new()),
+            tokens: RefCell::new(Vec::new()),
         }
+    }
+
+    pub fn set_token(&self, target: usize, token: Option<Token>) {
+        if let Ok(mut tokens) = self.tokens.try_borrow_mut() {
+            if tokens.len() <= target {
+                tokens.resize(target + 1, None);
+            }
+            if let Some(slot) = tokens.get_mut(target) {
+                *slot = token;
+            }
+        }
+    }
+
+    /// The credential header of target `i` now: its key, or its current Entra ID token
+    /// (`None`: an `azure_ad` target without a valid token).
+    pub fn credential(&self, i: usize, now: u64) -> Option<(&'static str, String)> {
+        let target = self.config.targets.get(i)?;
+        if !matches!(target.credential, Credential::Entra(_)) {
+            return self.credentials.get(i).cloned();
+        }
+        let tokens = self.tokens.try_borrow().ok()?;
+        let token = tokens.get(i)?.as_ref()?;
+        (token.expires_ms > now.saturating_add(crate::duration::millis(EXPIRY_MARGIN)))
+            .then(|| ("authorization", provider::bearer(&token.value)))
     }
 }
 

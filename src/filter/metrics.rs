@@ -13,7 +13,8 @@ use crate::usage::Usage;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 
-const REJECTIONS: [&str; 5] = [
+const REJECTIONS: [&str; 6] = [
+    "credential_unavailable",
     "invalid_api_key",
     "permission_denied",
     "request_too_large",
@@ -30,6 +31,10 @@ struct TargetMetrics {
     picks: Option<u32>,
     spillovers: Option<u32>,
     spillover_skips: Option<u32>,
+    token_fetches_ok: Option<u32>,
+    token_fetches_error: Option<u32>,
+    token_skips: Option<u32>,
+    token_seconds_left: Option<u32>,
     latency_ms: Option<u32>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
@@ -116,6 +121,13 @@ impl Metrics {
                 picks: counter(&format!("picks.target.{t}")),
                 spillovers: counter(&format!("spillovers.target.{t}")),
                 spillover_skips: counter(&format!("spillover_skips.target.{t}")),
+                token_fetches_ok: counter(&format!("token_fetches.target.{t}.result.ok")),
+                token_fetches_error: counter(&format!("token_fetches.target.{t}.result.error")),
+                token_skips: counter(&format!("token_skips.target.{t}")),
+                token_seconds_left: host::define(
+                    MetricType::Gauge,
+                    &format!("llm_failover.token_seconds_left.target.{t}"),
+                ),
                 latency_ms: host::define(
                     MetricType::Histogram,
                     &format!("llm_failover.attempt_latency_ms.target.{t}"),
@@ -213,6 +225,25 @@ impl Metrics {
 
     pub fn spillover_skip(&self, target: usize) {
         self.per_target(target, |m| m.spillover_skips, 1);
+    }
+
+    pub fn token_fetch(&self, target: usize, ok: bool) {
+        if ok {
+            self.per_target(target, |m| m.token_fetches_ok, 1);
+        } else {
+            self.per_target(target, |m| m.token_fetches_error, 1);
+        }
+    }
+
+    pub fn token_skip(&self, target: usize) {
+        self.per_target(target, |m| m.token_skips, 1);
+    }
+
+    pub fn token_seconds_left(&self, target: usize, seconds: u64) {
+        host::record(
+            self.targets.get(target).and_then(|m| m.token_seconds_left),
+            seconds,
+        );
     }
 
     pub fn cooldown_started(&self, target: usize) {

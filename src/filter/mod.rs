@@ -17,6 +17,7 @@ mod root;
 mod routed;
 mod shared;
 mod timers;
+mod tokens;
 
 use proxy_wasm::traits::RootContext;
 use proxy_wasm::types::LogLevel;

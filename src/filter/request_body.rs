@@ -70,6 +70,23 @@ impl Exchange {
             );
             self.rt.metrics.unservable(skip.target, skip.reason);
         }
+        // An Entra ID target without a valid token (yet) cannot take an attempt.
+        let before = hops.len();
+        hops.retain(|h| {
+            let ok = self.rt.credential(h.target, now).is_some();
+            if !ok {
+                log::info!(
+                    "{} skip target={} reason=no_token",
+                    self.tag(),
+                    self.target_name(h.target)
+                );
+                self.rt.metrics.token_skip(h.target);
+            }
+            ok
+        });
+        if hops.is_empty() && before > 0 {
+            return self.reject(&Rejection::NoCredential);
+        }
         let mut pinned = false;
         if let Some(previous) = body.previous_response_id.as_deref() {
             let owner_hop = self

@@ -13,6 +13,7 @@ use super::host;
 use super::http::Http;
 use super::shared;
 use super::timers::Timers;
+use super::tokens;
 use crate::config::{self, ProcessEnv};
 use crate::reply::Rejection;
 
@@ -26,6 +27,8 @@ pub struct Root {
     /// Callout token -> the request it belongs to, for callouts dispatched from the tick (a few
     /// entries at most: retries whose wait ended in the last tick).
     callouts: Vec<(u32, u32, Weak<RefCell<Exchange>>)>,
+    /// Entra ID token requests in flight (callout token, target).
+    token_callouts: Vec<tokens::Pending>,
     ticks: u32,
     /// One per cache: the top-level one first (if any), then the routes' in order.
     cache_sweeps: Vec<Sweep>,
@@ -53,6 +56,7 @@ impl Root {
             runtime: None,
             timers: Rc::new(RefCell::new(Timers::default())),
             callouts: Vec::new(),
+            token_callouts: Vec::new(),
             ticks: 0,
             cache_sweeps: Vec::new(),
             affinity_sweep: Sweep::default(),
@@ -134,6 +138,13 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if let Some(i) = self.token_callouts.iter().position(|&(t, _)| t == token_id) {
+            let (_, target) = self.token_callouts.swap_remove(i);
+            if let Some(rt) = &self.runtime {
+                tokens::answered(rt, target, body_size, host::now_ms());
+            }
+            return;
+        }
         let at = self.callouts.iter().position(|(t, _, _)| *t == token_id);
         let Some((_, context_id, weak)) = at.map(|i| self.callouts.swap_remove(i)) else {
             log::debug!("root: callout {token_id} answered for no known request");
@@ -194,6 +205,10 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let now = host::now_ms();
+        if let Some(rt) = self.runtime.clone() {
+            let started = tokens::tick(&rt, &self.token_callouts, now);
+            self.token_callouts.extend(started);
+        }
         self.fire_due_timers(now);
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks.is_multiple_of(SWEEP_EVERY_TICKS) {

@@ -28,7 +28,8 @@ impl Exchange {
             Some(Kind::Resource(resource)) => Ok(provider::resource_address(t, resource, path)),
             _ => provider::address(t, op, self.model_for(i), path),
         };
-        let (Ok(address), Some(&(name, ref value))) = (address, self.rt.credentials.get(i)) else {
+        let (Ok(address), Some((name, value))) = (address, self.rt.credential(i, self.now()))
+        else {
             // Not expected (the plan leaves out what cannot be addressed); the cluster is set
             // whatever happens, so the client never chooses it.
             let cluster = Some(t.cluster.as_str());

@@ -7,6 +7,7 @@ use crate::cache::{self, Digest, Entry};
 use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
 use crate::cooldown::{self, State};
 use crate::spillover;
+use crate::token::State as TokenState;
 use std::time::Duration;
 
 const CAS_TRIES: usize = 4;
@@ -55,6 +56,24 @@ pub fn record_success(target: &str) {
 
 fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {
     cache::slot_key_in(&settings.scope, cache::slot(digest, settings.max_entries))
+}
+
+fn token_key(target: &str) -> String {
+    format!("llm_failover.token.{target}")
+}
+
+/// A target's Entra ID token state, and its compare-and-swap value.
+pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
+    let (bytes, cas) = host::shared_get(&token_key(target));
+    (
+        bytes.map(|b| TokenState::decode(&b)).unwrap_or_default(),
+        cas,
+    )
+}
+
+/// Writes a token state unless another worker wrote it since `cas` was read.
+pub fn set_token_state(target: &str, state: &TokenState, cas: Option<u32>) -> bool {
+    host::shared_set(&token_key(target), &state.encode(), cas).is_ok()
 }
 
 fn spill_key(target: &str) -> String {

@@ -91,13 +91,21 @@ pub fn deployment_in_body(target: &Target, op: Operation) -> bool {
         .is_some_and(|azure| azure::deployment_in_body(azure, op))
 }
 
-/// The header that carries the target's credential.
+/// The header that carries the target's credential; for Entra ID tokens the filter fetches
+/// itself, the value is the current token's (`None`: the target has no token yet).
 pub fn credential_header(target: &Target) -> (&'static str, String) {
     match (&target.credential, target.provider) {
         (Credential::ApiKey(key), Provider::Azure) => ("api-key", key.clone()),
         (Credential::ApiKey(key), Provider::OpenAi) => ("authorization", format!("Bearer {key}")),
         (Credential::AzureAdToken(token), _) => ("authorization", format!("Bearer {token}")),
+        // Set per request from the token store (see `bearer`).
+        (Credential::Entra(_), _) => ("authorization", String::new()),
     }
+}
+
+/// The `Authorization` value of a bearer token.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
 }
 
 /// Credential headers a client may send; none of them ever reaches an upstream as sent.
