@@ -40,7 +40,7 @@ WASM_OPT_FLAGS := -O2 --enable-bulk-memory --enable-sign-ext --enable-nontrappin
                   --enable-mutable-globals --enable-reference-types --enable-multivalue
 
 $(WASM): $(RUSTUP_STAMP) Cargo.toml $(shell find src -name '*.rs') | system-tools
-	cargo build --release --target $(WASM_TARGET)
+	cargo build --release --target $(WASM_TARGET) --lib
 	mkdir -p dist && wasm-opt $(WASM_OPT_FLAGS) $(WASM_OUT) -o $(WASM)
 	@echo "built $(WASM): $$(stat -c %s $(WASM)) bytes"
 

@@ -51,6 +51,8 @@ from typing import Callable
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import envoy_side  # noqa: E402
 LOCAL_YAML = ROOT / "envoy" / "local.yaml"
 FILTER_WASM = ROOT / "dist" / "llm_failover.wasm"
 NOOP_DIR = ROOT / "bench" / "noop"
@@ -500,12 +502,18 @@ def render_envoy(
         plugin["vm_config"]["code"] = {"local": {"filename": str(code)}}
         conf = plugin["configuration"]
         conf["value"] = json.dumps(variant.plugin(json.loads(conf["value"])), indent=2)
-    for cluster in cfg["static_resources"]["clusters"]:
+    sr = cfg["static_resources"]
+    sr["clusters"] = [c for c in sr["clusters"] if not envoy_side.is_generated(c)]
+    for cluster in sr["clusters"]:
         name = cluster["name"]
         port = throttled_port if (name == "openai" and variant.openai_throttled) else ok_port
         for group in cluster["load_assignment"]["endpoints"]:
             for ep in group["lb_endpoints"]:
                 ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+    # The streamed-failover clusters, from the variant's plugin config: only this build's filter
+    # has them (other modules would be given an upstream role they do not know).
+    if variant.code == "filter" and not variant.wasm:
+        envoy_side.apply(cfg)
     return cfg
 
 

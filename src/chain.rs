@@ -212,6 +212,35 @@ impl Chain {
         timeout.min(self.remaining(now_ms))
     }
 
+    /// The attempts the chain would make from the one in flight on if every one failed with no
+    /// wait asked (each target with its tries, in order): what a streamed request hands to
+    /// Envoy's router, which retries at once. A failover goes where [`Chain::next_with`] would
+    /// send it: the next ready target, else the next avoided one; cooling ones are passed over.
+    pub fn planned(&self, availability: impl Fn(usize) -> Availability) -> Vec<(usize, u32)> {
+        let mut plan = Vec::new();
+        let Some(hop) = self.hops.get(self.pos) else {
+            return plan;
+        };
+        plan.push((
+            hop.target,
+            hop.max_tries.saturating_sub(self.tries_here) + 1,
+        ));
+        let mut pos = self.pos;
+        loop {
+            let rest: Vec<(usize, Availability)> = (pos + 1..self.hops.len())
+                .filter_map(|i| self.hops.get(i).map(|h| (i, availability(h.target))))
+                .collect();
+            let pick = |want| rest.iter().find(|(_, s)| *s == want).map(|(i, _)| *i);
+            let Some(next) = pick(Availability::Ready).or_else(|| pick(Availability::Avoid)) else {
+                return plan;
+            };
+            if let Some(hop) = self.hops.get(next) {
+                plan.push((hop.target, hop.max_tries));
+            }
+            pos = next;
+        }
+    }
+
     /// Decides the next step after the attempt in flight ended with `outcome`, and records the
     /// attempt it starts. Also returns why a retry was passed over, for the log.
     pub fn next(
@@ -334,6 +363,35 @@ mod tests {
         Chain::start(hops(spec), 0, Duration::from_secs(deadline), 5 * S, none)
             .unwrap()
             .0
+    }
+
+    #[test]
+    fn the_plan_of_a_streamed_request_is_what_failures_would_walk() {
+        // Every availability of three targets (with retries 1, 0, 2): the plan names the
+        // attempts `next_with` makes when each one fails with no wait.
+        let states = [Availability::Ready, Availability::Avoid, Availability::Skip];
+        for a in states {
+            for b in states {
+                for c in states {
+                    let avail = |t: usize| [a, b, c][t];
+                    let spec = [(0, 1, 10), (1, 0, 10), (2, 2, 10)];
+                    let (mut chain, first) =
+                        Chain::start_with(hops(&spec), 0, 60 * S, 5 * S, avail).unwrap();
+                    let plan = chain.planned(avail);
+                    let mut walked = vec![first.target];
+                    while let (Step::Retry { target, .. } | Step::Failover { to: target, .. }, _) =
+                        chain.next_with(&status(500), 0, avail)
+                    {
+                        walked.push(target);
+                    }
+                    let expanded: Vec<usize> = plan
+                        .iter()
+                        .flat_map(|&(t, n)| std::iter::repeat_n(t, n as usize))
+                        .collect();
+                    assert_eq!(expanded, walked, "{a:?} {b:?} {c:?}");
+                }
+            }
+        }
     }
 
     #[test]

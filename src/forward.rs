@@ -51,12 +51,46 @@ pub fn copied_to_client(name: &str) -> bool {
         && ![TARGET_HEADER, ATTEMPTS_HEADER, CACHE_HEADER].contains(&name)
 }
 
+/// Router control headers a client could send to make Envoy retry its request, or time it out
+/// differently: removed from every request the filter routes (the filter sets its own).
+pub const CLIENT_CONTROL_HEADERS: [&str; 8] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-upstream-rq-timeout-alt-response",
+];
+
+/// The bit of a control header in [`ClientHeaders::controls`].
+pub fn control_bit(name: &str) -> u8 {
+    CLIENT_CONTROL_HEADERS
+        .iter()
+        .position(|h| *h == name)
+        .map_or(0, |i| 1 << i)
+}
+
 /// The client headers the routed request must not keep as they are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClientHeaders {
     pub authorization: bool,
     pub api_key: bool,
     pub accept_encoding: bool,
+    /// Router control headers the client sent (bit i: `CLIENT_CONTROL_HEADERS[i]`).
+    pub controls: u8,
+}
+
+impl ClientHeaders {
+    /// The control headers to remove.
+    pub fn controls(&self) -> impl Iterator<Item = &'static str> + '_ {
+        CLIENT_CONTROL_HEADERS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.controls & (1 << i) != 0)
+            .map(|(_, h)| *h)
+    }
 }
 
 /// One change to the routed request's headers.
@@ -100,6 +134,7 @@ pub fn routed<'a>(r: &Routed<'a>, client: ClientHeaders) -> Vec<Edit<'a>> {
     if r.operation && client.accept_encoding {
         edits.push(Edit::Remove("accept-encoding"));
     }
+    edits.extend(client.controls().map(Edit::Remove));
     edits
 }
 
@@ -147,6 +182,7 @@ mod tests {
             authorization: true,
             api_key: true,
             accept_encoding: true,
+            controls: control_bit("x-envoy-max-retries") | control_bit("x-envoy-retry-on"),
         };
         assert_eq!(
             routed(&r, all),
@@ -161,8 +197,12 @@ mod tests {
                 Edit::Set(":authority", "res.openai.azure.com"),
                 Edit::Set("x-envoy-upstream-rq-timeout-ms", "10000"),
                 Edit::Remove("accept-encoding"),
+                // A client may not make Envoy retry its request.
+                Edit::Remove("x-envoy-retry-on"),
+                Edit::Remove("x-envoy-max-retries"),
             ]
         );
+        assert_eq!(control_bit("x-request-id"), 0);
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod reply;
 pub mod retry_after;
 pub mod rewrite;
 pub mod spillover;
+pub mod stream;
 pub mod token;
 pub mod usage;
 

@@ -3,7 +3,8 @@
 //! which go to the target that created them.
 
 /// The operations the filter rewrites and fails over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Operation {
     ChatCompletions,
     Completions,

@@ -27,6 +27,8 @@ pub enum Rejection {
     /// Every target that could serve the request authenticates with Entra ID tokens and none
     /// has one (the token endpoint failed since start-up).
     NoCredential,
+    /// The Envoy side of streamed failover disagrees with the filter (see Envoy's log).
+    Misconfigured,
 }
 
 pub struct LocalReply {
@@ -47,6 +49,7 @@ impl Rejection {
             Rejection::DeadlineExceeded => 504,
             Rejection::NotConfigured => 503,
             Rejection::NoCredential => 503,
+            Rejection::Misconfigured => 500,
         }
     }
 
@@ -63,6 +66,7 @@ impl Rejection {
             Rejection::DeadlineExceeded => "deadline_exceeded",
             Rejection::NotConfigured => "gateway_not_configured",
             Rejection::NoCredential => "credential_unavailable",
+            Rejection::Misconfigured => "gateway_misconfigured",
         }
     }
 
@@ -76,7 +80,8 @@ impl Rejection {
             Rejection::UpstreamUnavailable { .. }
             | Rejection::DeadlineExceeded
             | Rejection::NotConfigured
-            | Rejection::NoCredential => "server_error",
+            | Rejection::NoCredential
+            | Rejection::Misconfigured => "server_error",
         }
     }
 
@@ -99,6 +104,7 @@ impl Rejection {
             Rejection::DeadlineExceeded => "The gateway's request deadline was spent before any target answered.".to_string(),
             Rejection::NotConfigured => "The gateway has no valid configuration; see Envoy's log.".to_string(),
             Rejection::NoCredential => "No target that could serve this request has an Entra ID token yet; see Envoy's log.".to_string(),
+            Rejection::Misconfigured => "The gateway's Envoy configuration does not match its filter configuration; see Envoy's log.".to_string(),
         }
     }
 
@@ -219,6 +225,7 @@ mod tests {
             (Rejection::DeadlineExceeded, 504, "deadline_exceeded"),
             (Rejection::NotConfigured, 503, "gateway_not_configured"),
             (Rejection::NoCredential, 503, "credential_unavailable"),
+            (Rejection::Misconfigured, 500, "gateway_misconfigured"),
         ];
         for (rejection, status, code) in cases {
             let reply = rejection.reply();

@@ -43,6 +43,9 @@ if str(TESTS_DIR) not in sys.path:
 
 from mocks import upstream as mock_upstream  # noqa: E402
 
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import envoy_side  # noqa: E402
+
 DEFAULT_CONFIG = REPO_ROOT / "envoy" / "local.yaml"
 DEFAULT_WASM = REPO_ROOT / "dist" / "llm_failover.wasm"
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -333,6 +336,7 @@ def render_config(
     without_wasm: bool = False,
     unmapped_clusters: str = "dead",
     mutate: Callable[[dict], None] | None = None,
+    stream_side: bool = True,
 ) -> tuple[dict, dict]:
     """Load an Envoy YAML config and apply the harness substitutions.
 
@@ -341,6 +345,9 @@ def render_config(
     unmapped_clusters: "dead" points loopback clusters that were not mapped at a closed port
       (so a test never talks to a mock that another process runs on the file's port); "keep"
       leaves them alone.
+    stream_side: the streamed-failover clusters (tools/envoy_side.py) are written last, from the
+      final plugin config and target clusters; False leaves none (the filter then fails streams
+      over through callouts).
     Returns (config dict, info) where info has the ports used.
     """
     path = Path(base_config) if base_config else DEFAULT_CONFIG
@@ -354,6 +361,8 @@ def render_config(
     info["admin_port"] = admin_port
 
     sr = cfg.setdefault("static_resources", {})
+    # The file's streamed-failover clusters are written again last, from what the test made of it.
+    sr["clusters"] = [c for c in sr.get("clusters") or [] if not envoy_side.is_generated(c)]
     for i, lst in enumerate(sr.get("listeners") or []):
         port = listener_port if (i == 0 and listener_port) else free_port()
         lst["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
@@ -427,6 +436,8 @@ def render_config(
 
     if mutate is not None:
         mutate(cfg)
+    if stream_side and not without_wasm:
+        envoy_side.apply(cfg, strict=False)
     return cfg, info
 
 
@@ -461,6 +472,7 @@ class EnvoyStack:
         without_wasm: bool = False,
         unmapped_clusters: str = "dead",
         mutate: Callable[[dict], None] | None = None,
+        stream_side: bool = True,
         extra_args: Iterable[str] = (),
         workdir: str | os.PathLike | None = None,
         keep_workdir: bool | None = None,
@@ -469,7 +481,8 @@ class EnvoyStack:
         self.plugin_config = plugin_config
         self.render_kwargs = dict(plugin_config=plugin_config, clusters=clusters, vm_env=vm_env,
                                   vm_env_replace=vm_env_replace, host_env_keys=host_env_keys, wasm_path=wasm_path,
-                                  without_wasm=without_wasm, unmapped_clusters=unmapped_clusters, mutate=mutate)
+                                  without_wasm=without_wasm, unmapped_clusters=unmapped_clusters, mutate=mutate,
+                                  stream_side=stream_side)
         self.process_env = dict(process_env or {})
         self.log_level = log_level
         self.component_log_level = component_log_level

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+import envoy_side
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "envoy" / "local.yaml"
 COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
@@ -46,16 +48,9 @@ COMPOSE_SERVICES = {"openai": "mock-openai", "azure": "mock-azure"}
 K8S_CONFIGMAP_NAME = "llm-failover-envoy"
 
 
-class _BlockStrDumper(yaml.SafeDumper):
-    """Multi-line strings (the plugin JSON) as YAML block scalars, as a person would write them."""
-
-
-def _str_representer(dumper, value: str):
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_BlockStrDumper.add_representer(str, _str_representer)
+# Multi-line strings (the plugin JSON) as YAML block scalars, and the streamed-failover clusters'
+# shared parts under readable anchors, as a person would write them.
+_BlockStrDumper = envoy_side.Dumper
 
 
 def _socket_address(address: dict) -> dict:
@@ -67,6 +62,8 @@ def compose_envoy_config(local: dict) -> dict:
     _socket_address(local["admin"]["address"])["address"] = "0.0.0.0"
     for listener in local["static_resources"]["listeners"]:
         _socket_address(listener["address"])["address"] = "0.0.0.0"
+    sr = local["static_resources"]
+    sr["clusters"] = [c for c in sr["clusters"] if not envoy_side.is_generated(c)]
     for cluster in local["static_resources"]["clusters"]:
         name = cluster["name"]
         if name not in COMPOSE_SERVICES:
@@ -77,7 +74,7 @@ def compose_envoy_config(local: dict) -> dict:
         for group in cluster["load_assignment"]["endpoints"]:
             for lb in group["lb_endpoints"]:
                 _socket_address(lb["endpoint"]["address"])["address"] = COMPOSE_SERVICES[name]
-    return local
+    return envoy_side.apply(local)
 
 
 def render_compose_envoy() -> str:
@@ -124,6 +121,7 @@ def render_routes_envoy() -> str:
                         found += 1
     if found != 1:
         raise SystemExit(f"envoy/local.yaml: expected one Wasm filter, found {found}")
+    envoy_side.apply(cfg)
     header = (
         "# GENERATED from envoy/local.yaml and envoy/routes.json by tools/render_configs.py: do not edit,\n"
         "# edit those and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
@@ -172,6 +170,7 @@ def render_production_entra() -> str:
             "load_assignment": {"cluster_name": "imds", "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": {"socket_address": {"address": "169.254.169.254", "port_value": 80}}}}]}]}}
     clusters += [entra, imds]
+    envoy_side.apply(cfg)
     header = (
         "# GENERATED from envoy/production.yaml by tools/render_configs.py: do not edit, edit\n"
         "# envoy/production.yaml (or this generator) and run `python tools/render_configs.py`.\n"

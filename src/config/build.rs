@@ -9,7 +9,7 @@ use serde_path_to_error::Segment;
 use super::raw::{
     Deferred, Dur, LongDur, Mode, Obj, RawAzureAd, RawCache, RawConfig, RawCooldown,
     RawCooldownSwitch, RawKey, RawOperation, RawProvider, RawResponses, RawRoute, RawStep,
-    RawStrategy, RawTarget, Text,
+    RawStrategy, RawTarget, Role, StreamFailover, Text,
 };
 use super::*;
 use crate::operation::Operation;
@@ -28,15 +28,64 @@ const MAX_RETRIES: u32 = 10;
 const DEFAULT_AFFINITY_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_AFFINITY_ENTRIES: u32 = 16384;
 
-/// Parses and validates the plugin configuration.
+/// Parses and validates the plugin configuration of the filter itself.
 pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
+    match parse_plugin(json, env)? {
+        Plugin::Filter(config) => Ok(*config),
+        Plugin::Upstream => Err(ConfigError::new(
+            "role",
+            "\"upstream\" is the configuration of the upstream filter of the streamed-failover \
+             clusters, not of the filter",
+        )),
+    }
+}
+
+/// Parses and validates a plugin configuration: the filter's, or the upstream filter's
+/// (`{"role": "upstream"}`).
+pub fn parse_plugin(json: &[u8], env: &dyn Env) -> Result<Plugin, ConfigError> {
     let mut de = serde_json::Deserializer::from_slice(json);
     let raw: Obj<RawConfig> = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
     de.end().map_err(|e| invalid_json(&e))?;
-    build(raw.0, env)
+    let raw = raw.0;
+    if raw.role == Some(Role::Upstream) {
+        return match set_fields(&raw).first() {
+            None => Ok(Plugin::Upstream),
+            Some(field) => Err(ConfigError::new(
+                *field,
+                "not allowed with role \"upstream\" (the upstream filter works from the \
+                 filter's own configuration)",
+            )),
+        };
+    }
+    build(raw, env).map(|c| Plugin::Filter(Box::new(c)))
+}
+
+/// The top-level fields a configuration sets besides `role` and `$schema`.
+fn set_fields(raw: &RawConfig) -> Vec<&'static str> {
+    [
+        ("streaming", raw.streaming.is_some()),
+        ("strategy", raw.strategy.is_some()),
+        ("targets", raw.targets.is_some()),
+        ("keys", raw.keys.is_some()),
+        ("cache", raw.cache.is_some()),
+        ("responses", raw.responses.is_some()),
+        ("routes", raw.routes.is_some()),
+        ("deadline", raw.deadline.is_some()),
+        (
+            "max_request_body_bytes",
+            raw.max_request_body_bytes.is_some(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect()
 }
 
 fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+    let stream_failover = raw
+        .streaming
+        .and_then(|Obj(s)| s.failover)
+        .unwrap_or(StreamFailover::Router);
     let strategy = raw.strategy.map(|s| s.0);
     let loadbalance = strategy.as_ref().and_then(|s| s.mode) == Some(Mode::Loadbalance);
     let (on_status_codes, failover_on_content_filter, max_retry_wait) =
@@ -125,6 +174,7 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     };
 
     Ok(Config {
+        stream_failover: stream_failover == StreamFailover::Router,
         loadbalance,
         on_status_codes,
         failover_on_content_filter,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-pub use build::parse;
+pub use build::{parse, parse_plugin};
 
 /// Environment lookup, injected so tests do not depend on the process environment.
 pub trait Env {
@@ -269,8 +269,19 @@ pub struct ResponsesSettings {
     pub max_affinity_entries: u32,
 }
 
+/// A plugin configuration: the filter's, or the upstream filter's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plugin {
+    Filter(Box<Config>),
+    /// The upstream filter of the streamed-failover clusters (`{"role": "upstream"}`).
+    Upstream,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// `streaming.failover: "router"` (the default): streamed requests fail over through
+    /// Envoy's router over the streamed-failover clusters, and keep streaming.
+    pub stream_failover: bool,
     /// `strategy.mode: "loadbalance"`: first attempts spread by weight.
     pub loadbalance: bool,
     pub on_status_codes: Vec<u16>,

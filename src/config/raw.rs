@@ -22,6 +22,14 @@ pub struct RawConfig {
     /// The JSON Schema an editor checks this file against; ignored by the filter.
     #[serde(rename = "$schema")]
     pub schema: Option<String>,
+    /// "filter" (default): the filter, in a listener's HTTP filter chain. "upstream": the same
+    /// module as the upstream HTTP filter of the streamed-failover clusters
+    /// (`llm_failover.stream.*`, written by tools/envoy_side.py), which addresses each attempt of
+    /// a streamed request for its target. It works from the filter's own configuration (it must
+    /// share the filter's `vm_config`), so nothing else may be set.
+    pub role: Option<Role>,
+    /// How `"stream": true` requests fail over.
+    pub streaming: Option<Obj<RawStreaming>>,
     /// How attempts are judged and how the chain is walked.
     pub strategy: Option<Obj<RawStrategy>>,
     /// The ordered chain of upstream targets (at least one).
@@ -58,6 +66,37 @@ pub struct RawStrategy {
     pub failover_on_content_filter: Option<bool>,
     /// Longest Retry-After the filter waits before retrying the same target (default "5s").
     pub max_retry_wait: Option<Text<Dur>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Role"))]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Filter,
+    Upstream,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Streaming"))]
+#[serde(deny_unknown_fields)]
+pub struct RawStreaming {
+    /// "router" (default): a streamed request goes through Envoy's router over the
+    /// streamed-failover clusters, which retries it on the next target before the first byte, so
+    /// the fallback's answer streams. "callout": it fails over through callouts like any other
+    /// request, and the fallback's answer arrives in one piece when it is complete.
+    pub failover: Option<StreamFailover>,
+}
+
+/// How a `"stream": true` request fails over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "StreamFailover"))]
+#[serde(rename_all = "lowercase")]
+pub enum StreamFailover {
+    Router,
+    Callout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -616,3 +616,49 @@ fn load_balancing_and_spillover_settings() {
         assert_eq!(parse_value(&v).unwrap_err().to_string(), want);
     }
 }
+
+#[test]
+fn streamed_requests_fail_over_through_the_router_unless_told_otherwise() {
+    assert!(parse_value(&base()).unwrap().stream_failover);
+    let mut v = base();
+    v["streaming"] = json!({"failover": "callout"});
+    assert!(!parse_value(&v).unwrap().stream_failover);
+    v["streaming"] = json!({"failover": "router"});
+    assert!(parse_value(&v).unwrap().stream_failover);
+    let e = parse_value(&{
+        let mut v = base();
+        v["streaming"] = json!({"failover": "sometimes"});
+        v
+    })
+    .unwrap_err();
+    assert_eq!(e.field, "streaming.failover");
+    assert_eq!(
+        error_field(|v| v["streaming"] = json!({"falover": "router"})),
+        "streaming.falover"
+    );
+}
+
+#[test]
+fn the_upstream_filter_takes_no_settings_of_its_own() {
+    let upstream = |v: Value| parse_plugin(v.to_string().as_bytes(), &env());
+    assert_eq!(upstream(json!({"role": "upstream"})), Ok(Plugin::Upstream));
+    // The filter's own role, spelled out, is the filter.
+    let mut filter = base();
+    filter["role"] = json!("filter");
+    assert!(matches!(upstream(filter), Ok(Plugin::Filter(_))));
+    let mut both = base();
+    both["role"] = json!("upstream");
+    let e = upstream(both).unwrap_err();
+    assert_eq!(e.field, "targets");
+    assert!(
+        e.problem.contains("not allowed with role \"upstream\""),
+        "{e}"
+    );
+    let e = upstream(json!({"role": "upstream", "deadline": "5s"})).unwrap_err();
+    assert_eq!(e.field, "deadline");
+    let e = upstream(json!({"role": "sidecar"})).unwrap_err();
+    assert_eq!(e.field, "role");
+    // The filter refuses the upstream filter's configuration, naming the field.
+    let e = parse_value(&json!({"role": "upstream"})).unwrap_err();
+    assert_eq!(e.field, "role");
+}

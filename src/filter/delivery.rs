@@ -82,7 +82,7 @@ impl Exchange {
     }
 
     /// Labels the routed answer that is passing through: who served it, after how many attempts.
-    pub(super) fn add_outcome_headers(&mut self, attempts: u32) {
+    pub(super) fn add_outcome_headers(&mut self, attempts: u32, failed_over: bool) {
         let map = MapType::HttpResponseHeaders;
         let name = self
             .current_target()
@@ -92,7 +92,7 @@ impl Exchange {
             host::set_header(map, TARGET_HEADER, Some(&name));
         }
         host::set_header(map, ATTEMPTS_HEADER, Some(&attempts.to_string()));
-        self.record_state(&name, attempts, false);
+        self.record_state(&name, attempts, failed_over);
         if self.cache_settings().is_some() {
             host::set_header(map, CACHE_HEADER, Some("miss"));
         }

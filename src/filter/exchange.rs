@@ -16,7 +16,7 @@ use super::host::{self, Headers};
 use super::metrics::Metrics;
 use crate::body::Body;
 use crate::cache::Digest;
-use crate::chain::Chain;
+use crate::chain::{Chain, FailureKind};
 use crate::config::{CacheSettings, Config, Credential, Step, Target};
 use crate::forward::ClientHeaders;
 use crate::intake::{Access, Kind};
@@ -28,6 +28,8 @@ use crate::usage::UsageScanner;
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
+    /// The root context that parsed the config (streamed attempts name it in their handoff).
+    pub root: u32,
     pub config: Config,
     pub metrics: Metrics,
     /// Credential header of each target, built once.
@@ -36,10 +38,12 @@ pub struct Runtime {
     pub rng: RefCell<fastrand::Rng>,
     /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
     tokens: RefCell<Vec<Option<Token>>>,
+    /// Whether the missing streamed-failover clusters were logged (once per worker).
+    pub stream_warned: Cell<bool>,
 }
 
 impl Runtime {
-    pub fn new(config: Config) -> Runtime {
+    pub fn new(config: Config, root: u32) -> Runtime {
         let metrics = Metrics::define(&config);
         let credentials = config
             .targets
@@ -47,11 +51,13 @@ impl Runtime {
             .map(provider::credential_header)
             .collect();
         Runtime {
+            root,
             config,
             metrics,
             credentials,
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
+            stream_warned: Cell::new(false),
         }
     }
 
@@ -118,6 +124,16 @@ pub(super) enum Phase {
     Routed,
     /// The routed attempt answered and its response is passing through.
     Streaming,
+    /// A streamed request is in Envoy's router, which retries it over its plan's targets.
+    StreamRouted,
+    /// The router gave up on a streamed request with a reply of its own (no target answered);
+    /// its body is held until the filter's error replaces it.
+    StreamSpent {
+        failure: FailureKind,
+        budget_spent: bool,
+        attempts: u32,
+        failed_over: bool,
+    },
     /// The routed attempt answered with a failure candidate; its body is being collected.
     HoldingRouted {
         status: Option<u16>,
@@ -169,6 +185,8 @@ pub struct Exchange {
     /// The request body, read once; kept while a further attempt may need it.
     pub(super) body: Option<Body>,
     pub(super) chain: Option<Chain>,
+    /// On the streamed path: the target whose answer the client gets (the router chose it).
+    pub(super) served: Option<usize>,
     pub(super) attempt_started_ms: u64,
     pub(super) cache_key: Option<Digest>,
     pub(super) cache_body: Option<Vec<u8>>,
@@ -194,6 +212,7 @@ impl Exchange {
             request: Request::default(),
             body: None,
             chain: None,
+            served: None,
             attempt_started_ms: 0,
             cache_key: None,
             cache_body: None,
@@ -292,7 +311,8 @@ impl Exchange {
 
     /// The target of the attempt in flight (or the last one).
     pub(super) fn current_target(&self) -> Option<usize> {
-        self.chain.as_ref().and_then(Chain::current_target)
+        self.served
+            .or_else(|| self.chain.as_ref().and_then(Chain::current_target))
     }
 
     /// Answers the client with one of the filter's own errors.

@@ -96,6 +96,17 @@ pub fn set_filter_state(name: &str, value: &str) {
     let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
 }
 
+/// A property of the stream (`["response", "code_details"]`), or filter state set with
+/// [`set_filter_state`] (`[name]`).
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+/// A property as text.
+pub fn property_text(path: &[&str]) -> Option<String> {
+    property(path).and_then(|b| String::from_utf8(b).ok())
+}
+
 pub fn set_effective_context(context_id: u32) -> bool {
     hostcalls::set_effective_context(context_id).is_ok()
 }

@@ -51,6 +51,7 @@ impl Exchange {
             authorization: get("authorization").is_some(),
             api_key: get("api-key").is_some(),
             accept_encoding: get("accept-encoding").is_some(),
+            controls: 0,
         };
         r.kind = Some(kind.clone());
         let access = intake::authorize(
@@ -60,6 +61,9 @@ impl Exchange {
             get("api-key"),
         );
         for (name, value) in headers {
+            if name.starts_with("x-envoy-") {
+                self.request.client_has.controls |= forward::control_bit(&name);
+            }
             if forward::forwarded_to_callouts(&name) {
                 if let Ok(v) = String::from_utf8(value) {
                     self.request.forwarded.push((name, v));

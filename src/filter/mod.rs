@@ -16,13 +16,15 @@ mod request_body;
 mod root;
 mod routed;
 mod shared;
+mod streamed;
 mod timers;
 mod tokens;
+mod upstream;
 
 use proxy_wasm::traits::RootContext;
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::new()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(root::Root::new(id)) });
 }}

@@ -130,6 +130,9 @@ impl Exchange {
             self.note_skip(skipped, now);
         }
         self.chain = Some(chain);
+        if self.route_streamed(op, first.timeout, now) {
+            return Action::Continue;
+        }
         let new_body = match (
             self.target(first.target),
             self.step(first.target),

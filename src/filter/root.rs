@@ -14,14 +14,44 @@ use super::http::Http;
 use super::shared;
 use super::timers::Timers;
 use super::tokens;
-use crate::config::{self, ProcessEnv};
+use super::upstream::Attempt;
+use crate::config::{self, Plugin, ProcessEnv};
 use crate::reply::Rejection;
 
 const TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY_TICKS: u32 = 40;
 const SWEEP_CHUNK: u32 = 4096;
 
+thread_local! {
+    /// The filter configurations of this VM (root context id, runtime): the upstream filter of
+    /// the streamed-failover clusters, another root context of the same VM, works from them.
+    static FILTERS: RefCell<Vec<(u32, Weak<Runtime>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The runtime of the filter whose root context is `root`, if it lives in this VM.
+pub fn runtime_of(root: u32) -> Option<Rc<Runtime>> {
+    FILTERS.with(|f| {
+        let filters = f.try_borrow().ok()?;
+        filters
+            .iter()
+            .find(|(id, _)| *id == root)
+            .and_then(|(_, rt)| rt.upgrade())
+    })
+}
+
+fn register(root: u32, runtime: &Rc<Runtime>) {
+    FILTERS.with(|f| {
+        if let Ok(mut filters) = f.try_borrow_mut() {
+            filters.retain(|(id, rt)| *id != root && rt.strong_count() > 0);
+            filters.push((root, Rc::downgrade(runtime)));
+        }
+    });
+}
+
 pub struct Root {
+    id: u32,
+    /// The upstream filter of the streamed-failover clusters (`{"role": "upstream"}`).
+    upstream: bool,
     runtime: Option<Rc<Runtime>>,
     timers: Rc<RefCell<Timers>>,
     /// Callout token -> the request it belongs to, for callouts dispatched from the tick (a few
@@ -51,8 +81,10 @@ impl Sweep {
 }
 
 impl Root {
-    pub fn new() -> Root {
+    pub fn new(id: u32) -> Root {
         Root {
+            id,
+            upstream: false,
             runtime: None,
             timers: Rc::new(RefCell::new(Timers::default())),
             callouts: Vec::new(),
@@ -173,8 +205,13 @@ impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         proxy_wasm::set_log_level(host::envoy_log_level());
         let raw = host::plugin_configuration().unwrap_or_default();
-        match config::parse(&raw, &ProcessEnv) {
-            Ok(config) => {
+        match config::parse_plugin(&raw, &ProcessEnv) {
+            Ok(Plugin::Upstream) => {
+                log::info!("configured as the upstream filter of the streamed-failover clusters");
+                self.upstream = true;
+                true
+            }
+            Ok(Plugin::Filter(config)) => {
                 let chain: Vec<String> = config
                     .targets
                     .iter()
@@ -192,7 +229,9 @@ impl RootContext for Root {
                 let caches = usize::from(config.cache.is_some())
                     + config.routes.iter().filter(|r| r.cache.is_some()).count();
                 self.cache_sweeps = (0..caches).map(|_| Sweep::default()).collect();
-                self.runtime = Some(Rc::new(Runtime::new(config)));
+                let runtime = Rc::new(Runtime::new(*config, self.id));
+                register(self.id, &runtime);
+                self.runtime = Some(runtime);
                 host::set_tick_period(TICK);
                 true
             }
@@ -219,6 +258,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.upstream {
+            return Some(Box::new(Attempt::new(context_id)));
+        }
         match self.runtime.clone() {
             Some(runtime) => Some(Box::new(Http::new(
                 runtime,

@@ -62,8 +62,9 @@ impl Exchange {
         self.callback();
         match self.phase {
             Phase::Routed => {}
+            Phase::StreamRouted => return self.on_stream_answer(end_of_stream),
             Phase::Passthrough => {
-                self.add_outcome_headers(1);
+                self.add_outcome_headers(1, false);
                 return (Action::Continue, Effect::None);
             }
             _ => return (Action::Continue, Effect::None),
@@ -79,7 +80,7 @@ impl Exchange {
                 let headers = host::headers(MapType::HttpResponseHeaders);
                 self.record_limits(target, &headers, self.now());
             }
-            self.add_outcome_headers(1);
+            self.add_outcome_headers(1, false);
             self.routed_answered(status);
             return (Action::Continue, Effect::None);
         }
@@ -147,6 +148,7 @@ impl Exchange {
                 let (flow, effect) = self.decide(answer);
                 (flow.action(), effect)
             }
+            Phase::StreamSpent { .. } => (self.on_stream_spent_body(end_of_stream), Effect::None),
             Phase::Callout { .. } | Phase::Waiting { .. } => (Action::Pause, Effect::None),
             _ => (Action::Continue, Effect::None),
         }
@@ -164,11 +166,17 @@ impl Exchange {
             );
             // Any answer that is not a failure shows the target is up.
             self.record_health(target, None, now);
-            if (200..300).contains(&status.unwrap_or(0)) {
-                self.usage = Some(UsageScanner::default());
-                if self.creates_response() {
-                    self.response_head = Some(Vec::new());
-                }
+        }
+        self.pass_answer(status);
+    }
+
+    /// The answer passes through from here on: its usage counted, its response id remembered,
+    /// its copy cached.
+    pub(super) fn pass_answer(&mut self, status: Option<u16>) {
+        if (200..300).contains(&status.unwrap_or(0)) && self.current_target().is_some() {
+            self.usage = Some(UsageScanner::default());
+            if self.creates_response() {
+                self.response_head = Some(Vec::new());
             }
         }
         self.body = None;

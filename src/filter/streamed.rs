@@ -1,0 +1,209 @@
+//! The streamed path of a request (`crate::stream`): a `"stream": true` request that can fail
+//! over is handed to Envoy's router with its plan, and the router's answer (from the first
+//! target that answered, or its own reply when none did) is labelled or replaced here. Each
+//! attempt is addressed, judged and counted by the upstream filter (`upstream`).
+
+use std::time::Duration;
+
+use proxy_wasm::types::{Action, MapType};
+
+use super::exchange::{Answer, Effect, Exchange, Phase};
+use super::host;
+use crate::chain::{FailureKind, GiveUpReason};
+use crate::judge;
+use crate::operation::Operation;
+use crate::quote;
+use crate::stream::{self, Handoff, Plan, Record, Tries};
+
+impl Exchange {
+    /// Hands the request to the router when it takes the streamed path (true): its plan's
+    /// aggregate cluster, the retries and timeouts for it, and the handoff for the upstream
+    /// filter. The body goes on as the client sent it; each attempt rewrites its own.
+    pub(super) fn route_streamed(&mut self, op: Operation, timeout: Duration, now: u64) -> bool {
+        let (Some(chain), Some(body)) = (&self.chain, &self.body) else {
+            return false;
+        };
+        let plan: Plan = stream::bounded(
+            chain
+                .planned(|t| self.availability(t, now))
+                .into_iter()
+                .map(|(target, tries)| Tries { target, tries })
+                .collect(),
+        );
+        if !stream::takes_stream_path(self.config(), op, body.stream, &plan) {
+            return false;
+        }
+        let left = chain.remaining(now);
+        let map = MapType::HttpRequestHeaders;
+        let client = self.request.client_has;
+        // The client's credential never goes on: each attempt gets its target's.
+        let own = [
+            (client.authorization, "authorization"),
+            (client.api_key, "api-key"),
+            (client.accept_encoding, "accept-encoding"),
+        ];
+        for (_, name) in own.iter().filter(|(present, _)| *present) {
+            host::set_header(map, name, None);
+        }
+        for name in client.controls() {
+            host::set_header(map, name, None);
+        }
+        for (name, value) in stream::router_headers(self.config(), &plan, timeout, left) {
+            host::set_header(map, name, Some(&value));
+        }
+        let handoff = Handoff {
+            root: self.rt.root,
+            ctx: self.context_id,
+            id: self.request.id.clone(),
+            route: self.request.route,
+            op,
+            path: self.request.client_path.clone(),
+            model: body.model.clone(),
+            plan,
+            per_try_ms: crate::duration::millis(timeout.min(left)),
+        };
+        host::set_filter_state(stream::HANDOFF_STATE, &handoff.to_json());
+        self.attempt_started_ms = now;
+        self.phase = Phase::StreamRouted;
+        true
+    }
+
+    /// The router's answer to a streamed request: the first answer a target gave that is not a
+    /// failure, the last failure when the plan is spent, or its own reply when no attempt
+    /// answered.
+    pub(super) fn on_stream_answer(&mut self, end_of_stream: bool) -> (Action, Effect) {
+        let details = host::property_text(&["response", "code_details"]).unwrap_or_default();
+        if details == "cluster_not_found" {
+            return self.stream_clusters_missing();
+        }
+        let record = host::property(&[stream::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let first = self.chain.as_ref().and_then(|c| c.current_target());
+        let via_upstream = details == "via_upstream";
+        if record.is_none() && via_upstream {
+            log::error!(
+                "{} a streamed request was answered without the upstream filter: its cluster \
+                 needs the llm_failover upstream filter (tools/envoy_side.py writes it)",
+                self.tag()
+            );
+        }
+        let (served, attempts, failed_over) = match record {
+            Some(r) => (Some(r.target), r.attempts, r.failed_over),
+            None => (first, 1, false),
+        };
+        self.served = served;
+        let last = self.target_name(served.unwrap_or(0)).to_string();
+        if !via_upstream {
+            // No attempt answered: reset, refused, timed out, or the deadline ran out.
+            let (failure, reason) = match details.as_str() {
+                "response_timeout" => (FailureKind::Timeout, GiveUpReason::BudgetSpent),
+                d if d.starts_with("upstream_per_try_timeout") => {
+                    (FailureKind::Timeout, GiveUpReason::Exhausted)
+                }
+                _ => (FailureKind::Unreachable, GiveUpReason::Exhausted),
+            };
+            self.give_up_stream(
+                reason,
+                attempts,
+                &last,
+                &judge::describe(None, Some(failure)),
+            );
+            let budget_spent = reason == GiveUpReason::BudgetSpent;
+            if end_of_stream {
+                self.deliver_spent(failure, budget_spent, attempts, failed_over);
+                return (Action::Pause, Effect::None);
+            }
+            self.phase = Phase::StreamSpent {
+                failure,
+                budget_spent,
+                attempts,
+                failed_over,
+            };
+            return (Action::Pause, Effect::None);
+        }
+        let status = host::header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|s| judge::parse_status(&s));
+        if status.is_some_and(|s| stream::fails_over(self.config(), s)) {
+            self.give_up_stream(
+                GiveUpReason::Exhausted,
+                attempts,
+                &last,
+                &judge::describe(status, None),
+            );
+        }
+        self.add_outcome_headers(attempts, failed_over);
+        self.pass_answer(status);
+        (Action::Continue, Effect::None)
+    }
+
+    fn give_up_stream(&self, reason: GiveUpReason, attempts: u32, last: &str, what: &str) {
+        let what_ended = match reason {
+            GiveUpReason::Exhausted => "chain exhausted",
+            GiveUpReason::BudgetSpent => "deadline spent",
+        };
+        self.rt.metrics.gave_up(reason);
+        log::info!(
+            "{} {what_ended} after {attempts} attempt(s): last target={last} {what}",
+            self.tag()
+        );
+    }
+
+    /// The router's own reply, complete: replaced by the filter's error.
+    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool) -> Action {
+        let Phase::StreamSpent {
+            failure,
+            budget_spent,
+            attempts,
+            failed_over,
+        } = self.phase
+        else {
+            return Action::Continue;
+        };
+        if end_of_stream {
+            self.deliver_spent(failure, budget_spent, attempts, failed_over);
+        }
+        Action::Pause
+    }
+
+    fn deliver_spent(
+        &mut self,
+        failure: FailureKind,
+        budget_spent: bool,
+        attempts: u32,
+        failed_over: bool,
+    ) {
+        let answer = Answer {
+            status: None,
+            content_type: None,
+            retry_after: None,
+            body: Vec::new(),
+            headers: None,
+        };
+        self.deliver(answer, Some(failure), attempts, failed_over, budget_spent);
+    }
+
+    /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
+    /// (its fallback's answer then arrives whole), and the operator is told once per worker.
+    fn stream_clusters_missing(&mut self) -> (Action, Effect) {
+        let cluster = host::header(MapType::HttpRequestHeaders, crate::forward::CLUSTER_HEADER)
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default();
+        if !self.rt.stream_warned.replace(true) {
+            log::warn!(
+                "{} cluster {} is not defined in Envoy: streamed requests fail over through \
+                 callouts until it is (tools/envoy_side.py writes the streamed-failover clusters)",
+                self.tag(),
+                quote(&cluster)
+            );
+        }
+        let now = self.now();
+        let (Some(target), Some(left)) = (
+            self.chain.as_ref().and_then(|c| c.current_target()),
+            self.chain.as_ref().map(|c| c.remaining(now)),
+        ) else {
+            return (Action::Continue, Effect::None);
+        };
+        let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
+        let (flow, effect) = self.attempt(target, timeout);
+        (flow.action(), effect)
+    }
+}

@@ -1,0 +1,319 @@
+//! The upstream filter of the streamed-failover clusters: one context per attempt the router
+//! makes of a streamed request. It addresses the attempt for the target its host names (path,
+//! host, credential, and the body when the target needs its own), logs and counts the decision
+//! the attempt stands for (a retry or a failover), and judges how the attempt ended for the
+//! cooldowns, the spill-overs and the stats. The request's facts come from the filter's handoff,
+//! never from the headers, which all attempts share and which carry the last attempt's rewrite.
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+
+use super::exchange::Exchange;
+use super::host;
+use super::root;
+use crate::body::{Body, Keep};
+use crate::chain::{Failure, FailureKind};
+use crate::intake::Kind;
+use crate::judge;
+use crate::provider::{self, CLIENT_CREDENTIAL_HEADERS};
+use crate::reply::Rejection;
+use crate::retry_after;
+use crate::rewrite;
+use crate::stream::{self, Decision, Ended, Handoff, Record};
+
+pub struct Attempt {
+    context_id: u32,
+    state: Option<State>,
+}
+
+/// An attempt that was addressed.
+struct State {
+    ex: Exchange,
+    handoff: Handoff,
+    target: usize,
+    record: Record,
+    started_ms: u64,
+    answered: bool,
+    /// The target's body differs from the client's: held until complete, then rewritten.
+    rewrite: bool,
+}
+
+impl Attempt {
+    pub fn new(context_id: u32) -> Attempt {
+        Attempt {
+            context_id,
+            state: None,
+        }
+    }
+
+    /// Addresses the attempt; `Err` names why it cannot be sent (the client gets a 500: the
+    /// request must never go on unaddressed or with another target's credential).
+    fn begin(&mut self, end_of_stream: bool) -> Result<Action, Refusal> {
+        let handoff = host::property(&[stream::HANDOFF_STATE])
+            .and_then(|b| Handoff::from_json(&b))
+            .ok_or(Refusal::Misconfigured(
+                "a request reached a streamed-failover cluster without the filter's handoff \
+                 (only the filter routes to llm_failover.stream.* clusters)",
+            ))?;
+        let rt = root::runtime_of(handoff.root).ok_or(Refusal::Misconfigured(
+            "the upstream filter does not share the filter's Wasm VM (give it the filter's \
+             vm_config: same vm_id and code)",
+        ))?;
+        let name = host::property_text(&[
+            "xds",
+            "upstream_host_metadata",
+            "filter_metadata",
+            stream::METADATA_NAMESPACE,
+            "target",
+        ])
+        .ok_or(Refusal::Misconfigured(
+            "the upstream host has no filter_metadata.llm_failover.target (tools/envoy_side.py \
+             writes the member clusters)",
+        ))?;
+        let target = rt
+            .config
+            .target_index(&name)
+            .filter(|&t| handoff.plans(t))
+            .ok_or(Refusal::Misconfigured(
+                "the upstream host names a target that is not in the request's plan",
+            ))?;
+        let mut ex = Exchange::new(rt, handoff.ctx);
+        ex.request.id = handoff.id.clone();
+        ex.request.route = handoff.route;
+        ex.request.kind = Some(Kind::Operation(handoff.op));
+        ex.request.client_path = handoff.path.clone();
+        let now = ex.now();
+
+        let previous = host::property(&[stream::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let first = handoff.plan.first().map_or(target, |t| t.target);
+        let record = Record::next(previous, first, target);
+        if let Some(previous) = previous {
+            log_decision(&ex, &previous, target, record.attempts);
+        }
+
+        let (Some(t), Some(step)) = (ex.target(target), ex.step(target)) else {
+            return Err(Refusal::Misconfigured("target out of range"));
+        };
+        let model = step.model.as_deref().or(handoff.model.as_deref());
+        let address =
+            provider::address(t, Some(handoff.op), model, &handoff.path).map_err(|_| {
+                Refusal::Misconfigured("the request's plan names a target that cannot serve it")
+            })?;
+        let (credential, value) = ex.rt.credential(target, now).ok_or(Refusal::NoCredential)?;
+        let rewrite = rewrite::may_change_body(t, step, handoff.op);
+        let map = MapType::HttpRequestHeaders;
+        // The headers are shared by all attempts: any provider's credential a previous attempt
+        // set goes, this target's is set.
+        for header in CLIENT_CREDENTIAL_HEADERS {
+            if header != credential {
+                host::set_header(map, header, None);
+            }
+        }
+        host::set_header(map, credential, Some(&value));
+        host::set_header(map, ":path", Some(&address.path));
+        host::set_header(map, ":authority", Some(&address.authority));
+        host::set_filter_state(stream::RECORD_STATE, &record.to_json());
+        log::debug!(
+            "{} streamed attempt {} to target={}",
+            ex.tag(),
+            record.attempts,
+            ex.target_name(target)
+        );
+        self.state = Some(State {
+            ex,
+            handoff,
+            target,
+            record,
+            started_ms: now,
+            answered: false,
+            rewrite,
+        });
+        Ok(if rewrite && !end_of_stream {
+            Action::Pause
+        } else {
+            Action::Continue
+        })
+    }
+
+    /// The target's body, in place of the client's (the router hands every attempt the
+    /// client's, as it arrived).
+    fn rewrite_body(&mut self, body_size: usize) {
+        let Some(st) = &self.state else { return };
+        let raw = host::buffer(BufferType::HttpRequestBody, body_size);
+        let Ok(body) = Body::parse(raw, Keep::Document) else {
+            return;
+        };
+        let (Some(t), Some(step)) = (st.ex.target(st.target), st.ex.step(st.target)) else {
+            return;
+        };
+        if let Some(new) = rewrite::body_for_step(t, step, st.handoff.op, &body) {
+            if host::replace_buffer(BufferType::HttpRequestBody, body_size, &new) {
+                let len = new.len().to_string();
+                host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&len));
+            }
+        }
+    }
+
+    /// The attempt's answer: counted, and judged for the target's health.
+    fn answered(&mut self) {
+        let Some(st) = &mut self.state else { return };
+        st.answered = true;
+        st.ex.callback();
+        let now = st.ex.now();
+        let status = host::header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|s| judge::parse_status(&s));
+        let config = &st.ex.rt.config;
+        let failed = status.filter(|&s| stream::fails_over(config, s));
+        let spills = st
+            .ex
+            .target(st.target)
+            .is_some_and(|t| t.spillover.is_some());
+        let headers = if failed.is_some() || spills {
+            host::headers(MapType::HttpResponseHeaders)
+        } else {
+            Vec::new()
+        };
+        let failure = failed.map(|s| Failure {
+            kind: FailureKind::Status(s),
+            retry_after: retry_after::parse(
+                headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+                now / 1000,
+            ),
+        });
+        st.ex.rt.metrics.attempt(
+            st.handoff.route,
+            st.target,
+            judge::status_class(status, None),
+            now.saturating_sub(st.started_ms),
+        );
+        st.ex.record_health(st.target, failure.as_ref(), now);
+        if spills {
+            st.ex.record_limits(st.target, &headers, now);
+        }
+        st.record.ended = status.map_or(Ended::Unreachable, Ended::Status);
+        host::set_filter_state(stream::RECORD_STATE, &st.record.to_json());
+    }
+
+    /// The attempt ended: one that never answered failed in transport (unless the client left).
+    fn done(&mut self) {
+        let Some(st) = &mut self.state else { return };
+        if st.answered {
+            return;
+        }
+        st.ex.callback();
+        let now = st.ex.now();
+        if client_left() {
+            log::debug!("{} client went away during a streamed attempt", st.ex.tag());
+            return;
+        }
+        let ended = stream::no_answer(now.saturating_sub(st.started_ms), st.handoff.per_try_ms);
+        let kind = match ended {
+            Ended::Timeout => FailureKind::Timeout,
+            _ => FailureKind::Unreachable,
+        };
+        st.ex.rt.metrics.attempt(
+            st.handoff.route,
+            st.target,
+            judge::status_class(None, Some(kind)),
+            now.saturating_sub(st.started_ms),
+        );
+        let failure = Failure {
+            kind,
+            retry_after: None,
+        };
+        st.ex.record_health(st.target, Some(&failure), now);
+        st.record.ended = ended;
+        host::set_filter_state(stream::RECORD_STATE, &st.record.to_json());
+    }
+}
+
+/// Why an attempt is not sent.
+enum Refusal {
+    Misconfigured(&'static str),
+    NoCredential,
+}
+
+/// The decision the attempt after `previous` stands for: logged and counted once, by the
+/// attempt that carries it out.
+fn log_decision(ex: &Exchange, previous: &Record, target: usize, attempt: u32) {
+    let what = match previous.ended {
+        Ended::Status(s) => judge::describe(Some(s), None),
+        Ended::Timeout => judge::describe(None, Some(FailureKind::Timeout)),
+        Ended::Unreachable | Ended::Pending => judge::describe(None, None),
+    };
+    match stream::decision(previous, target) {
+        Decision::Retry { target } => {
+            ex.rt.metrics.retry(target);
+            log::info!(
+                "{} retry target={} after {what} delay=0ms attempt={attempt}",
+                ex.tag(),
+                ex.target_name(target)
+            );
+        }
+        Decision::Failover { from, to } => {
+            ex.rt.metrics.fallback(ex.request.route, from, to);
+            log::info!(
+                "{} failover from={} to={} after {what} attempt={attempt}",
+                ex.tag(),
+                ex.target_name(from),
+                ex.target_name(to)
+            );
+        }
+    }
+}
+
+/// Envoy's response flag DC (downstream connection termination).
+const DOWNSTREAM_TERMINATED: u64 = 1 << 14;
+
+fn client_left() -> bool {
+    host::property(&["response", "flags"])
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .is_some_and(|b| u64::from_le_bytes(b) & DOWNSTREAM_TERMINATED != 0)
+}
+
+impl Context for Attempt {
+    fn on_done(&mut self) -> bool {
+        self.done();
+        true
+    }
+}
+
+impl HttpContext for Attempt {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match self.begin(end_of_stream) {
+            Ok(action) => action,
+            Err(refusal) => {
+                let rejection = match refusal {
+                    Refusal::Misconfigured(why) => {
+                        log::error!("[ctx={}] streamed attempt refused: {why}", self.context_id);
+                        Rejection::Misconfigured
+                    }
+                    Refusal::NoCredential => Rejection::NoCredential,
+                };
+                let reply = rejection.reply();
+                host::send_reply(
+                    reply.status,
+                    &[("content-type", "application/json")],
+                    &reply.body,
+                );
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.state.as_ref().is_some_and(|s| s.rewrite) {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.rewrite_body(body_size);
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.answered();
+        Action::Continue
+    }
+}
