@@ -148,6 +148,9 @@ pub struct Handoff {
     pub plan: Plan,
     /// The router's per-try timeout (ms): an attempt that ends with no answer after it timed out.
     pub per_try_ms: u64,
+    /// The client's body length: every attempt gets the client's body from the router, and the
+    /// headers an earlier attempt rewrote for its own body are shared.
+    pub length: u64,
 }
 
 impl Handoff {
@@ -639,6 +642,7 @@ mod tests {
             model: Some("gpt-4o".to_string()),
             plan: vec![tries(0, 2), tries(1, 1)],
             per_try_ms: 5000,
+            length: 76,
         };
         assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
         assert!(h.plans(1) && !h.plans(2));

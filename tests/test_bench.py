@@ -5,6 +5,7 @@ is."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -253,3 +254,35 @@ def test_lua_variants_replace_the_wasm_filter_and_nginx_accepts_their_paths(benc
     script = bench.LUA_SCRIPT.read_text()
     assert '"/chat/completions?api-version=" .. CONF.azure_api_version' in script
     assert 'local OPENAI_PATH = "/v1/chat/completions"' in script
+
+
+def test_streamed_variants_stream_through_the_router_or_a_callout(bench, base):
+    by = {v.key: v for v in bench.VARIANTS}
+    router, callout = by["stream-failover"], by["stream-callout"]
+    assert router.stream and callout.stream and router.openai_throttled and callout.openai_throttled
+    cfg = bench.render_envoy(base, router, 1, 2, ok_port=3, throttled_port=4, probes={})
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    # The plan of a primary without retries, then azure with its own.
+    aggregate = clusters["llm_failover.stream.openai.1.azure.2"]
+    members = aggregate["cluster_type"]["typed_config"]["clusters"]
+    assert members == ["llm_failover.try.openai.1", "llm_failover.try.azure.1", "llm_failover.try.azure.2"]
+    port = lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][  # noqa: E731
+        "socket_address"]["port_value"]
+    # Members are the target clusters as the variant points them: the primary at the 429 server.
+    assert port(clusters["llm_failover.try.openai.1"]) == 4 and port(clusters["llm_failover.try.azure.1"]) == 3
+    plugin = json.loads(bench.wasm_plugin(cfg)["configuration"]["value"])
+    assert "streaming" not in plugin
+    cfg = bench.render_envoy(base, callout, 1, 2, ok_port=3, throttled_port=4, probes={})
+    plugin = json.loads(bench.wasm_plugin(cfg)["configuration"]["value"])
+    assert plugin["streaming"] == {"failover": "callout"}
+    assert not any(c["name"].startswith("llm_failover.") for c in cfg["static_resources"]["clusters"])
+    # Other modules than this build's filter get no streamed-failover clusters.
+    lua = bench.render_envoy(base, by["lua"], 1, 2, ok_port=3, throttled_port=4, probes={})
+    assert not any(c["name"].startswith("llm_failover.") for c in lua["static_resources"]["clusters"])
+    # nginx answers SSE to a streamed request, with the canned answer's id.
+    nginx = bench.nginx_conf(Path("/tmp"), 3, 4)
+    assert "if ($http_x_bench_stream) { rewrite ^ /__stream$uri last; }" in nginx
+    first = bench.sse(bench.OPENAI_ANSWER).split("\n\n")[0].removeprefix("data: ")
+    assert json.loads(first)["id"] == bench.ANSWER_IDS["openai"]
+    assert bench.sse(bench.AZURE_ANSWER).endswith("data: [DONE]\n\n")
+    assert json.loads(bench.streamed(bench.REQUEST_BODY))["stream"] is True

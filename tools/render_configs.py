@@ -39,6 +39,7 @@ COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
 K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "envoy-config.yaml"
 PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
+ISTIO_ENVOYFILTER = ROOT / "deploy" / "istio" / "envoyfilter.yaml"
 ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
 ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -184,9 +185,48 @@ def render_production_entra() -> str:
     return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
 
 
+def istio_stream_clusters(envoyfilter: dict) -> list[dict]:
+    """The streamed-failover clusters of deploy/istio/envoyfilter.yaml's filter: Istio's own
+    outbound clusters cannot be copied, so each member is envoy/production.yaml's cluster for the
+    same host (TLS to it on 443, the system CA bundle, the name checked), as the DestinationRule
+    of egress.yaml originates TLS for Istio's."""
+    [http] = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+    wasm = http["patch"]["value"]["typed_config"]["config"]
+    plugin = json.loads(wasm["configuration"]["value"])
+    production = {}
+    for c in yaml.safe_load(PRODUCTION.read_text())["static_resources"]["clusters"]:
+        if not envoy_side.is_generated(c):
+            host = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            production[host["address"]] = c
+    clusters = []
+    for t in plugin["targets"]:
+        host = t["cluster"].rsplit("||", 1)[-1]
+        if host not in production:
+            raise SystemExit(f"{ISTIO_ENVOYFILTER.name}: target {t['name']}: no envoy/production.yaml cluster for {host}")
+        c = copy.deepcopy(production[host])
+        c["name"] = c["load_assignment"]["cluster_name"] = t["cluster"]
+        clusters.append(c)
+    stand_in = {"static_resources": {
+        "listeners": [{"filter_chains": [{"filters": [{"typed_config": {"http_filters": [
+            {"typed_config": {"@type": WASM_FILTER, "config": wasm}}]}}]}]}],
+        "clusters": clusters}}
+    return envoy_side.generated_clusters(stand_in)
+
+
+def render_istio_envoyfilter() -> str:
+    text = ISTIO_ENVOYFILTER.read_text()
+    [envoyfilter] = [d for d in yaml.safe_load_all(text) if d and d.get("kind") == "EnvoyFilter"]
+    patches = [{"applyTo": "CLUSTER", "match": {"context": "SIDECAR_OUTBOUND"},
+                "patch": {"operation": "ADD", "value": c}} for c in istio_stream_clusters(envoyfilter)]
+    note = ["generated from the plugin configuration above and envoy/production.yaml's clusters:",
+            "do not edit, run `python tools/render_configs.py` (`make validate` checks it)."]
+    return envoy_side.write_block_with(text, patches, note)
+
+
 def outputs() -> dict[Path, str]:
     return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
-            ROUTES_ENVOY: render_routes_envoy(), PRODUCTION_ENTRA: render_production_entra()}
+            ROUTES_ENVOY: render_routes_envoy(), PRODUCTION_ENTRA: render_production_entra(),
+            ISTIO_ENVOYFILTER: render_istio_envoyfilter()}
 
 
 def main(argv=None) -> int:

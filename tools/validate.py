@@ -38,6 +38,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import envoy_side  # noqa: E402
 import render_configs  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -174,7 +175,8 @@ def plugin_config(wasm_config: dict) -> dict:
 
 
 def clusters_by_name(cfg: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    """The config's own clusters (not the streamed-failover ones tools/envoy_side.py writes)."""
+    return {c["name"]: c for c in cfg["static_resources"]["clusters"] if not envoy_side.is_generated(c)}
 
 
 def endpoint(cluster: dict) -> dict:
@@ -215,7 +217,8 @@ def check_envoy_configs(report: Report):
                  f"cluster {c['name']}: not the system CA bundle")
             need({"san_type": "DNS", "matcher": {"exact": host}} in vc.get("match_typed_subject_alt_names", []),
                  f"cluster {c['name']}: no certificate name check for {host}")
-        need(PRODUCTION.read_text().count("my-resource") - _comment_count(PRODUCTION, "my-resource") == 4,
+        hand_written = PRODUCTION.read_text().split(envoy_side.BEGIN)[0]
+        need(hand_written.count("my-resource") - _comment_count(PRODUCTION, "my-resource") == 4,
              "the Azure resource placeholder 'my-resource' must appear in exactly 4 config places "
              "(resource_name, endpoint address, sni, certificate name check)")
         for lst in cfg["static_resources"]["listeners"]:
@@ -229,6 +232,36 @@ def check_envoy_configs(report: Report):
             need(route.get("request_headers_to_remove") == ["x-llm-failover-cluster"],
                  "route: request_headers_to_remove")
         need(cfg.get("stats_config", {}).get("stats_tags"), "no stats_config tags")
+
+    k8s_envoy = yaml.safe_load(load(K8S_DIR / "envoy-config.yaml")["data"]["envoy.yaml"])
+    shipped = [(rel(p), load(p)) for p in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES, PRODUCTION_ENTRA)]
+    shipped.append((f"{rel(K8S_DIR / 'envoy-config.yaml')} envoy.yaml", k8s_envoy))
+    with report.check(f"streamed failover: the Envoy side of every shipped config ({len(shipped)}) is its chain's "
+                      "(tools/envoy_side.py --check)"):
+        bad = [f"{where}: {problem}" for where, cfg in shipped for problem in envoy_side.differences(cfg)]
+        need(not bad, "\n".join(bad))
+        for where, cfg in shipped:
+            need(any(envoy_side.is_generated(c) for c in cfg["static_resources"]["clusters"]),
+                 f"{where}: no streamed-failover clusters")
+
+    with report.check("negative: an Envoy side that disagrees with the chain is refused"):
+        cfg = load(LOCAL)
+        [wasm] = wasm_filters(cfg)
+        plugin = plugin_config(wasm)
+        plugin["targets"][0]["retries"] = plugin["targets"][0].get("retries", 0) + 1
+        wasm["configuration"]["value"] = json.dumps(plugin)
+        found = envoy_side.differences(cfg)
+        need(any("missing cluster llm_failover.try." in f for f in found), f"a target's new retries: {found}")
+        cfg = load(LOCAL)
+        cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"]
+                                               if not c["name"].startswith("llm_failover.stream.")]
+        found = envoy_side.differences(cfg)
+        need(any("missing cluster llm_failover.stream." in f for f in found), f"no aggregates: {found}")
+        cfg = load(LOCAL)
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        del hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["retry_policy"]
+        found = envoy_side.differences(cfg)
+        need(any("previous_priorities" in f for f in found), f"no retry policy: {found}")
 
     with report.check("negative: a broken plugin config is refused, naming the field"):
         cfg = load(PRODUCTION)
@@ -482,8 +515,10 @@ def envoyfilter_wasm(envoyfilter: dict) -> tuple[dict, dict]:
     return http, listener
 
 
-def istio_bootstrap(http_filter: dict, egress: list[dict], listener_patch: dict | None = None) -> dict:
-    """A minimal stand-in for the sidecar's outbound listener and clusters, for `envoy --mode validate`."""
+def istio_bootstrap(http_filter: dict, egress: list[dict], listener_patch: dict | None = None,
+                    envoyfilter: dict | None = None) -> dict:
+    """A minimal stand-in for the sidecar's outbound listener and clusters, for `envoy --mode validate`;
+    with `envoyfilter`, its CLUSTER and HTTP_ROUTE patches applied too (the streamed-failover side)."""
     clusters = []
     for se in of_kind(egress, "ServiceEntry"):
         for host in se["spec"]["hosts"]:
@@ -502,6 +537,18 @@ def istio_bootstrap(http_filter: dict, egress: list[dict], listener_patch: dict 
                                                                  "http_filters": [http_filter, ROUTER]}}]}]}
     if listener_patch:
         listener.update(listener_patch["patch"]["value"])
+    for patch in (envoyfilter or {}).get("spec", {}).get("configPatches", []):
+        value = copy.deepcopy(patch["patch"]["value"])
+        if patch["applyTo"] == "CLUSTER":
+            for opts in (value.get("typed_extension_protocol_options") or {}).values():
+                for f in opts.get("http_filters") or []:
+                    if f["typed_config"].get("@type") == WASM_FILTER:
+                        f["typed_config"]["config"] = with_local_wasm(f["typed_config"]["config"])
+            clusters.append(value)
+        elif patch["applyTo"] == "HTTP_ROUTE":
+            need(patch["patch"]["operation"] == "INSERT_FIRST", "the streamed route must come first")
+            routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+            routes["routes"].insert(0, value)
     return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
             "static_resources": {"listeners": [listener], "clusters": clusters}}
 
@@ -672,7 +719,14 @@ def check_istio(report: Report):
         http, listener = envoyfilter_wasm(envoyfilter)
         value = copy.deepcopy(http["patch"]["value"])
         value["typed_config"]["config"] = with_local_wasm(value["typed_config"]["config"])
-        need_envoy_ok(istio_bootstrap(value, egress, listener))
+        bootstrap = istio_bootstrap(value, egress, listener, envoyfilter)
+        # Its streamed-failover clusters are those of its plugin config, on envoy/production.yaml's
+        # clusters for the same hosts (Istio's own cannot be copied).
+        want = {c["name"] for c in render_configs.istio_stream_clusters(envoyfilter)}
+        got = {c["name"] for c in bootstrap["static_resources"]["clusters"] if envoy_side.is_generated(c)}
+        need(want and got == want, f"EnvoyFilter streamed-failover clusters {sorted(got)}, want {sorted(want)}")
+        need(not envoy_side.route_problems(bootstrap, True), envoy_side.route_problems(bootstrap, True))
+        need_envoy_ok(bootstrap)
 
     with report.check("envoy --mode validate: the Wasm filter Istio makes of deploy/istio/wasmplugin.yaml"):
         need_envoy_ok(istio_bootstrap(wasmplugin_as_envoy_filter(wasmplugin), egress))

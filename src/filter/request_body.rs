@@ -130,7 +130,7 @@ impl Exchange {
             self.note_skip(skipped, now);
         }
         self.chain = Some(chain);
-        if self.route_streamed(op, first.timeout, now) {
+        if self.route_streamed(op, first.timeout, now, body_size) {
             return Action::Continue;
         }
         let new_body = match (

@@ -22,7 +22,8 @@ pub fn cooldown_state(target: &str) -> State {
     bytes.map(|b| State::decode(&b)).unwrap_or_default()
 }
 
-/// Records a failure; returns the cooldown it started, if any.
+/// Records a failure; returns the cooldown it started, if any (a target already cooling is not
+/// starting one: a later failure only extends it).
 pub fn record_failure(
     target: &str,
     policy: &Cooldown,
@@ -35,7 +36,7 @@ pub fn record_failure(
         let state = bytes.map(|b| State::decode(&b)).unwrap_or_default();
         let (next, started) = cooldown::after_failure(state, policy, throttled_for, now_ms);
         if host::shared_set(&key, &next.encode(), cas).is_ok() {
-            return started;
+            return started.filter(|_| !state.cooling(now_ms));
         }
     }
     None

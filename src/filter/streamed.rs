@@ -19,7 +19,13 @@ impl Exchange {
     /// Hands the request to the router when it takes the streamed path (true): its plan's
     /// aggregate cluster, the retries and timeouts for it, and the handoff for the upstream
     /// filter. The body goes on as the client sent it; each attempt rewrites its own.
-    pub(super) fn route_streamed(&mut self, op: Operation, timeout: Duration, now: u64) -> bool {
+    pub(super) fn route_streamed(
+        &mut self,
+        op: Operation,
+        timeout: Duration,
+        now: u64,
+        length: usize,
+    ) -> bool {
         let (Some(chain), Some(body)) = (&self.chain, &self.body) else {
             return false;
         };
@@ -61,6 +67,7 @@ impl Exchange {
             model: body.model.clone(),
             plan,
             per_try_ms: crate::duration::millis(timeout.min(left)),
+            length: length as u64,
         };
         host::set_filter_state(stream::HANDOFF_STATE, &handoff.to_json());
         self.attempt_started_ms = now;

@@ -112,6 +112,10 @@ impl Attempt {
         host::set_header(map, credential, Some(&value));
         host::set_header(map, ":path", Some(&address.path));
         host::set_header(map, ":authority", Some(&address.authority));
+        if previous.is_some() && !rewrite {
+            // An earlier attempt may have set the length of its own body.
+            set_length(handoff.length);
+        }
         host::set_filter_state(stream::RECORD_STATE, &record.to_json());
         log::debug!(
             "{} streamed attempt {} to target={}",
@@ -146,11 +150,12 @@ impl Attempt {
         let (Some(t), Some(step)) = (st.ex.target(st.target), st.ex.step(st.target)) else {
             return;
         };
-        if let Some(new) = rewrite::body_for_step(t, step, st.handoff.op, &body) {
-            if host::replace_buffer(BufferType::HttpRequestBody, body_size, &new) {
-                let len = new.len().to_string();
-                host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&len));
+        let new = rewrite::body_for_step(t, step, st.handoff.op, &body);
+        match new {
+            Some(new) if host::replace_buffer(BufferType::HttpRequestBody, body_size, &new) => {
+                set_length(new.len() as u64);
             }
+            _ => set_length(st.handoff.length),
         }
     }
 
@@ -260,6 +265,12 @@ fn log_decision(ex: &Exchange, previous: &Record, target: usize, attempt: u32) {
             );
         }
     }
+}
+
+/// The attempt's `content-length` (the headers go on after the body is read, so it can change).
+fn set_length(length: u64) {
+    let len = length.to_string();
+    host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&len));
 }
 
 /// Envoy's response flag DC (downstream connection termination).
