@@ -21,7 +21,8 @@ wait); the whole run takes about three and a half minutes. Steps:
 
 Usage: .venv/bin/python bench/run.py [--rounds 8] [--duration 1] [--single-duration 1]
 Experiments (BENCHMARKS.md is left alone): --only VARIANT..., --extra NAME=other.wasm,
---extra-noop NAME=other.wasm, --extra-floor NAME=other.wasm, --body-bytes N.
+--extra-noop NAME=other.wasm, --extra-floor NAME=other.wasm, --body-bytes N,
+--envoy-log-level LEVEL.
 """
 
 from __future__ import annotations
@@ -719,6 +720,8 @@ def start_envoy(variant: Variant, ctx: dict) -> RunningEnvoy:
         "--disable-hot-restart",
         "--log-path",
         str(log_path),
+        "-l",
+        ctx["log_level"],
     ]
     # The access log (stdout) is formatted as shipped and thrown away.
     proc = subprocess.Popen(
@@ -1263,6 +1266,8 @@ def main() -> int:
     )
     ap.add_argument("--body-bytes", type=int, default=0, help="pad the request body to about this size")
     ap.add_argument("--no-pin", action="store_true", help="do not pin Envoy and the load to separate CPUs")
+    ap.add_argument("--envoy-log-level", default="info",
+                    help="Envoy's log level (experiments: what the decision log lines cost)")
     args = ap.parse_args()
     args.duration = max(1, min(args.duration, 60))
     args.single_duration = max(1, min(args.single_duration, 60))
@@ -1338,6 +1343,7 @@ def main() -> int:
                 "envoy": envoy,
                 "script": script,
                 "stream_script": stream_script,
+                "log_level": args.envoy_log_level,
                 "duration": args.duration,
                 "single_duration": args.single_duration,
                 "envoy_cpus": envoy_cpus,
@@ -1372,7 +1378,7 @@ def main() -> int:
     )
     args.body_size = len(body)
     text = report(results, sizes, machine, args, started)
-    if args.only or extras or args.body_bytes:
+    if args.only or extras or args.body_bytes or args.envoy_log_level != "info":
         print(text)
         print(f"bench: --only/--extra given: {args.out} not written")
     else:

@@ -57,7 +57,12 @@ pub fn attempts(plan: &[Tries]) -> u32 {
 /// streams, on a config that fails streams over through the router, whose plan can fail over
 /// at all (a single attempt needs no aggregate: it is routed to its target like any other).
 pub fn takes_stream_path(config: &Config, op: Operation, stream: bool, plan: &[Tries]) -> bool {
-    config.stream_failover && stream && op != Operation::Embeddings && attempts(plan) > 1
+    may_take_stream_path(config, op, stream) && attempts(plan) > 1
+}
+
+/// [`takes_stream_path`] before the plan is made.
+pub fn may_take_stream_path(config: &Config, op: Operation, stream: bool) -> bool {
+    config.stream_failover && stream && op != Operation::Embeddings
 }
 
 /// Whether the router fails a streamed attempt over on this status (a 400 that may be a

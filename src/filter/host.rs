@@ -15,6 +15,15 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Unix time in ns (the timing probe build).
+#[cfg(llmf_probe = "timing")]
+pub fn now_ns() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Envoy's log level for this VM; the SDK formats every message at its own level otherwise.
 pub fn envoy_log_level() -> LogLevel {
     hostcalls::get_log_level().unwrap_or(LogLevel::Info)
@@ -67,11 +76,20 @@ pub fn dispatch(
     hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
 }
 
+// Probe builds (`RUSTFLAGS='--cfg llmf_probe="<what>"'`, docs/performance.md) leave out one host
+// mechanism to measure what it costs; never shipped.
+
 pub fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    if cfg!(llmf_probe = "no_shared") {
+        return (None, None);
+    }
     hostcalls::get_shared_data(key).unwrap_or((None, None))
 }
 
 pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Status> {
+    if cfg!(llmf_probe = "no_shared") {
+        return Ok(());
+    }
     hostcalls::set_shared_data(key, Some(value), cas)
 }
 
@@ -80,12 +98,18 @@ pub fn define(kind: MetricType, name: &str) -> Option<u32> {
 }
 
 pub fn increment(metric: Option<u32>, by: u64) {
+    if cfg!(llmf_probe = "no_metrics") {
+        return;
+    }
     if let Some(id) = metric {
         let _ = hostcalls::increment_metric(id, by as i64);
     }
 }
 
 pub fn record(metric: Option<u32>, value: u64) {
+    if cfg!(llmf_probe = "no_metrics") {
+        return;
+    }
     if let Some(id) = metric {
         let _ = hostcalls::record_metric(id, value);
     }
@@ -93,6 +117,9 @@ pub fn record(metric: Option<u32>, value: u64) {
 
 /// Filter state readable by access logs as `%FILTER_STATE(wasm.<name>:PLAIN)%`.
 pub fn set_filter_state(name: &str, value: &str) {
+    if cfg!(llmf_probe = "no_state") {
+        return;
+    }
     let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
 }
 

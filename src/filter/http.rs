@@ -60,36 +60,91 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.with(Action::Continue, |ex| ex.on_request_headers(end_of_stream))
+        let t = probe::start();
+        let a = self.with(Action::Continue, |ex| ex.on_request_headers(end_of_stream));
+        probe::stop(0, t);
+        a
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.with(Action::Continue, |ex| {
+        let t = probe::start();
+        let a = self.with(Action::Continue, |ex| {
             ex.on_request_body(body_size, end_of_stream)
-        })
+        });
+        probe::stop(1, t);
+        a
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let t = probe::start();
         let (action, effect) = self.with((Action::Continue, Effect::None), |ex| {
             let r = ex.on_response_headers(end_of_stream);
             let _ = ex.take_dispatched();
             r
         });
         self.follow(effect);
+        probe::stop(2, t);
         action
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let t = probe::start();
         let (action, effect) = self.with((Action::Continue, Effect::None), |ex| {
             let r = ex.on_response_body(body_size, end_of_stream);
             let _ = ex.take_dispatched();
             r
         });
         self.follow(effect);
+        probe::stop(3, t);
         action
     }
 
     fn on_log(&mut self) {
+        let t = probe::start();
         self.with((), |ex| ex.on_log());
+        probe::stop(4, t);
     }
+}
+
+/// The timing probe build (`--cfg llmf_probe="timing"`, docs/performance.md): time spent in each
+/// callback, logged every 20,000 requests. A no-op otherwise.
+mod probe {
+    #[cfg(llmf_probe = "timing")]
+    thread_local! {
+        static SPENT: std::cell::RefCell<([u64; 5], [u64; 5])> = const { std::cell::RefCell::new(([0; 5], [0; 5])) };
+    }
+
+    #[cfg(llmf_probe = "timing")]
+    pub fn start() -> u64 {
+        super::super::host::now_ns()
+    }
+
+    #[cfg(not(llmf_probe = "timing"))]
+    pub fn start() -> u64 {
+        0
+    }
+
+    #[cfg(llmf_probe = "timing")]
+    pub fn stop(phase: usize, started: u64) {
+        let spent = super::super::host::now_ns().saturating_sub(started);
+        SPENT.with(|s| {
+            let Ok(mut s) = s.try_borrow_mut() else { return };
+            let (total, calls) = &mut *s;
+            if let (Some(t), Some(c)) = (total.get_mut(phase), calls.get_mut(phase)) {
+                *t += spent;
+                *c += 1;
+            }
+            if phase == 4 && calls[4] % 20_000 == 0 {
+                let per: Vec<String> = (0..5)
+                    .map(|i| format!("{:.2}us x{:.2}", total[i] as f64 / 1000.0 / calls[4] as f64, calls[i] as f64 / calls[4] as f64))
+                    .collect();
+                log::warn!("probe timing per request (headers, body, response headers, response body, log): {}", per.join(", "));
+                *total = [0; 5];
+                *calls = [0; 5];
+            }
+        });
+    }
+
+    #[cfg(not(llmf_probe = "timing"))]
+    pub fn stop(_phase: usize, _started: u64) {}
 }

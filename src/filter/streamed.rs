@@ -29,6 +29,10 @@ impl Exchange {
         let (Some(chain), Some(body)) = (&self.chain, &self.body) else {
             return false;
         };
+        // Cheap checks first: most requests do not stream.
+        if !stream::may_take_stream_path(self.config(), op, body.stream) {
+            return false;
+        }
         let plan: Plan = stream::bounded(
             chain
                 .planned(|t| self.availability(t, now))

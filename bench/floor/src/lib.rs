@@ -90,6 +90,14 @@ struct FloorHttp {
 }
 
 const REQ: MapType = MapType::HttpRequestHeaders;
+
+/// The routed attempt addressed: cluster, credential, host, per-attempt timeout.
+fn address() {
+    let _ = hostcalls::set_map_value(REQ, "x-llm-failover-cluster", Some("openai"));
+    let _ = hostcalls::set_map_value(REQ, "authorization", Some("Bearer sk-floor"));
+    let _ = hostcalls::set_map_value(REQ, ":authority", Some("api.openai.com"));
+    let _ = hostcalls::set_map_value(REQ, "x-envoy-upstream-rq-timeout-ms", Some("10000"));
+}
 const RESP: MapType = MapType::HttpResponseHeaders;
 
 impl Context for FloorHttp {
@@ -137,10 +145,23 @@ impl HttpContext for FloorHttp {
                 self.forwarded.push((name, value));
             }
         }
+        if cfg!(feature = "no-pause") {
+            address();
+            increment(self.counters.requests);
+            return Action::Continue;
+        }
         Action::Pause
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if cfg!(feature = "no-pause") {
+            let chunk = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            self.body.extend_from_slice(&chunk);
+            return Action::Continue;
+        }
         if !end_of_stream {
             return Action::Pause;
         }
@@ -149,10 +170,7 @@ impl HttpContext for FloorHttp {
             .flatten()
             .unwrap_or_default();
         let _has_model = self.body.windows(7).any(|w| w == b"\"model\"");
-        let _ = hostcalls::set_map_value(REQ, "x-llm-failover-cluster", Some("openai"));
-        let _ = hostcalls::set_map_value(REQ, "authorization", Some("Bearer sk-floor"));
-        let _ = hostcalls::set_map_value(REQ, ":authority", Some("api.openai.com"));
-        let _ = hostcalls::set_map_value(REQ, "x-envoy-upstream-rq-timeout-ms", Some("10000"));
+        address();
         increment(self.counters.requests);
         Action::Continue
     }
