@@ -197,6 +197,33 @@ def test_failover_from_openai_tls_cluster_to_azure_tls_cluster(make_stack, mock_
     assert stack.counter("cluster.azure.ssl.handshake") >= 1
 
 
+def test_streamed_failover_reaches_azure_over_tls_through_the_shipped_member_clusters(make_stack, mock_factory, pki):
+    """A streamed request fails over through envoy/production.yaml's generated clusters: the
+    members are the target clusters' copies, TLS, SNI and certificate check included."""
+    openai, azure = openai_tls_mock(mock_factory, pki), azure_tls_mock(mock_factory, pki)
+    stack = production_stack(make_stack, pki, openai, azure)
+    openai.script([{"status": 429, "repeat": "forever"}])
+
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    r = requests.post(stack.url("/v1/chat/completions"), json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-llm-failover-target"] == "azure"
+    assert r.headers["x-llm-failover-attempts"] == "3"  # openai twice (retries 1), then azure
+    assert r.text.rstrip().endswith("data: [DONE]")
+    assert [s["sni"] for s in openai.api_requests()] == [OPENAI_HOST, OPENAI_HOST]
+    [seen] = azure.api_requests()
+    assert seen["sni"] == AZURE_HOST and seen["headers"]["host"] == AZURE_HOST
+    assert seen["headers"]["api-key"] == KEYS["AZURE_OPENAI_API_KEY"]
+    assert "authorization" not in seen["headers"]
+    if azure_target_config()["api_version"] == "v1":
+        # The deployment goes in the body: the upstream filter rewrote this attempt's body.
+        assert seen["body"]["model"] == azure_target_config()["deployments"]["gpt-4o"]
+    assert azure.tls_errors() == [] and openai.tls_errors() == []
+    assert stack.counter("cluster.llm_failover.try.azure.1.ssl.handshake") >= 1
+    assert stack.counter("cluster.llm_failover.try.openai.2.ssl.handshake") >= 1
+
+
 def test_wrong_sni_is_refused_by_the_upstream(make_stack, mock_factory, pki):
     """The SNI check bites: Envoy sending another name than the mock expects gets no answer from it,
     which the filter treats as a transport failure and fails over."""
