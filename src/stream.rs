@@ -407,6 +407,13 @@ mod tests {
                "api_key_env": "K", "retries": retries})
     }
 
+    fn header<'a>(headers: &'a [(&str, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     fn tries(target: usize, tries: u32) -> Tries {
         Tries { target, tries }
     }
@@ -593,7 +600,7 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_millis(2500),
         );
-        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| header(&h, n);
         assert_eq!(
             get("x-llm-failover-cluster"),
             Some("llm_failover.stream.a.2.b.1")
@@ -612,25 +619,15 @@ mod tests {
         let c = config(json!({"strategy": {"on_status_codes": [400],
                                            "failover_on_content_filter": true},
                               "targets": [target("a", 0), target("b", 0)]}));
-        let h = router_headers(
-            &c,
-            &plan[..],
-            Duration::from_secs(1),
-            Duration::from_secs(9),
-        );
-        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let h = router_headers(&c, &plan, Duration::from_secs(1), Duration::from_secs(9));
+        let get = |n: &str| header(&h, n);
         assert_eq!(get("x-envoy-retriable-status-codes"), Some("400"));
         assert_eq!(get("x-envoy-upstream-rq-per-try-timeout-ms"), Some("1000"));
 
         let c = config(json!({"strategy": {"on_status_codes": [400]},
                               "targets": [target("a", 0), target("b", 0)]}));
-        let h = router_headers(
-            &c,
-            &plan[..],
-            Duration::from_secs(1),
-            Duration::from_secs(9),
-        );
-        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let h = router_headers(&c, &plan, Duration::from_secs(1), Duration::from_secs(9));
+        let get = |n: &str| header(&h, n);
         assert_eq!(get("x-envoy-retry-on"), Some("reset,connect-failure"));
         assert_eq!(get("x-envoy-retriable-status-codes"), None);
     }

@@ -8,6 +8,20 @@ use crate::duration::millis;
 use crate::judge;
 
 impl Exchange {
+    /// Counts and logs the end of a chain that delivered no success.
+    pub(super) fn give_up(&self, reason: GiveUpReason, attempts: u32, last: usize, what: &str) {
+        let what_ended = match reason {
+            GiveUpReason::Exhausted => "chain exhausted",
+            GiveUpReason::BudgetSpent => "deadline spent",
+        };
+        self.rt.metrics.gave_up(reason);
+        log::info!(
+            "{} {what_ended} after {attempts} attempt(s): last target={} {what}",
+            self.tag(),
+            self.target_name(last)
+        );
+    }
+
     /// Judges an answer and takes the chain's next step.
     pub(super) fn decide(&mut self, answer: Answer) -> (Flow, Effect) {
         let Some(mut chain) = self.chain.take() else {
@@ -58,16 +72,7 @@ impl Exchange {
                 (flow, Effect::None)
             }
             Step::GiveUp(reason) => {
-                let what_ended = match reason {
-                    GiveUpReason::Exhausted => "chain exhausted",
-                    GiveUpReason::BudgetSpent => "deadline spent",
-                };
-                self.rt.metrics.gave_up(reason);
-                log::info!(
-                    "{} {what_ended} after {attempts} attempt(s): last target={} {what}",
-                    self.tag(),
-                    self.target_name(current)
-                );
+                self.give_up(reason, attempts, current, &what);
                 let budget_spent = reason == GiveUpReason::BudgetSpent;
                 let flow = self.deliver(answer, kind, attempts, failed_over, budget_spent);
                 (flow, Effect::None)

@@ -102,7 +102,7 @@ impl Exchange {
             None => (first, 1, false),
         };
         self.served = served;
-        let last = self.target_name(served.unwrap_or(0)).to_string();
+        let last = served.unwrap_or(0);
         if !via_upstream {
             // No attempt answered: reset, refused, timed out, or the deadline ran out.
             let (failure, reason) = match details.as_str() {
@@ -112,10 +112,10 @@ impl Exchange {
                 }
                 _ => (FailureKind::Unreachable, GiveUpReason::Exhausted),
             };
-            self.give_up_stream(
+            self.give_up(
                 reason,
                 attempts,
-                &last,
+                last,
                 &judge::describe(None, Some(failure)),
             );
             let budget_spent = reason == GiveUpReason::BudgetSpent;
@@ -134,28 +134,16 @@ impl Exchange {
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
         if status.is_some_and(|s| stream::fails_over(self.config(), s)) {
-            self.give_up_stream(
+            self.give_up(
                 GiveUpReason::Exhausted,
                 attempts,
-                &last,
+                last,
                 &judge::describe(status, None),
             );
         }
         self.add_outcome_headers(attempts, failed_over);
         self.pass_answer(status);
         (Action::Continue, Effect::None)
-    }
-
-    fn give_up_stream(&self, reason: GiveUpReason, attempts: u32, last: &str, what: &str) {
-        let what_ended = match reason {
-            GiveUpReason::Exhausted => "chain exhausted",
-            GiveUpReason::BudgetSpent => "deadline spent",
-        };
-        self.rt.metrics.gave_up(reason);
-        log::info!(
-            "{} {what_ended} after {attempts} attempt(s): last target={last} {what}",
-            self.tag()
-        );
     }
 
     /// The router's own reply, complete: replaced by the filter's error.
