@@ -13,9 +13,8 @@ use crate::usage::Usage;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 
-const REJECTIONS: [&str; 7] = [
+const REJECTIONS: [&str; 6] = [
     "credential_unavailable",
-    "gateway_misconfigured",
     "invalid_api_key",
     "permission_denied",
     "request_too_large",
