@@ -31,6 +31,9 @@ pub const METADATA_NAMESPACE: &str = "llm_failover";
 pub const HANDOFF_STATE: &str = "llm_failover.handoff";
 /// Filter state the upstream filter keeps across attempts, read back by the filter.
 pub const RECORD_STATE: &str = "llm_failover.attempt";
+/// Filter state the upstream filter sets when it refused an attempt with its own error reply
+/// (which the filter then passes on as it is).
+pub const REFUSED_STATE: &str = "llm_failover.refused";
 /// Targets a streamed request's plan holds at most (the rest of its chain is not tried): the
 /// clusters to declare grow with the subsets of a chain.
 pub const MAX_TARGETS: usize = 4;

@@ -697,3 +697,31 @@ def test_concurrent_streamed_failovers_all_reach_the_fallback(stack, openai_mock
     assert after[overflow] - before.get(overflow, 0) == 0
     assert after[f"cluster.{AGGREGATE}.upstream_rq_retry"] - before.get(f"cluster.{AGGREGATE}.upstream_rq_retry", 0) \
         == 2 * n
+
+
+# ----------------------------------------------------------------------------------------------
+# An Envoy side that cannot be trusted is refused, never sent on
+
+
+def test_an_attempt_whose_host_names_no_target_is_refused_not_sent(make_stack, openai_mock, azure_mock):
+    """Member clusters whose endpoints lost their target metadata (a hand-edited Envoy side): the
+    upstream filter cannot know whose credential the attempt may carry, so it answers 500
+    gateway_misconfigured itself and no provider gets the request; `--check` says why."""
+    def strip_metadata(cfg: dict):
+        harness.envoy_side.apply(cfg)
+        for c in cfg["static_resources"]["clusters"]:
+            if c["name"].startswith("llm_failover.try."):
+                for group in c["load_assignment"]["endpoints"]:
+                    for lb in group["lb_endpoints"]:
+                        lb.pop("metadata", None)
+
+    gw = make_stack(local_config(), stream_side=False, mutate=strip_metadata)
+    assert any("member clusters" in p or "differs" in p for p in harness.envoy_side.differences(gw.config))
+    client = make_client(gw)
+    with pytest.raises(openai.InternalServerError) as caught:
+        stream_chat(client)
+    assert caught.value.status_code == 500
+    assert caught.value.body["code"] == "gateway_misconfigured", caught.value.body
+    assert openai_mock.api_requests() == [] and azure_mock.api_requests() == []
+    wait_for(lambda: "streamed attempt refused: the upstream host has no filter_metadata" in gw.log_text,
+             what="the refusal's error line")

@@ -103,6 +103,12 @@ impl Exchange {
         };
         self.served = served;
         let last = served.unwrap_or(0);
+        if !via_upstream && host::property(&[stream::REFUSED_STATE]).is_some() {
+            // The upstream filter's own error (it logged why): passed on as it is.
+            self.add_outcome_headers(attempts, failed_over);
+            self.pass_answer(None);
+            return (Action::Continue, Effect::None);
+        }
         if !via_upstream {
             // No attempt answered: reset, refused, timed out, or the deadline ran out.
             let (failure, reason) = match details.as_str() {

@@ -302,6 +302,7 @@ impl HttpContext for Attempt {
                     Refusal::NoCredential => Rejection::NoCredential,
                 };
                 let reply = rejection.reply();
+                host::set_filter_state(stream::REFUSED_STATE, rejection.code());
                 host::send_reply(
                     reply.status,
                     &[("content-type", "application/json")],
