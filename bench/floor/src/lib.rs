@@ -94,8 +94,10 @@ const REQ: MapType = MapType::HttpRequestHeaders;
 /// The routed attempt addressed: cluster, credential, host, per-attempt timeout.
 fn address() {
     let _ = hostcalls::set_map_value(REQ, "x-llm-failover-cluster", Some("openai"));
-    let _ = hostcalls::set_map_value(REQ, "authorization", Some("Bearer sk-floor"));
-    let _ = hostcalls::set_map_value(REQ, ":authority", Some("api.openai.com"));
+    if !cfg!(feature = "native-rewrite") {
+        let _ = hostcalls::set_map_value(REQ, "authorization", Some("Bearer sk-floor"));
+        let _ = hostcalls::set_map_value(REQ, ":authority", Some("api.openai.com"));
+    }
     let _ = hostcalls::set_map_value(REQ, "x-envoy-upstream-rq-timeout-ms", Some("10000"));
 }
 const RESP: MapType = MapType::HttpResponseHeaders;
