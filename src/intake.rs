@@ -116,16 +116,9 @@ pub fn bypasses_cache(cache_control: Option<&[u8]>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, Env};
+    use crate::config::{self, NoEnv};
     use crate::operation::ResourceAction;
     use serde_json::json;
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
 
     fn sha(key: &str) -> String {
         auth::sha256(key.as_bytes())

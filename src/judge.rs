@@ -141,16 +141,9 @@ fn is_content_filter(body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, Env};
+    use crate::config::{self, NoEnv};
     use serde_json::json;
     use std::time::Duration;
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
 
     fn config(strategy: serde_json::Value) -> Config {
         let cfg = json!({"strategy": strategy, "targets": [{"provider": "openai", "cluster": "o", "api_key": "k"}]});

@@ -119,15 +119,8 @@ pub fn route_timeout_ms(timeout: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, Env};
+    use crate::config::{self, NoEnv};
     use serde_json::json;
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
 
     fn config(extra: serde_json::Value) -> Config {
         let mut c = json!({"targets": [

@@ -122,15 +122,8 @@ fn merge(into: &mut Value, from: &Value) {
 mod tests {
     use super::*;
     use crate::body::Keep;
-    use crate::config::{self, Env};
+    use crate::config::{self, NoEnv};
     use serde_json::{json, Value};
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
 
     fn target(extra: Value) -> Target {
         let mut t = json!({"name": "o", "provider": "openai", "cluster": "o", "api_key": "k"});

@@ -11,18 +11,10 @@ use serde_json::{json, Value};
 use llm_failover::body::{Body, Keep};
 use llm_failover::cache::{self, Entry};
 use llm_failover::chain::{Chain, Failure, FailureKind, GiveUpReason, Hop, Outcome, Step};
-use llm_failover::config::{self, Cooldown, Env};
+use llm_failover::config::{self, Cooldown, NoEnv};
 use llm_failover::cooldown::{self, State};
 use llm_failover::rewrite::{self, Operation};
 use llm_failover::{auth, retry_after};
-
-struct NoEnv;
-
-impl Env for NoEnv {
-    fn var(&self, _: &str) -> Option<String> {
-        None
-    }
-}
 
 fn error_field(config: &Value) -> String {
     match config::parse(config.to_string().as_bytes(), &NoEnv) {

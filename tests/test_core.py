@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-import requests
 
 from harness import (AZURE_KEY, OPENAI_KEY, azure_target, make_client, openai_target, plugin_config,
                      validate_config)

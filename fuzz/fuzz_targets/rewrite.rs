@@ -7,17 +7,9 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use llm_failover::body::{Body, Keep};
 use llm_failover::cache;
-use llm_failover::config::{self, AzureApi, Config, Env, Provider};
+use llm_failover::config::{self, AzureApi, Config, NoEnv, Provider};
 use llm_failover::provider;
 use llm_failover::rewrite::{self, Operation};
-
-struct NoEnv;
-
-impl Env for NoEnv {
-    fn var(&self, _: &str) -> Option<String> {
-        None
-    }
-}
 
 const CONFIG: &str = r#"{"targets": [
   {"name": "openai", "provider": "openai", "cluster": "openai", "api_key": "sk-o"},

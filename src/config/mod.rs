@@ -27,6 +27,15 @@ impl Env for ProcessEnv {
     }
 }
 
+/// No environment at all: every variable is unset (tests, fuzzing, and configs that name none).
+pub struct NoEnv;
+
+impl Env for NoEnv {
+    fn var(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
 /// Why a configuration was refused: the field's path (`targets[1].api_version`, or
 /// `configuration` for the whole document) and the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]

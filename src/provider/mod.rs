@@ -114,15 +114,8 @@ pub const CLIENT_CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "api-key"];
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, Env};
+    use crate::config::{self, NoEnv};
     use serde_json::json;
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, _: &str) -> Option<String> {
-            None
-        }
-    }
 
     fn targets() -> Vec<Target> {
         let cfg = json!({"targets": [

@@ -77,23 +77,21 @@ Control API (same port, no auth, no host check):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import signal
-import socket
-import struct
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 try:
-    from .upstream import COGNITIVE_RESOURCE, _Abort, _split_list, mask_key, mint_entra_token
+    from .base import (ScriptedHandler, ScriptedServer, mask_key, serve_in_thread, serve_until_signalled,
+                       split_list)
+    from .upstream import COGNITIVE_RESOURCE, mint_entra_token
 except ImportError:  # run as a script: python tests/mocks/entra.py
-    from upstream import COGNITIVE_RESOURCE, _Abort, _split_list, mask_key, mint_entra_token
+    from base import (ScriptedHandler, ScriptedServer, mask_key, serve_in_thread, serve_until_signalled,
+                      split_list)
+    from upstream import COGNITIVE_RESOURCE, mint_entra_token
 
 ENTRA = "entra"
 IMDS = "imds"
@@ -117,9 +115,7 @@ def _entra_timestamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-class EntraMockServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class EntraMockServer(ScriptedServer):
     request_queue_size = 64
 
     def __init__(
@@ -144,73 +140,24 @@ class EntraMockServer(ThreadingHTTPServer):
     ):
         self.provider = "entra"
         self.name = name
-        self.tenants = _split_list(tenant_id) or [DEFAULT_TENANT_ID]
+        self.tenants = split_list(tenant_id) or [DEFAULT_TENANT_ID]
         self.clients: dict[str, str] = {client_id or DEFAULT_CLIENT_ID: client_secret or DEFAULT_CLIENT_SECRET}
         self.clients.update({str(k): str(v) for k, v in (clients or {}).items()})
         self.token_secret = token_secret or DEFAULT_TOKEN_SECRET
         self.token_lifetime_s = float(token_lifetime_s)
         self.login_host = login_host or DEFAULT_LOGIN_HOST
         self.imds_host = imds_host or DEFAULT_IMDS_HOST
-        self.imds_api_versions = _split_list(imds_api_versions) or list(DEFAULT_IMDS_API_VERSIONS)
+        self.imds_api_versions = split_list(imds_api_versions) or list(DEFAULT_IMDS_API_VERSIONS)
         self.mi_client_id = mi_client_id or DEFAULT_MI_CLIENT_ID
-        ua = DEFAULT_USER_ASSIGNED if user_assigned is None else _split_list(user_assigned)
+        ua = DEFAULT_USER_ASSIGNED if user_assigned is None else split_list(user_assigned)
         self.user_assigned = list(ua)
-        self.forbidden = _split_list(forbid)
+        self.forbidden = split_list(forbid)
         self.quiet = quiet
 
-        self.lock = threading.RLock()
-        self.script: list[dict] = []
-        self.log: list[dict] = []
-        self.leaks: list[dict] = []
+        self._init_state()
         self.tokens: list[dict] = []
-        self._seq = 0
-        self._conns: set = set()
-        self._aborted: set = set()
-        self._stopped = False
         super().__init__((bind, port), EntraHandler)
         self.port = self.server_address[1]
-
-    # -- connections (stop() drops keep-alive connections, close steps reset them) -------------
-
-    def process_request(self, request, client_address):
-        with self.lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self.lock:
-            self._conns.discard(request)
-            aborted = request in self._aborted
-            self._aborted.discard(request)
-        if aborted:
-            try:
-                request.close()
-            except OSError:
-                pass
-            return
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, _Abort, OSError)):
-            return
-        if not self.quiet:
-            super().handle_error(request, client_address)
-
-    def stop(self):
-        if self._stopped:
-            return
-        self._stopped = True
-        self.shutdown()
-        self.server_close()
-        with self.lock:
-            conns = list(self._conns)
-        for conn in conns:
-            for op in (lambda c: c.shutdown(socket.SHUT_RDWR), lambda c: c.close()):
-                try:
-                    op(conn)
-                except OSError:
-                    pass
 
     @property
     def url(self) -> str:
@@ -229,38 +176,6 @@ class EntraMockServer(ThreadingHTTPServer):
         return text
 
     # -- script and tokens ---------------------------------------------------------------------
-
-    def set_script(self, steps, append=False):
-        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-            raise ValueError("script must be a JSON list of objects")
-        norm = []
-        for s in steps:
-            s = dict(s)
-            rep = s.pop("repeat", 1)
-            if rep == "forever" or rep == -1:
-                s["_left"] = None
-            else:
-                rep = int(rep)
-                if rep < 1:
-                    continue
-                s["_left"] = rep
-            norm.append(s)
-        with self.lock:
-            if append:
-                self.script.extend(norm)
-            else:
-                self.script = norm
-
-    def next_step(self) -> dict | None:
-        with self.lock:
-            if not self.script:
-                return None
-            step = self.script[0]
-            if step["_left"] is not None:
-                step["_left"] -= 1
-                if step["_left"] <= 0:
-                    self.script.pop(0)
-            return {k: v for k, v in step.items() if k != "_left"}
 
     def mint(self, endpoint: str, lifetime_s: float | None = None, claims: dict | None = None) -> dict:
         lifetime = self.token_lifetime_s if lifetime_s is None else float(lifetime_s)
@@ -295,115 +210,38 @@ class EntraMockServer(ThreadingHTTPServer):
                 "tokens_issued": len(self.tokens), "leaks": len(self.leaks),
             }
 
-    def control(self, method: str, path: str, data=None) -> tuple[int, object]:
-        s = self
-        try:
-            if path == "/__mock/health":
-                return (200, {"ok": True, "provider": s.provider, "name": s.name})
-            if path == "/__mock/requests":
-                with s.lock:
-                    return (200, copy.deepcopy(s.log))
-            if path == "/__mock/leaks":
-                with s.lock:
-                    return (200, copy.deepcopy(s.leaks))
-            if path == "/__mock/tokens":
-                with s.lock:
-                    return (200, copy.deepcopy(s.tokens))
-            if path == "/__mock/state":
-                return (200, s.state())
-            if method != "POST":
-                return (405, {"error": f"{method} {path}: use POST"})
-            if path == "/__mock/reset":
-                s.reset()
-                return (200, {"ok": True})
-            if path == "/__mock/script":
-                if isinstance(data, dict) and "steps" in data:
-                    s.set_script(data["steps"], append=bool(data.get("append")))
-                else:
-                    s.set_script(data if data is not None else [])
-                return (200, {"ok": True, "script": s.state()["script"]})
-            if path == "/__mock/config":
-                data = data or {}
-                unknown = set(data) - {"token_lifetime_s"}
-                if unknown:
-                    raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-                if "token_lifetime_s" in data:
-                    lifetime = float(data["token_lifetime_s"])
-                    if lifetime <= 0:
-                        raise ValueError("token_lifetime_s must be > 0")
-                    with s.lock:
-                        s.token_lifetime_s = lifetime
-                return (200, s.state())
-            if path == "/__mock/mint":
-                data = data or {}
-                tok = s.mint("control", data.get("lifetime_s"), {"tid": s.tenants[0], "appid": "mock-control"})
-                return (200, {"access_token": tok["access_token"], "exp_ms": tok["exp_ms"], "jti": tok["jti"]})
-            if path == "/__mock/forbid":
-                with s.lock:
-                    s.forbidden = _split_list((data or {}).get("secrets"))
-                return (200, {"ok": True, "count": len(s.forbidden)})
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            return (400, {"error": str(e)})
-        return (404, {"error": f"unknown control path {path}"})
+    def _views(self) -> dict:
+        return {"/__mock/tokens": lambda: self.tokens}
+
+    def _set(self, path: str, data) -> tuple[int, object] | None:
+        if path == "/__mock/config":
+            data = data or {}
+            unknown = set(data) - {"token_lifetime_s"}
+            if unknown:
+                raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+            if "token_lifetime_s" in data:
+                lifetime = float(data["token_lifetime_s"])
+                if lifetime <= 0:
+                    raise ValueError("token_lifetime_s must be > 0")
+                with self.lock:
+                    self.token_lifetime_s = lifetime
+            return (200, self.state())
+        if path == "/__mock/mint":
+            data = data or {}
+            tok = self.mint("control", data.get("lifetime_s"), {"tid": self.tenants[0], "appid": "mock-control"})
+            return (200, {"access_token": tok["access_token"], "exp_ms": tok["exp_ms"], "jti": tok["jti"]})
+        return None
 
 
-class EntraHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class EntraHandler(ScriptedHandler):
     server: EntraMockServer
-
-    def setup(self):
-        try:
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        super().setup()
 
     def version_string(self):
         return "Microsoft-IIS/10.0"
 
-    def log_message(self, fmt, *args):
-        if not self.server.quiet:
-            sys.stderr.write(f"[mock {self.server.name}] {self.address_string()} {fmt % args}\n")
-
-    def do_GET(self):
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
-
-    def handle_one_request(self):
-        try:
-            super().handle_one_request()
-        except _Abort:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    # --- plumbing -----------------------------------------------------------------------------
-
-    def _read_body(self) -> bytes:
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
-        if "chunked" in te:
-            chunks = []
-            while True:
-                line = self.rfile.readline(65537)
-                if not line:
-                    raise _Abort("eof in chunked body")
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(65537)
-            return b"".join(chunks)
-        length = self.headers.get("Content-Length")
-        return self.rfile.read(int(length)) if length else b""
-
     def _send(self, status: int, obj, headers: dict | None = None):
         body = json.dumps(obj, separators=(",", ":")).encode()
-        self._status = status
-        if self._rec is not None:
-            self._rec["status"] = status
+        self._set_status(status)
         self.send_response(status)
         base = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store, no-cache",
                 "Pragma": "no-cache", "x-ms-request-id": str(uuid.uuid4()), "x-mock-provider": self.server.name}
@@ -419,55 +257,10 @@ class EntraHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self.wfile.flush()
 
-    def _abort(self):
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        with self.server.lock:
-            self.server._aborted.add(self.request)
-        self.close_connection = True
-        raise _Abort()
-
-    def _dispatch(self):
-        self._status = None
-        self._rec = None
+    def _begin(self):
+        super()._begin()
         self._endpoint = None
         self._carried: list[str] = []  # secret values this request carried (scrubbed from any answer)
-        split = urlsplit(self.path)
-        try:
-            body = self._read_body()
-        except _Abort:
-            self.close_connection = True
-            return
-        if split.path.startswith("/__mock/"):
-            try:
-                data = json.loads(body) if body.strip() else None
-            except ValueError:
-                return self._send_control(400, {"error": "body is not JSON"})
-            return self._send_control(*self.server.control(self.command, split.path, data))
-        rec = self._record(split, body)
-        self._rec = rec
-        try:
-            self._handle(rec, split, body)
-        except _Abort:
-            rec["closed"] = True
-            raise
-        except (BrokenPipeError, ConnectionResetError):
-            rec["closed"] = True
-            self.close_connection = True
-        finally:
-            rec["status"] = self._status
-            rec["duration_ms"] = int((time.time() - rec["time"]) * 1000)
-
-    def _send_control(self, status: int, obj):
-        body = json.dumps(obj, indent=1).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
 
     # --- recording (secrets masked) -----------------------------------------------------------
 
@@ -745,11 +538,7 @@ def start(port: int = 0, **opts):
     token_lifetime_s, login_host / imds_host ("*" disables the Host check), imds_api_versions,
     mi_client_id (system-assigned identity), user_assigned (client ids), name, forbid, bind, quiet.
     """
-    server = EntraMockServer(port, **opts)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              name=f"mock-{server.name}-{server.port}", daemon=True)
-    thread.start()
-    return server, thread
+    return serve_in_thread(EntraMockServer(port, **opts))
 
 
 def main(argv=None):
@@ -772,16 +561,9 @@ def main(argv=None):
                              token_secret=a.token_secret, token_lifetime_s=a.token_lifetime_s,
                              login_host=a.login_host, imds_host=a.imds_host, imds_api_versions=a.imds_api_versions,
                              user_assigned=a.user_assigned, name=a.name, bind=a.bind, quiet=a.quiet)
-
-    def _term(*_):
-        threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
-    print(f"mock {server.name} (entra+imds) listening on {server.url} login_host={server.login_host} "
-          f"imds_host={server.imds_host} tenants={','.join(server.tenants)}", flush=True)
-    server.serve_forever(poll_interval=0.2)
-    return 0
+    return serve_until_signalled(
+        server, f"mock {server.name} (entra+imds) listening on {server.url} login_host={server.login_host} "
+        f"imds_host={server.imds_host} tenants={','.join(server.tenants)}")
 
 
 if __name__ == "__main__":

@@ -113,18 +113,21 @@ import hmac
 import json
 import random
 import re
-import signal
-import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 import uuid
 from collections import OrderedDict
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+
+try:
+    from .base import (ScriptedHandler, ScriptedServer, mask_key, serve_in_thread, serve_until_signalled,
+                       split_list)
+except ImportError:  # run as a script: python tests/mocks/upstream.py
+    from base import (ScriptedHandler, ScriptedServer, mask_key, serve_in_thread, serve_until_signalled,
+                      split_list)
 
 OPENAI = "openai"
 AZURE = "azure"
@@ -201,25 +204,6 @@ CONTENT_FILTER_OK = {
     "sexual": {"filtered": False, "severity": "safe"},
     "violence": {"filtered": False, "severity": "safe"},
 }
-
-
-class _Abort(Exception):
-    """Raised to drop a connection without answering (a reset)."""
-
-
-def mask_key(key: str) -> str:
-    """Mask a credential the way OpenAI does in its 401 message (never echo a secret)."""
-    if len(key) <= 8:
-        return "*" * len(key)
-    return key[:3] + "*" * (len(key) - 7) + key[-4:]
-
-
-def _split_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
 
 
 def _guess_azure_model(deployment: str) -> str:
@@ -327,9 +311,7 @@ def _approx_tokens(value) -> int:
 # Server
 
 
-class MockServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class MockServer(ScriptedServer):
     request_queue_size = 128
 
     def __init__(
@@ -368,42 +350,35 @@ class MockServer(ThreadingHTTPServer):
             self.expected_host = host
         else:
             self.expected_host = "api.openai.com" if provider == OPENAI else f"{self.resource}.openai.azure.com"
-        self.api_versions = _split_list(api_versions) or list(DEFAULT_API_VERSIONS)
+        self.api_versions = split_list(api_versions) or list(DEFAULT_API_VERSIONS)
         self.deployments: dict[str, str] = {}
-        for item in _split_list(deployments) or list(DEFAULT_DEPLOYMENTS):
+        for item in split_list(deployments) or list(DEFAULT_DEPLOYMENTS):
             dep, _, model = item.partition("=")
             self.deployments[dep] = model or _guess_azure_model(dep)
         self.ad_token = ad_token
         self.entra_token_secret = entra_token_secret or None  # azure: accept Entra mock tokens until expiry
         # azure deployments-style Responses: explicit list, or empty = 2025-03-01-preview and later + "preview"
-        self.responses_api_versions = _split_list(responses_api_versions)
+        self.responses_api_versions = split_list(responses_api_versions)
         self.background_delay_ms = int(background_delay_ms)
         self.max_stored_responses = max(1, int(max_stored_responses))
         # Responses API: every response id this instance created (store: false ones too, flagged),
         # oldest first, bounded by max_stored_responses.
         self.responses: OrderedDict[str, dict] = OrderedDict()
-        self.models = _split_list(models)  # openai: accepted models; empty = any
+        self.models = split_list(models)  # openai: accepted models; empty = any
         self.region = region
         self.stream_delay_ms = int(stream_delay_ms)
         self.quiet = quiet
         self.expect_sni = expect_sni
         self.tls = bool(tls_cert)
 
-        self.lock = threading.RLock()
-        self.script: list[dict] = []
+        self._init_state()
         self.fail_rate: dict | None = None
         self.rng = random.Random()
-        self.log: list[dict] = []
-        self.leaks: list[dict] = []
         self.tls_errors: list[dict] = []
         if forbid is None:
             # By default the other provider's default (local) key must never arrive here.
             forbid = [DEFAULT_AZURE_KEY] if provider == OPENAI else [DEFAULT_OPENAI_KEY]
-        self.forbidden: list[str] = [f for f in _split_list(forbid) if f != self.api_key]
-        self._seq = 0
-        self._conns: set = set()
-        self._aborted: set = set()
-        self._stopped = False
+        self.forbidden: list[str] = [f for f in split_list(forbid) if f != self.api_key]
 
         super().__init__((bind, port), MockHandler)
         self.port = self.server_address[1]
@@ -430,52 +405,6 @@ class MockServer(ThreadingHTTPServer):
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None
 
-    # -- connection tracking (so stop() drops keep-alive connections) ---------------------------
-
-    def process_request(self, request, client_address):
-        with self.lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self.lock:
-            self._conns.discard(request)
-            aborted = request in self._aborted
-            self._aborted.discard(request)
-        if aborted:
-            try:
-                request.close()
-            except OSError:
-                pass
-            return
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, _Abort, OSError)):
-            return
-        if not self.quiet:
-            super().handle_error(request, client_address)
-
-    def stop(self):
-        """Stop serving and drop every open connection (an upstream that went away)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self.shutdown()
-        self.server_close()
-        with self.lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                conn.close()
-            except OSError:
-                pass
-
     # -- state ---------------------------------------------------------------------------------
 
     @property
@@ -492,106 +421,52 @@ class MockServer(ThreadingHTTPServer):
             self.responses = OrderedDict()
             self._seq = 0
 
-    def set_script(self, steps, append=False):
-        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-            raise ValueError("script must be a JSON list of objects")
-        norm = []
-        for s in steps:
-            s = dict(s)
-            rep = s.pop("repeat", 1)
-            if rep == "forever" or rep == -1:
-                s["_left"] = None
-            else:
-                rep = int(rep)
-                if rep < 1:
-                    continue
-                s["_left"] = rep
-            norm.append(s)
-        with self.lock:
-            if append:
-                self.script.extend(norm)
-            else:
-                self.script = norm
-
     def next_step(self) -> dict | None:
+        """The script's next step; with the script empty, a fail-rate failure at random."""
+        step = super().next_step()
+        if step is not None:
+            return step
         with self.lock:
-            if self.script:
-                step = self.script[0]
-                if step["_left"] is not None:
-                    step["_left"] -= 1
-                    if step["_left"] <= 0:
-                        self.script.pop(0)
-                return {k: v for k, v in step.items() if k != "_left"}
             fr = self.fail_rate
             if fr and self.rng.random() < fr["rate"]:
                 return {"status": self.rng.choice(fr["statuses"]), "_from": "fail_rate"}
         return None
 
-    def control(self, method: str, path: str, data=None) -> tuple[int, object]:
-        """The control API (also called directly by in-process test helpers): (status, JSON object)."""
-        s = self
-        try:
-            if path == "/__mock/health":
-                return (200, {"ok": True, "provider": s.provider, "name": s.name})
-            if path == "/__mock/requests":
-                with s.lock:
-                    return (200, copy.deepcopy(s.log))
-            if path == "/__mock/leaks":
-                with s.lock:
-                    return (200, copy.deepcopy(s.leaks))
-            if path == "/__mock/tls":
-                with s.lock:
-                    return (200, copy.deepcopy(s.tls_errors))
-            if path == "/__mock/state":
-                return (200, s.state())
-            if path == "/__mock/responses":
-                with s.lock:
-                    return (200, [s.response_summary(e) for e in s.responses.values()])
-            if method != "POST":
-                return (405, {"error": f"{method} {path}: use POST"})
-            if path == "/__mock/reset":
-                s.reset()
-                return (200, {"ok": True})
-            if path == "/__mock/script":
-                if isinstance(data, dict) and "steps" in data:
-                    s.set_script(data["steps"], append=bool(data.get("append")))
-                else:
-                    s.set_script(data if data is not None else [])
-                return (200, {"ok": True, "script": s.state()["script"]})
-            if path == "/__mock/fail_rate":
-                if not data or not float(data.get("rate", 0)):
-                    with s.lock:
-                        s.fail_rate = None
-                    return (200, {"ok": True, "fail_rate": None})
-                statuses = [int(x) for x in data.get("statuses") or [429, 500, 503]]
-                rate = float(data["rate"])
-                if not 0 <= rate <= 1:
-                    raise ValueError("rate must be within [0, 1]")
-                with s.lock:
-                    s.fail_rate = {"rate": rate, "statuses": statuses}
-                    if "seed" in data:
-                        s.rng.seed(data["seed"])
-                return (200, {"ok": True, "fail_rate": s.fail_rate})
-            if path == "/__mock/config":
-                data = data or {}
-                unknown = set(data) - {"stream_delay_ms", "background_delay_ms", "entra_token_secret"}
-                if unknown:
-                    raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-                with s.lock:
-                    if "stream_delay_ms" in data:
-                        s.stream_delay_ms = int(data["stream_delay_ms"])
-                    if "background_delay_ms" in data:
-                        s.background_delay_ms = int(data["background_delay_ms"])
-                    if "entra_token_secret" in data:
-                        s.entra_token_secret = data["entra_token_secret"] or None
-                return (200, s.state())
-            if path == "/__mock/forbid":
-                with s.lock:
-                    s.forbidden = _split_list((data or {}).get("secrets"))
-                return (200, {"ok": True, "count": len(s.forbidden)})
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            return (400, {"error": str(e)})
-        return (404, {"error": f"unknown control path {path}"})
+    def _views(self) -> dict:
+        return {
+            "/__mock/tls": lambda: self.tls_errors,
+            "/__mock/responses": lambda: [self.response_summary(e) for e in self.responses.values()],
+        }
+
+    def _set(self, path: str, data) -> tuple[int, object] | None:
+        if path == "/__mock/fail_rate":
+            if not data or not float(data.get("rate", 0)):
+                with self.lock:
+                    self.fail_rate = None
+                return (200, {"ok": True, "fail_rate": None})
+            statuses = [int(x) for x in data.get("statuses") or [429, 500, 503]]
+            rate = float(data["rate"])
+            if not 0 <= rate <= 1:
+                raise ValueError("rate must be within [0, 1]")
+            with self.lock:
+                self.fail_rate = {"rate": rate, "statuses": statuses}
+                if "seed" in data:
+                    self.rng.seed(data["seed"])
+            return (200, {"ok": True, "fail_rate": self.fail_rate})
+        if path == "/__mock/config":
+            data = data or {}
+            unknown = set(data) - {"stream_delay_ms", "background_delay_ms", "entra_token_secret"}
+            if unknown:
+                raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+            with self.lock:
+                if "stream_delay_ms" in data:
+                    self.stream_delay_ms = int(data["stream_delay_ms"])
+                if "background_delay_ms" in data:
+                    self.background_delay_ms = int(data["background_delay_ms"])
+                if "entra_token_secret" in data:
+                    self.entra_token_secret = data["entra_token_secret"] or None
+            return (200, self.state())
+        return None
 
     def state(self) -> dict:
         with self.lock:
@@ -652,17 +527,12 @@ class MockServer(ThreadingHTTPServer):
 # Request handler
 
 
-class MockHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class MockHandler(ScriptedHandler):
     server: MockServer
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def setup(self):
-        try:  # SSE events must leave at once, not wait for the client's delayed ACK (Nagle)
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    def _handshake(self):
         if isinstance(self.request, ssl.SSLSocket):
             self.request.settimeout(10)
             try:
@@ -675,43 +545,9 @@ class MockHandler(BaseHTTPRequestHandler):
                         self.server.tls_errors.append({"time": time.time(), "error": str(e), "sni": sni})
                 raise
             self.request.settimeout(None)
-        super().setup()
 
     def version_string(self):
         return "cloudflare" if self.server.provider == OPENAI else "Microsoft-HTTPAPI/2.0"
-
-    def log_message(self, fmt, *args):
-        if not self.server.quiet:
-            sys.stderr.write(f"[mock {self.server.name}] {self.address_string()} {fmt % args}\n")
-
-    def do_GET(self):
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
-
-    def _read_body(self) -> bytes:
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
-        if "chunked" in te:
-            chunks = []
-            while True:
-                line = self.rfile.readline(65537)
-                if not line:
-                    raise _Abort("eof in chunked body")
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    # trailers until an empty line
-                    while True:
-                        t = self.rfile.readline(65537)
-                        if t in (b"\r\n", b"\n", b""):
-                            break
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(65537)  # CRLF after the chunk
-            return b"".join(chunks)
-        length = self.headers.get("Content-Length")
-        if length:
-            return self.rfile.read(int(length))
-        return b""
 
     def _accepts_gzip(self) -> bool:
         ae = self.headers.get("Accept-Encoding") or ""
@@ -774,80 +610,8 @@ class MockHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self.wfile.flush()
 
-    def _set_status(self, status: int):
-        # Recorded before the answer is written, so a client that reads the request log right
-        # after its answer never sees the status missing.
-        self._status = status
-        rec = getattr(self, "_rec", None)
-        if rec is not None:
-            rec["status"] = status
-
-    def _send_control(self, status: int, obj):
-        body = json.dumps(obj, indent=1).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-    def _abort(self):
-        """Drop the connection with a TCP reset, answering nothing."""
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        with self.server.lock:
-            self.server._aborted.add(self.request)
-        self.close_connection = True
-        raise _Abort()
-
-    # --- dispatch ---------------------------------------------------------------------------
-
-    def _dispatch(self):
-        self._status = None
-        self._rec = None
-        split = urlsplit(self.path)
-        path = split.path
-        try:
-            body = self._read_body()
-        except _Abort:
-            self.close_connection = True
-            return
-        if path.startswith("/__mock/"):
-            self._control(path, split.query, body)
-            return
-        rec = self._record(split, body)
-        self._rec = rec
-        try:
-            self._handle_api(rec, path, split.query, body)
-        except _Abort:
-            rec["closed"] = True
-            raise
-        except (BrokenPipeError, ConnectionResetError):
-            rec["closed"] = True
-            self.close_connection = True
-        finally:
-            rec["status"] = self._status
-            rec["duration_ms"] = int((time.time() - rec["time"]) * 1000)
-
-    def handle_one_request(self):
-        try:
-            super().handle_one_request()
-        except _Abort:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
-            self.close_connection = True
-
-    # --- control API ------------------------------------------------------------------------
-
-    def _control(self, path: str, query: str, body: bytes):
-        try:
-            data = json.loads(body) if body.strip() else None
-        except ValueError:
-            return self._send_control(400, {"error": "body is not JSON"})
-        status, obj = self.server.control(self.command, path, data)
-        return self._send_control(status, obj)
+    def _handle(self, rec, split, body: bytes):
+        self._handle_api(rec, split.path, split.query, body)
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -1867,11 +1631,7 @@ def start(provider: str, port: int = 0, **opts):
     max_stored_responses (response ids remembered, default 10000).
     Stop with server.stop().
     """
-    server = MockServer(provider, port, **opts)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              name=f"mock-{server.name}-{server.port}", daemon=True)
-    thread.start()
-    return server, thread
+    return serve_in_thread(MockServer(provider, port, **opts))
 
 
 def main(argv=None):
@@ -1907,20 +1667,12 @@ def main(argv=None):
                         expect_sni=a.expect_sni, name=a.name, forbid=a.forbid, models=a.models,
                         region=a.region, bind=a.bind, quiet=a.quiet, entra_token_secret=a.entra_token_secret,
                         responses_api_versions=a.responses_api_versions)
-
-    def _term(*_):
-        threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
     extra = ""
     if a.provider == AZURE:
         extra = f" resource={server.resource} api-versions={','.join(server.api_versions)} " \
                 f"deployments={','.join(server.deployments)}"
-    print(f"mock {server.name} ({a.provider}) listening on {server.url} host={server.expected_host}{extra}",
-          flush=True)
-    server.serve_forever(poll_interval=0.2)
-    return 0
+    return serve_until_signalled(
+        server, f"mock {server.name} ({a.provider}) listening on {server.url} host={server.expected_host}{extra}")
 
 
 if __name__ == "__main__":
