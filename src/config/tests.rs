@@ -165,6 +165,14 @@ fn invalid_configs_name_the_field() {
             Box::new(|v| v["keys"] = json!([{"name": "app", "key_sha256": "xyz"}])),
         ),
         (
+            // 64 characters, but "+f" is not two hex digits (a sign once slipped through)
+            "keys[0].key_sha256",
+            Box::new(|v| {
+                let digest = format!("+f{}", "a".repeat(62));
+                v["keys"] = json!([{"name": "app", "key_sha256": digest}]);
+            }),
+        ),
+        (
             "keys[0].targets[0]",
             Box::new(|v| {
                 v["keys"] = json!([{"name": "app", "key_env": "GW_KEY", "targets": ["nope"]}])
