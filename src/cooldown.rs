@@ -48,13 +48,43 @@ impl State {
     }
 }
 
-/// The state after a failure, and the cooldown it started (if it started one).
+/// What a failure did to a target's cooldown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cooled {
+    /// Counted, no cooldown (yet).
+    No,
+    /// The target was not cooling and now is, for this long.
+    Started(Duration),
+    /// The target was cooling already; it now cools at least this long from now.
+    Extended(Duration),
+}
+
+impl Cooled {
+    /// The cooldown this failure set, started or extended.
+    pub fn set(self) -> Option<Duration> {
+        match self {
+            Cooled::No => None,
+            Cooled::Started(d) | Cooled::Extended(d) => Some(d),
+        }
+    }
+
+    /// The cooldown this failure started: a target cooling already is not starting a new one
+    /// (no new log line or `cooldowns` count for it).
+    pub fn started(self) -> Option<Duration> {
+        match self {
+            Cooled::Started(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// The state after a failure, and what it did to the cooldown.
 pub fn after_failure(
     state: State,
     policy: &Cooldown,
     throttled_for: Option<Duration>,
     now_ms: u64,
-) -> (State, Option<Duration>) {
+) -> (State, Cooled) {
     let failures = state.failures.saturating_add(1);
     let mut cooldown = None;
     if let Some(wait) = throttled_for.filter(|w| !w.is_zero()) {
@@ -73,7 +103,11 @@ pub fn after_failure(
                     until_ms: until,
                     failures: 0,
                 },
-                Some(d),
+                if state.cooling(now_ms) {
+                    Cooled::Extended(d)
+                } else {
+                    Cooled::Started(d)
+                },
             )
         }
         None => (
@@ -81,7 +115,7 @@ pub fn after_failure(
                 until_ms: state.until_ms,
                 failures,
             },
-            None,
+            Cooled::No,
         ),
     }
 }
@@ -112,14 +146,14 @@ mod tests {
     fn consecutive_failures_trip_the_cooldown() {
         let mut s = State::default();
         for _ in 0..2 {
-            let (next, started) = after_failure(s, &policy(), None, 1000);
-            assert_eq!(started, None);
+            let (next, cooled) = after_failure(s, &policy(), None, 1000);
+            assert_eq!(cooled.set(), None);
             s = next;
         }
         assert_eq!(s.failures, 2);
         assert!(!s.cooling(1000));
-        let (s, started) = after_failure(s, &policy(), None, 1000);
-        assert_eq!(started, Some(30 * S));
+        let (s, cooled) = after_failure(s, &policy(), None, 1000);
+        assert_eq!(cooled.set(), Some(30 * S));
         assert!(s.cooling(30_999));
         assert!(!s.cooling(31_000));
         assert_eq!(s.failures, 0);
@@ -127,13 +161,13 @@ mod tests {
 
     #[test]
     fn a_throttle_with_retry_after_cools_for_that_long_capped() {
-        let (s, started) = after_failure(State::default(), &policy(), Some(2 * S), 0);
-        assert_eq!(started, Some(2 * S));
+        let (s, cooled) = after_failure(State::default(), &policy(), Some(2 * S), 0);
+        assert_eq!(cooled.set(), Some(2 * S));
         assert!(s.cooling(1999) && !s.cooling(2000));
-        let (_, started) = after_failure(State::default(), &policy(), Some(600 * S), 0);
-        assert_eq!(started, Some(60 * S));
-        let (_, started) = after_failure(State::default(), &policy(), Some(Duration::ZERO), 0);
-        assert_eq!(started, None);
+        let (_, cooled) = after_failure(State::default(), &policy(), Some(600 * S), 0);
+        assert_eq!(cooled.set(), Some(60 * S));
+        let (_, cooled) = after_failure(State::default(), &policy(), Some(Duration::ZERO), 0);
+        assert_eq!(cooled.set(), None);
     }
 
     #[test]
@@ -152,12 +186,24 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_while_cooling_extends_the_cooldown_without_starting_one() {
+        let (s, cooled) = after_failure(State::default(), &policy(), Some(2 * S), 0);
+        assert_eq!(cooled, Cooled::Started(2 * S));
+        let (s, cooled) = after_failure(s, &policy(), Some(5 * S), 1000);
+        assert_eq!(cooled, Cooled::Extended(5 * S));
+        assert_eq!((cooled.started(), cooled.set()), (None, Some(5 * S)));
+        assert!(s.cooling(5999) && !s.cooling(6000));
+        let (_, cooled) = after_failure(s, &policy(), Some(S), 7000);
+        assert_eq!(cooled, Cooled::Started(S), "the last cooldown had ended");
+    }
+
+    #[test]
     fn disabled_count_only_cools_on_throttle() {
         let p = Cooldown {
             after_failures: 0,
             ..policy()
         };
-        let (s, started) = after_failure(
+        let (s, cooled) = after_failure(
             State {
                 until_ms: 0,
                 failures: 100,
@@ -166,7 +212,7 @@ mod tests {
             None,
             0,
         );
-        assert_eq!(started, None);
+        assert_eq!(cooled.set(), None);
         assert!(!s.cooling(0));
     }
 

@@ -1850,9 +1850,13 @@ fn run_cooldown(
                 None => prop_assert_eq!(before.failures, 0),
             },
             CooldownEvent::Failure(wait) => {
-                let (next, started) = cooldown::after_failure(s, policy, *wait, now);
+                let (next, cooled) = cooldown::after_failure(s, policy, *wait, now);
                 prop_assert!(next.until_ms >= before.until_ms, "a cooldown shrank");
-                match started {
+                prop_assert_eq!(
+                    cooled.started().is_some(),
+                    cooled.set().is_some() && !before.cooling(now)
+                );
+                match cooled.set() {
                     Some(d) => {
                         prop_assert_eq!(next.failures, 0);
                         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

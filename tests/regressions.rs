@@ -195,8 +195,8 @@ fn a_huge_cooldown_saturates() {
         duration: Duration::from_secs(u64::MAX / 1000 + 1),
         max_duration: Duration::MAX,
     };
-    let (s, started) = cooldown::after_failure(State::default(), &policy, None, 5);
-    assert!(started.is_some());
+    let (s, cooled) = cooldown::after_failure(State::default(), &policy, None, 5);
+    assert!(cooled.set().is_some());
     assert_eq!(s.until_ms, u64::MAX);
 }
 

@@ -22,8 +22,7 @@ pub fn cooldown_state(target: &str) -> State {
     bytes.map(|b| State::decode(&b)).unwrap_or_default()
 }
 
-/// Records a failure; returns the cooldown it started, if any (a target already cooling is not
-/// starting one: a later failure only extends it).
+/// Records a failure; returns the cooldown it started, if any ([`cooldown::Cooled::started`]).
 pub fn record_failure(
     target: &str,
     policy: &Cooldown,
@@ -34,9 +33,9 @@ pub fn record_failure(
     for _ in 0..CAS_TRIES {
         let (bytes, cas) = host::shared_get(&key);
         let state = bytes.map(|b| State::decode(&b)).unwrap_or_default();
-        let (next, started) = cooldown::after_failure(state, policy, throttled_for, now_ms);
+        let (next, cooled) = cooldown::after_failure(state, policy, throttled_for, now_ms);
         if host::shared_set(&key, &next.encode(), cas).is_ok() {
-            return started.filter(|_| !state.cooling(now_ms));
+            return cooled.started();
         }
     }
     None
