@@ -292,20 +292,6 @@ def assert_no_vm_failure(log: str):
 # Config rendering
 
 
-def _find_wasm_filters(cfg: dict) -> list[dict]:
-    """The Wasm HTTP filters' typed_config dicts in every listener of the config."""
-    found = []
-    for lst in (cfg.get("static_resources") or {}).get("listeners") or []:
-        for chain in lst.get("filter_chains") or []:
-            for f in chain.get("filters") or []:
-                hcm = f.get("typed_config") or {}
-                for hf in hcm.get("http_filters") or []:
-                    tc = hf.get("typed_config") or {}
-                    if tc.get("@type") == WASM_FILTER_TYPE:
-                        found.append(tc)
-    return found
-
-
 def _set_endpoint(cluster: dict, address: str, port: int):
     la = cluster.setdefault("load_assignment", {"cluster_name": cluster["name"]})
     la["cluster_name"] = cluster["name"]
@@ -404,7 +390,7 @@ def render_config(
         info["clusters"][name] = spec["port"]
 
     # wasm filter
-    wasm_filters = _find_wasm_filters(cfg)
+    wasm_filters = envoy_side.listener_filters(cfg)
     if without_wasm:
         for lst in sr.get("listeners") or []:
             for chain in lst.get("filter_chains") or []:
@@ -414,8 +400,7 @@ def render_config(
                         hcm["http_filters"] = [hf for hf in hcm["http_filters"]
                                                if (hf.get("typed_config") or {}).get("@type") != WASM_FILTER_TYPE]
     else:
-        for tc in wasm_filters:
-            conf = tc.setdefault("config", {})
+        for conf in wasm_filters:
             if plugin_config is not None:
                 value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config, indent=2)
                 conf["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value}
@@ -432,7 +417,7 @@ def render_config(
             if not env:
                 vm.pop("environment_variables")
         if wasm_filters:
-            info["plugin_config"] = wasm_filters[0].get("config", {}).get("configuration", {}).get("value")
+            info["plugin_config"] = wasm_filters[0].get("configuration", {}).get("value")
 
     if mutate is not None:
         mutate(cfg)
@@ -798,10 +783,10 @@ def file_plugin_config(base_config=None) -> dict:
     if not path.is_absolute():
         path = REPO_ROOT / path
     cfg = yaml.safe_load(path.read_text())
-    filters = _find_wasm_filters(cfg)
+    filters = envoy_side.listener_filters(cfg)
     if not filters:
         raise ValueError(f"no Wasm filter in {path}")
-    return json.loads(filters[0]["config"]["configuration"]["value"])
+    return json.loads(filters[0]["configuration"]["value"])
 
 
 def openai_target(name: str = "openai", cluster: str | None = None, **fields) -> dict:

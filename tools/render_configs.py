@@ -112,16 +112,10 @@ def render_k8s_configmap() -> str:
 def render_routes_envoy() -> str:
     cfg = yaml.safe_load(LOCAL.read_text())
     plugin = ROUTES_PLUGIN.read_text()
-    found = 0
-    for listener in cfg["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for f in chain["filters"]:
-                for hf in (f.get("typed_config") or {}).get("http_filters", []):
-                    if (hf.get("typed_config") or {}).get("@type") == WASM_FILTER:
-                        hf["typed_config"]["config"]["configuration"]["value"] = plugin
-                        found += 1
-    if found != 1:
-        raise SystemExit(f"envoy/local.yaml: expected one Wasm filter, found {found}")
+    found = envoy_side.listener_filters(cfg)
+    if len(found) != 1:
+        raise SystemExit(f"envoy/local.yaml: expected one Wasm filter, found {len(found)}")
+    found[0]["configuration"]["value"] = plugin
     envoy_side.apply(cfg)
     header = (
         "# GENERATED from envoy/local.yaml and envoy/routes.json by tools/render_configs.py: do not edit,\n"
@@ -134,20 +128,9 @@ def render_routes_envoy() -> str:
     return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
 
 
-def wasm_configs(cfg: dict) -> list[dict]:
-    found = []
-    for listener in cfg["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for f in chain["filters"]:
-                for hf in (f.get("typed_config") or {}).get("http_filters", []):
-                    if (hf.get("typed_config") or {}).get("@type") == WASM_FILTER:
-                        found.append(hf["typed_config"]["config"])
-    return found
-
-
 def render_production_entra() -> str:
     cfg = yaml.safe_load(PRODUCTION.read_text())
-    [wasm] = wasm_configs(cfg)
+    [wasm] = envoy_side.listener_filters(cfg)
     plugin = json.loads(wasm["configuration"]["value"])
     [azure] = [t for t in plugin["targets"] if t["provider"] == "azure"]
     del azure["api_key_env"]

@@ -159,17 +159,6 @@ def need_envoy_ok(config: dict | Path, args: list[str] | None = None):
          "the plugin's on_configure did not run (no 'configured N target(s)' log line):\n" + _important_lines(out))
 
 
-def wasm_filters(cfg: dict) -> list[dict]:
-    found = []
-    for lst in cfg.get("static_resources", {}).get("listeners", []):
-        for chain in lst.get("filter_chains", []):
-            for f in chain.get("filters", []):
-                for hf in (f.get("typed_config") or {}).get("http_filters", []):
-                    if (hf.get("typed_config") or {}).get("@type") == WASM_FILTER:
-                        found.append(hf["typed_config"]["config"])
-    return found
-
-
 def plugin_config(wasm_config: dict) -> dict:
     return json.loads(wasm_config["configuration"]["value"])
 
@@ -192,7 +181,7 @@ def check_envoy_configs(report: Report):
 
     with report.check("envoy/production.yaml: Envoy wiring of the product contract (SPEC 2a)"):
         cfg = load(PRODUCTION)
-        [wasm] = wasm_filters(cfg)
+        [wasm] = envoy_side.listener_filters(cfg)
         need(wasm.get("failure_policy") == "FAIL_RELOAD", "failure_policy is not FAIL_RELOAD")
         need(wasm.get("allow_on_headers_stop_iteration") is True, "allow_on_headers_stop_iteration is not true")
         need(wasm["vm_config"]["runtime"] == "envoy.wasm.runtime.v8", "runtime is not V8")
@@ -246,7 +235,7 @@ def check_envoy_configs(report: Report):
 
     with report.check("negative: an Envoy side that disagrees with the chain is refused"):
         cfg = load(LOCAL)
-        [wasm] = wasm_filters(cfg)
+        [wasm] = envoy_side.listener_filters(cfg)
         plugin = plugin_config(wasm)
         plugin["targets"][0]["retries"] = plugin["targets"][0].get("retries", 0) + 1
         wasm["configuration"]["value"] = json.dumps(plugin)
@@ -265,7 +254,7 @@ def check_envoy_configs(report: Report):
 
     with report.check("negative: a broken plugin config is refused, naming the field"):
         cfg = load(PRODUCTION)
-        [wasm] = wasm_filters(cfg)
+        [wasm] = envoy_side.listener_filters(cfg)
         plugin = plugin_config(wasm)
         i = next(n for n, t in enumerate(plugin["targets"]) if t["provider"] == "azure")
         del plugin["targets"][i]["api_version"]
@@ -323,7 +312,7 @@ def check_compose(report: Report):
         need(mounts.get(f"{workdir}/envoy") == "./envoy", f"./envoy must be mounted at {workdir}/envoy")
         need(mounts.get(f"{workdir}/dist") == "./dist", f"./dist must be mounted at {workdir}/dist")
         need(flag(envoy["command"], "-c") == "envoy/compose.yaml", "envoy must run -c envoy/compose.yaml")
-        [wasm] = wasm_filters(local)
+        [wasm] = envoy_side.listener_filters(local)
         need(wasm["vm_config"]["code"]["local"]["filename"] == WASM_REL, f"compose.yaml must load {WASM_REL}")
         published = set(envoy["ports"])
         for port in (local["admin"]["address"]["socket_address"]["port_value"],
@@ -434,7 +423,7 @@ def check_kubernetes(report: Report):
 
         need(file_source(f"{workdir}/{flag(sidecar['args'], '-c')}") == (ENVOY_CONFIGMAP, "envoy.yaml"),
              "-c must name envoy.yaml of the llm-failover-envoy ConfigMap")
-        [wasm] = wasm_filters(cfg)
+        [wasm] = envoy_side.listener_filters(cfg)
         need(file_source(f"{workdir}/{wasm['vm_config']['code']['local']['filename']}") ==
              (WASM_CONFIGMAP, "llm_failover.wasm"), "the config's wasm path is not the llm-failover-wasm ConfigMap")
         env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in sidecar["env"]}
@@ -499,7 +488,7 @@ def istio_cluster_names(egress: list[dict]) -> dict[str, str]:
 
 
 def production_plugin_for_istio(egress: list[dict]) -> dict:
-    [wasm] = wasm_filters(load(PRODUCTION))
+    [wasm] = envoy_side.listener_filters(load(PRODUCTION))
     plugin = plugin_config(wasm)
     names = istio_cluster_names(egress)
     for t in plugin["targets"]:
@@ -584,11 +573,11 @@ def shipped_plugin_configs() -> list[tuple[str, dict]]:
     """Every plugin configuration the repository ships, with where it is."""
     found = []
     for path in sorted((ROOT / "envoy").glob("*.yaml")):
-        for i, wasm in enumerate(wasm_filters(load(path))):
+        for i, wasm in enumerate(envoy_side.listener_filters(load(path))):
             found.append((f"{rel(path)} filter {i}", plugin_config(wasm)))
     for doc in load_all(K8S_DIR / "envoy-config.yaml"):
         for name, text in (doc.get("data") or {}).items():
-            for i, wasm in enumerate(wasm_filters(yaml.safe_load(text))):
+            for i, wasm in enumerate(envoy_side.listener_filters(yaml.safe_load(text))):
                 found.append((f"{rel(K8S_DIR / 'envoy-config.yaml')} {name} filter {i}", plugin_config(wasm)))
     docs = istio_docs()
     for plugin in of_kind(docs["wasmplugin.yaml"], "WasmPlugin"):
