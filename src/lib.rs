@@ -2,36 +2,30 @@
 //! chain of OpenAI / Azure OpenAI targets, retrying and failing over on 429, 5xx and transport
 //! failures.
 //!
-//! Pure modules (no `proxy_wasm`, unit-tested on the host), in the order a request meets them:
-//! `config` (the plugin JSON), `intake` (what a request is, who sent it: `auth`), `body` (its
-//! body, read once), `plan` (its chain), `provider` and `rewrite` (each target's request),
-//! `forward` (which headers go where), `judge` (how an answer ends an attempt), `chain` (the
-//! failover state machine), `cooldown`, `retry_after`, `cache`, `usage`, `reply`, `duration`.
+//! The pure modules (no `proxy_wasm`, unit-tested on the host) follow a request's journey:
+//!
+//! * `config`: the plugin JSON, read and validated once into an immutable `Config`.
+//! * `request`: what arrives: the operation (`operation`), the gateway key (`auth`, `intake`),
+//!   the body, parsed once (`body`).
+//! * `policy`: where it goes: the plan (`plan`, `balance`), how an answer ends an attempt
+//!   (`judge`, `retry_after`) and the failover state machine (`chain`).
+//! * `health`: what all workers know about each target: cooldowns and spill-over.
+//! * `target`: one target's request: addressing and credentials (`provider`), its body
+//!   (`rewrite`), its headers (`forward`), Entra ID tokens (`token`).
+//! * `answer`: what comes back: the filter's own replies, usage, the cache, Responses affinity.
+//! * `streamed`: a streamed request's failover through Envoy's router.
+//! * `duration`: the duration strings of the config.
+//!
 //! Glue (only built for wasm32): `filter`, one module per phase of a request.
 
-pub mod affinity;
-pub mod auth;
-pub mod balance;
-pub mod body;
-pub mod cache;
-pub mod chain;
+pub mod answer;
 pub mod config;
-pub mod cooldown;
 pub mod duration;
-pub mod forward;
-pub mod intake;
-pub mod judge;
-mod object;
-pub mod operation;
-pub mod plan;
-pub mod provider;
-pub mod reply;
-pub mod retry_after;
-pub mod rewrite;
-pub mod spillover;
-pub mod stream;
-pub mod token;
-pub mod usage;
+pub mod health;
+pub mod policy;
+pub mod request;
+pub mod streamed;
+pub mod target;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -14,22 +14,23 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{json, Map, Value};
 
-use llm_failover::body::{Body, Keep};
-use llm_failover::cache::{self, Entry};
-use llm_failover::chain::{
-    Chain, Failure, FailureKind, GiveUpReason, Hop, NoRetry, Outcome, Step, MIN_ATTEMPT,
-};
+use llm_failover::answer::cache::{self, Entry};
+use llm_failover::answer::reply::Rejection;
+use llm_failover::answer::usage::{self, Usage, UsageScanner};
+use llm_failover::config::Cooldown;
 use llm_failover::config::{
     self, AzureApi, Config, ConfigError, Credential, Env, KeyMatch, Provider,
 };
-use llm_failover::cooldown::{self, State};
-use llm_failover::plan;
-use llm_failover::provider;
-use llm_failover::reply::Rejection;
-use llm_failover::retry_after;
-use llm_failover::rewrite::{self, Operation};
-use llm_failover::usage::{self, Usage, UsageScanner};
-use llm_failover::{auth, config::Cooldown};
+use llm_failover::health::cooldown::{self, State};
+use llm_failover::policy::chain::{
+    Chain, Failure, FailureKind, GiveUpReason, Hop, Next, NoRetry, Outcome, MIN_ATTEMPT,
+};
+use llm_failover::policy::plan;
+use llm_failover::policy::retry_after;
+use llm_failover::request::auth;
+use llm_failover::request::body::{Body, Keep};
+use llm_failover::target::provider;
+use llm_failover::target::rewrite::{self, Operation};
 
 // ---- shared generators ---------------------------------------------------------------------
 
@@ -1323,7 +1324,7 @@ fn cooling_in(mask: u8) -> impl Fn(usize) -> bool {
 }
 
 /// Runs a chain over `case`'s events (cycled), checking every step; returns the steps taken.
-fn run_chain(case: &ChainCase) -> Result<Vec<Step>, TestCaseError> {
+fn run_chain(case: &ChainCase) -> Result<Vec<Next>, TestCaseError> {
     let hops = &case.hops;
     let sum_tries: u32 = hops.iter().map(|h| h.max_tries).sum();
     let deadline_ms = case
@@ -1372,7 +1373,7 @@ fn run_chain(case: &ChainCase) -> Result<Vec<Step>, TestCaseError> {
         steps.push(step.clone());
         let failure = match outcome {
             Outcome::Delivered => {
-                prop_assert_eq!(step, Step::Deliver);
+                prop_assert_eq!(step, Next::Deliver);
                 break;
             }
             Outcome::Failed(f) => f,
@@ -1391,8 +1392,8 @@ fn run_chain(case: &ChainCase) -> Result<Vec<Step>, TestCaseError> {
         };
         prop_assert_eq!(no_retry, want_no_retry);
         match &step {
-            Step::Deliver => prop_assert!(false, "delivered a failure"),
-            Step::Retry {
+            Next::Deliver => prop_assert!(false, "delivered a failure"),
+            Next::Retry {
                 target,
                 delay: d,
                 timeout,
@@ -1406,7 +1407,7 @@ fn run_chain(case: &ChainCase) -> Result<Vec<Step>, TestCaseError> {
                 prop_assert!(*timeout >= MIN_ATTEMPT.min(hop.timeout));
                 tries[pos] += 1;
             }
-            Step::Failover {
+            Next::Failover {
                 from,
                 to,
                 timeout,
@@ -1431,12 +1432,12 @@ fn run_chain(case: &ChainCase) -> Result<Vec<Step>, TestCaseError> {
                 pos = next;
                 tries[pos] += 1;
             }
-            Step::GiveUp(GiveUpReason::BudgetSpent) => {
+            Next::GiveUp(GiveUpReason::BudgetSpent) => {
                 let over = want_no_retry == Some(NoRetry::RetryAfterOverBudget);
                 prop_assert!(left < MIN_ATTEMPT || (over && !later_ready));
                 break;
             }
-            Step::GiveUp(GiveUpReason::Exhausted) => {
+            Next::GiveUp(GiveUpReason::Exhausted) => {
                 prop_assert!(left >= MIN_ATTEMPT);
                 prop_assert!(!tries_left || !wait_fits);
                 prop_assert!(!later_ready, "gave up with a ready target left");

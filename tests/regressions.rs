@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use llm_failover::body::{Body, Keep};
-use llm_failover::cache::{self, Entry};
-use llm_failover::chain::{Chain, Failure, FailureKind, GiveUpReason, Hop, Outcome, Step};
+use llm_failover::answer::cache::{self, Entry};
 use llm_failover::config::{self, Cooldown, NoEnv};
-use llm_failover::cooldown::{self, State};
-use llm_failover::rewrite::{self, Operation};
-use llm_failover::{auth, retry_after};
+use llm_failover::health::cooldown::{self, State};
+use llm_failover::policy::chain::{Chain, Failure, FailureKind, GiveUpReason, Hop, Next, Outcome};
+use llm_failover::policy::retry_after;
+use llm_failover::request::auth;
+use llm_failover::request::body::{Body, Keep};
+use llm_failover::target::rewrite::{self, Operation};
 
 fn error_field(config: &Value) -> String {
     match config::parse(config.to_string().as_bytes(), &NoEnv) {
@@ -183,7 +184,7 @@ fn a_retry_after_near_the_end_of_time_gives_up_without_panicking() {
     });
     assert_eq!(
         chain.next(&throttled, 0, |_| false).0,
-        Step::GiveUp(GiveUpReason::BudgetSpent)
+        Next::GiveUp(GiveUpReason::BudgetSpent)
     );
 }
 

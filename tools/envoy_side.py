@@ -14,7 +14,7 @@ has one source of truth:
   the llm_failover upstream filter (`{"role": "upstream"}`, the filter's own vm_config, so the
   same Wasm VM) and a retry circuit breaker that does not turn failover off under load.
 
-The plans are the filter's own (`cargo run --bin envoy-side`, src/stream.rs): every part of a
+The plans are the filter's own (`cargo run --bin envoy-side`, src/streamed.rs): every part of a
 chain (top-level or a route's) that keeps its order and can fail over, at most 4 targets long.
 The route that carries the filter's requests needs the retry policy of envoy/local.yaml
 (`num_retries: 0`, `previous_priorities`, a 1 ms back-off); the filter enables the retries per
@@ -91,7 +91,7 @@ class InvalidPlugin(SystemExit):
 
 @functools.lru_cache(maxsize=256)
 def plans(plugin_json: str) -> dict:
-    """The members and aggregates of a plugin configuration (src/stream.rs, `envoy_side`)."""
+    """The members and aggregates of a plugin configuration (src/streamed.rs, `envoy_side`)."""
     out = subprocess.run([_binary(), "-"], input=plugin_json, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise InvalidPlugin(out.stderr.strip() or f"envoy-side exited {out.returncode}")

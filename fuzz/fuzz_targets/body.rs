@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use llm_failover::body::{Body, Keep};
+use llm_failover::request::body::{Body, Keep};
 use serde_json::{Map, Value};
 
 fuzz_target!(|data: &[u8]| {

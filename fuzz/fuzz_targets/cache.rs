@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use llm_failover::body::{Body, Keep};
-use llm_failover::cache::{self, Entry};
-use llm_failover::rewrite::Operation;
+use llm_failover::request::body::{Body, Keep};
+use llm_failover::answer::cache::{self, Entry};
+use llm_failover::target::rewrite::Operation;
 use serde_json::Value;
 
 fn key(name: &str, op: Operation, bytes: &[u8]) -> Option<cache::Digest> {

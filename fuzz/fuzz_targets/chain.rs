@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use llm_failover::chain::{
-    Chain, Failure, FailureKind, GiveUpReason, Hop, Outcome, Step, MIN_ATTEMPT,
+use llm_failover::policy::chain::{
+    Chain, Failure, FailureKind, GiveUpReason, Hop, Outcome, Next, MIN_ATTEMPT,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -95,11 +95,11 @@ fuzz_target!(|input: Input| {
         let remaining = left(now);
         let (step, _) = chain.next(&outcome, now, cooling(*mask));
         match step {
-            Step::Deliver => {
+            Next::Deliver => {
                 assert_eq!(outcome, Outcome::Delivered);
                 return;
             }
-            Step::Retry {
+            Next::Retry {
                 target,
                 delay,
                 timeout,
@@ -110,7 +110,7 @@ fuzz_target!(|input: Input| {
                 assert!(timeout <= hops[pos].timeout && delay + timeout <= remaining);
                 tries[pos] += 1;
             }
-            Step::Failover {
+            Next::Failover {
                 from,
                 to,
                 timeout,
@@ -124,7 +124,7 @@ fuzz_target!(|input: Input| {
                 pos = next;
                 tries[pos] += 1;
             }
-            Step::GiveUp(reason) => {
+            Next::GiveUp(reason) => {
                 assert_ne!(outcome, Outcome::Delivered);
                 if reason == GiveUpReason::Exhausted {
                     assert!(remaining >= MIN_ATTEMPT);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use llm_failover::config::Spillover;
-use llm_failover::spillover::{self, FALLBACK_WINDOW};
+use llm_failover::health::spillover::{self, FALLBACK_WINDOW};
 
 fuzz_target!(|data: &[u8]| {
     let (policy, rest) = match data {

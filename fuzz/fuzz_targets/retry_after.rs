@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use llm_failover::retry_after;
+use llm_failover::policy::retry_after;
 
 const MAX: Duration = Duration::from_secs(24 * 3600);
 

@@ -5,11 +5,11 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use llm_failover::body::{Body, Keep};
-use llm_failover::cache;
+use llm_failover::request::body::{Body, Keep};
+use llm_failover::answer::cache;
 use llm_failover::config::{self, AzureApi, Config, NoEnv, Provider};
-use llm_failover::provider;
-use llm_failover::rewrite::{self, Operation};
+use llm_failover::target::provider;
+use llm_failover::target::rewrite::{self, Operation};
 
 const CONFIG: &str = r#"{"targets": [
   {"name": "openai", "provider": "openai", "cluster": "openai", "api_key": "sk-o"},

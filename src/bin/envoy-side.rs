@@ -1,5 +1,5 @@
 //! `envoy-side`: the Envoy side of streamed failover for a plugin configuration, as JSON (the
-//! member and aggregate clusters a request's plan may name; `crate::stream::envoy_side`), for
+//! member and aggregate clusters a request's plan may name; `crate::streamed::envoy_side`), for
 //! tools/envoy_side.py, which writes them into an Envoy config.
 //!
 //!     cargo run --quiet --bin envoy-side -- plugin.json      (or - for standard input)
@@ -11,7 +11,7 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use llm_failover::config::{self, Env};
-use llm_failover::stream;
+use llm_failover::streamed;
 
 struct Placeholders;
 
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let side = stream::envoy_side(&config);
+    let side = streamed::envoy_side(&config);
     match serde_json::to_string_pretty(&side) {
         Ok(text) => {
             println!("{text}");

@@ -12,8 +12,8 @@ use super::raw::{
     RawStrategy, RawTarget, Role, StreamFailover, Text,
 };
 use super::*;
-use crate::operation::Operation;
 use crate::quote;
+use crate::request::operation::Operation;
 
 mod errors;
 mod routes;

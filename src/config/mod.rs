@@ -3,6 +3,7 @@
 //! the field it is about, so `on_configure` can refuse a bad config with one clear log line.
 
 mod build;
+pub(crate) mod object;
 pub mod raw;
 
 use std::collections::BTreeMap;
@@ -260,7 +261,7 @@ pub struct Route {
     pub name: String,
     /// Matched exactly, without the query string.
     pub path: String,
-    pub operation: crate::operation::Operation,
+    pub operation: crate::request::operation::Operation,
     /// In chain order; a target appears once.
     pub steps: Vec<Step>,
     /// This route's own cache (the top-level one is not used on routes).
@@ -321,7 +322,7 @@ impl Config {
 
     /// The route whose path is `path` (without its query string), if any.
     pub fn route_for(&self, path: &str) -> Option<usize> {
-        let path = crate::operation::path_only(path);
+        let path = crate::request::operation::path_only(path);
         self.routes.iter().position(|r| r.path == path)
     }
 }

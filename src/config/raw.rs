@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
-pub use crate::object::Obj;
+pub use crate::config::object::Obj;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};

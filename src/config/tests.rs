@@ -258,7 +258,7 @@ fn keys_resolve_targets_in_chain_order() {
     assert_eq!(keys[1].targets, vec![0, 1]);
     assert_eq!(
         keys[0].digest,
-        KeyMatch::Sha256(crate::auth::sha256(b"gw-secret"))
+        KeyMatch::Sha256(crate::request::auth::sha256(b"gw-secret"))
     );
 }
 
@@ -496,7 +496,10 @@ fn routes_are_checked_naming_the_field() {
         panic!("{:?}", c.routes)
     };
     assert_eq!(r.path, "/api/routes/test/chat/completion");
-    assert_eq!(r.operation, crate::operation::Operation::ChatCompletions);
+    assert_eq!(
+        r.operation,
+        crate::request::operation::Operation::ChatCompletions
+    );
     let steps: Vec<(usize, u32, Option<&str>)> = r
         .steps
         .iter()

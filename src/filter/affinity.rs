@@ -3,10 +3,10 @@
 
 use super::exchange::Exchange;
 use super::shared;
-use crate::affinity::{self, Owner};
+use crate::answer::affinity::{self, Owner};
 use crate::duration::millis;
-use crate::intake::Kind;
-use crate::operation::Operation;
+use crate::request::intake::Kind;
+use crate::request::operation::Operation;
 
 impl Exchange {
     /// The target that created response `id`, if it is known and this request may use it.

@@ -7,13 +7,13 @@ use proxy_wasm::types::{BufferType, MapType};
 
 use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
 use super::host;
-use crate::body::Body;
-use crate::forward;
-use crate::judge;
-use crate::provider;
+use crate::policy::judge;
+use crate::policy::retry_after;
 use crate::quote;
-use crate::retry_after;
-use crate::rewrite;
+use crate::request::body::Body;
+use crate::target::forward;
+use crate::target::provider;
+use crate::target::rewrite;
 
 impl Exchange {
     /// Sends the next attempt to `target` as a callout. A callout the host refuses (e.g. an

@@ -7,13 +7,13 @@ use proxy_wasm::types::MapType;
 use super::exchange::{Answer, Exchange, Flow, Phase};
 use super::host;
 use super::shared;
-use crate::affinity;
-use crate::cache::Entry;
-use crate::chain::FailureKind;
+use crate::answer::affinity;
+use crate::answer::cache::Entry;
+use crate::answer::reply::Rejection;
+use crate::answer::usage;
 use crate::duration::millis;
-use crate::forward::{self, ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
-use crate::reply::Rejection;
-use crate::usage;
+use crate::policy::chain::FailureKind;
+use crate::target::forward::{self, ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
 
 impl Exchange {
     /// Gives the client `answer`: the routed response resumes; a callout's answer replaces it;

@@ -14,17 +14,17 @@ use proxy_wasm::types::Action;
 
 use super::host::{self, Headers};
 use super::metrics::Metrics;
-use crate::body::Body;
-use crate::cache::Digest;
-use crate::chain::{Chain, FailureKind};
+use crate::answer::cache::Digest;
+use crate::answer::reply::Rejection;
+use crate::answer::usage::UsageScanner;
 use crate::config::{CacheSettings, Config, Credential, Step, Target};
-use crate::forward::ClientHeaders;
-use crate::intake::{Access, Kind};
-use crate::plan;
-use crate::provider;
-use crate::reply::Rejection;
-use crate::token::{Token, EXPIRY_MARGIN};
-use crate::usage::UsageScanner;
+use crate::policy::chain::{Chain, FailureKind};
+use crate::policy::plan;
+use crate::request::body::Body;
+use crate::request::intake::{Access, Kind};
+use crate::target::forward::ClientHeaders;
+use crate::target::provider;
+use crate::target::token::{Token, EXPIRY_MARGIN};
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
@@ -305,7 +305,7 @@ impl Exchange {
     }
 
     /// The operation, for a request that is one.
-    pub(super) fn operation(&self) -> Option<crate::operation::Operation> {
+    pub(super) fn operation(&self) -> Option<crate::request::operation::Operation> {
         self.request.kind.as_ref().and_then(Kind::operation)
     }
 

@@ -3,9 +3,9 @@
 //! `timers`), fail over to the next one (`callout`), or give up (`delivery`).
 
 use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
-use crate::chain::{GiveUpReason, NoRetry, Outcome, Step};
 use crate::duration::millis;
-use crate::judge;
+use crate::policy::chain::{GiveUpReason, Next, NoRetry, Outcome};
+use crate::policy::judge;
 
 impl Exchange {
     /// Counts and logs the end of a chain that delivered no success.
@@ -67,17 +67,17 @@ impl Exchange {
             );
         }
         match step {
-            Step::Deliver => {
+            Next::Deliver => {
                 let flow = self.deliver(answer, None, attempts, failed_over, false);
                 (flow, Effect::None)
             }
-            Step::GiveUp(reason) => {
+            Next::GiveUp(reason) => {
                 self.give_up(reason, attempts, current, &what);
                 let budget_spent = reason == GiveUpReason::BudgetSpent;
                 let flow = self.deliver(answer, kind, attempts, failed_over, budget_spent);
                 (flow, Effect::None)
             }
-            Step::Retry {
+            Next::Retry {
                 target,
                 delay,
                 timeout,
@@ -96,7 +96,7 @@ impl Exchange {
                     (Flow::Hold, Effect::Wait(now.saturating_add(millis(delay))))
                 }
             }
-            Step::Failover {
+            Next::Failover {
                 from,
                 to,
                 timeout,

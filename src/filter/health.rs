@@ -5,10 +5,10 @@
 use super::exchange::Exchange;
 use super::host::Headers;
 use super::shared;
-use crate::chain::{Availability, Failure, FailureKind};
-use crate::cooldown;
 use crate::duration::millis;
-use crate::spillover;
+use crate::health::cooldown;
+use crate::health::spillover;
+use crate::policy::chain::{Availability, Failure, FailureKind};
 
 impl Exchange {
     /// Whether target `target` may take an attempt now: cooling targets are skipped, spilled

@@ -8,12 +8,12 @@ use proxy_wasm::types::{Action, MapType};
 
 use super::exchange::{Exchange, Phase};
 use super::host;
-use crate::chain::Chain;
-use crate::forward::{self, ClientHeaders};
-use crate::intake::{self, Kind};
-use crate::operation;
-use crate::plan;
-use crate::reply::Rejection;
+use crate::answer::reply::Rejection;
+use crate::policy::chain::Chain;
+use crate::policy::plan;
+use crate::request::intake::{self, Kind};
+use crate::request::operation;
+use crate::target::forward::{self, ClientHeaders};
 
 impl Exchange {
     pub fn on_request_headers(&mut self, end_of_stream: bool) -> Action {

@@ -6,10 +6,10 @@
 use proxy_wasm::types::MetricType;
 
 use super::host;
-use crate::chain::GiveUpReason;
+use crate::answer::usage::Usage;
 use crate::config::Config;
-use crate::provider::Unservable;
-use crate::usage::Usage;
+use crate::policy::chain::GiveUpReason;
+use crate::target::provider::Unservable;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 

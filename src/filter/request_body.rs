@@ -6,15 +6,15 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use super::exchange::{Exchange, Phase};
 use super::host;
 use super::shared;
-use crate::balance;
-use crate::body::Body;
-use crate::cache;
-use crate::chain::{Availability, Chain, Hop};
-use crate::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
-use crate::plan;
+use crate::answer::cache;
+use crate::answer::reply::Rejection;
+use crate::policy::balance;
+use crate::policy::chain::{Availability, Chain, Hop};
+use crate::policy::plan;
 use crate::quote;
-use crate::reply::Rejection;
-use crate::rewrite::{self, Operation};
+use crate::request::body::Body;
+use crate::target::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
+use crate::target::rewrite::{self, Operation};
 
 impl Exchange {
     pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -15,8 +15,8 @@ use super::shared;
 use super::timers::Timers;
 use super::tokens;
 use super::upstream::Attempt;
+use crate::answer::reply::Rejection;
 use crate::config::{self, Plugin, ProcessEnv};
-use crate::reply::Rejection;
 
 const TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY_TICKS: u32 = 40;

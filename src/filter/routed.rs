@@ -8,14 +8,14 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::exchange::{Answer, Effect, Exchange, Phase};
 use super::host;
-use crate::affinity;
-use crate::forward::{self, Edit, Routed};
-use crate::intake::Kind;
-use crate::judge;
-use crate::plan;
-use crate::provider;
-use crate::retry_after;
-use crate::usage::{self, UsageScanner};
+use crate::answer::affinity;
+use crate::answer::usage::{self, UsageScanner};
+use crate::policy::judge;
+use crate::policy::plan;
+use crate::policy::retry_after;
+use crate::request::intake::Kind;
+use crate::target::forward::{self, Edit, Routed};
+use crate::target::provider;
 
 impl Exchange {
     /// Points the routed request at target `i`: cluster, credential, path, host, and for an

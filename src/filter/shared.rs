@@ -2,12 +2,12 @@
 //! owners of Responses API ids. Writers use compare-and-swap.
 
 use super::host;
-use crate::affinity::{self, Owner};
-use crate::cache::{self, Digest, Entry};
+use crate::answer::affinity::{self, Owner};
+use crate::answer::cache::{self, Digest, Entry};
 use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
-use crate::cooldown::{self, State};
-use crate::spillover;
-use crate::token::State as TokenState;
+use crate::health::cooldown::{self, State};
+use crate::health::spillover;
+use crate::target::token::State as TokenState;
 use std::time::Duration;
 
 const CAS_TRIES: usize = 4;

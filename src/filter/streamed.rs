@@ -1,4 +1,4 @@
-//! The streamed path of a request (`crate::stream`): a `"stream": true` request that can fail
+//! The streamed path of a request (`crate::streamed`): a `"stream": true` request that can fail
 //! over is handed to Envoy's router with its plan, and the router's answer (from the first
 //! target that answered, or its own reply when none did) is labelled or replaced here. Each
 //! attempt is addressed, judged and counted by the upstream filter (`upstream`).
@@ -9,11 +9,11 @@ use proxy_wasm::types::{Action, MapType};
 
 use super::exchange::{Answer, Effect, Exchange, Phase};
 use super::host;
-use crate::chain::{FailureKind, GiveUpReason};
-use crate::judge;
-use crate::operation::Operation;
+use crate::policy::chain::{FailureKind, GiveUpReason};
+use crate::policy::judge;
 use crate::quote;
-use crate::stream::{self, Handoff, Plan, Record, Tries};
+use crate::request::operation::Operation;
+use crate::streamed::{self, Handoff, Plan, Record, Tries};
 
 impl Exchange {
     /// Hands the request to the router when it takes the streamed path (true): its plan's
@@ -30,17 +30,17 @@ impl Exchange {
             return false;
         };
         // Cheap checks first: most requests do not stream.
-        if !stream::may_take_stream_path(self.config(), op, body.stream) {
+        if !streamed::may_take_stream_path(self.config(), op, body.stream) {
             return false;
         }
-        let plan: Plan = stream::bounded(
+        let plan: Plan = streamed::bounded(
             chain
                 .planned(|t| self.availability(t, now))
                 .into_iter()
                 .map(|(target, tries)| Tries { target, tries })
                 .collect(),
         );
-        if !stream::takes_stream_path(self.config(), op, body.stream, &plan) {
+        if !streamed::takes_stream_path(self.config(), op, body.stream, &plan) {
             return false;
         }
         let left = chain.remaining(now);
@@ -58,7 +58,7 @@ impl Exchange {
         for name in client.controls() {
             host::set_header(map, name, None);
         }
-        for (name, value) in stream::router_headers(self.config(), &plan, timeout, left) {
+        for (name, value) in streamed::router_headers(self.config(), &plan, timeout, left) {
             host::set_header(map, name, Some(&value));
         }
         let handoff = Handoff {
@@ -73,7 +73,7 @@ impl Exchange {
             per_try_ms: crate::duration::millis(timeout.min(left)),
             length: length as u64,
         };
-        host::set_filter_state(stream::HANDOFF_STATE, &handoff.to_json());
+        host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
         self.attempt_started_ms = now;
         self.phase = Phase::StreamRouted;
         true
@@ -87,7 +87,7 @@ impl Exchange {
         if details == "cluster_not_found" {
             return self.stream_clusters_missing();
         }
-        let record = host::property(&[stream::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let record = host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
         let first = self.chain.as_ref().and_then(|c| c.current_target());
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {
@@ -103,7 +103,7 @@ impl Exchange {
         };
         self.served = served;
         let last = served.unwrap_or(0);
-        if !via_upstream && host::property(&[stream::REFUSED_STATE]).is_some() {
+        if !via_upstream && host::property(&[streamed::REFUSED_STATE]).is_some() {
             // The upstream filter's own error (it logged why): passed on as it is.
             self.add_outcome_headers(attempts, failed_over);
             self.pass_answer(None);
@@ -139,7 +139,7 @@ impl Exchange {
         }
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
-        if status.is_some_and(|s| stream::fails_over(self.config(), s)) {
+        if status.is_some_and(|s| streamed::fails_over(self.config(), s)) {
             self.give_up(
                 GiveUpReason::Exhausted,
                 attempts,
@@ -189,9 +189,12 @@ impl Exchange {
     /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
     /// (its fallback's answer then arrives whole), and the operator is told once per worker.
     fn stream_clusters_missing(&mut self) -> (Action, Effect) {
-        let cluster = host::header(MapType::HttpRequestHeaders, crate::forward::CLUSTER_HEADER)
-            .and_then(|v| String::from_utf8(v).ok())
-            .unwrap_or_default();
+        let cluster = host::header(
+            MapType::HttpRequestHeaders,
+            crate::target::forward::CLUSTER_HEADER,
+        )
+        .and_then(|v| String::from_utf8(v).ok())
+        .unwrap_or_default();
         if !self.rt.stream_warned.replace(true) {
             log::warn!(
                 "{} cluster {} is not defined in Envoy: streamed requests fail over through \

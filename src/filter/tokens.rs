@@ -11,8 +11,8 @@ use super::exchange::Runtime;
 use super::host;
 use super::shared;
 use crate::config::Credential;
-use crate::judge;
-use crate::token::{self, State, FETCH_TIMEOUT};
+use crate::policy::judge;
+use crate::target::token::{self, State, FETCH_TIMEOUT};
 
 /// A token request in flight: (callout token, target).
 pub type Pending = (u32, usize);

@@ -11,15 +11,15 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use super::exchange::Exchange;
 use super::host;
 use super::root;
-use crate::body::{Body, Keep};
-use crate::chain::{Failure, FailureKind};
-use crate::intake::Kind;
-use crate::judge;
-use crate::provider::{self, CLIENT_CREDENTIAL_HEADERS};
-use crate::reply::Rejection;
-use crate::retry_after;
-use crate::rewrite;
-use crate::stream::{self, Decision, Ended, Handoff, Record};
+use crate::answer::reply::Rejection;
+use crate::policy::chain::{Failure, FailureKind};
+use crate::policy::judge;
+use crate::policy::retry_after;
+use crate::request::body::{Body, Keep};
+use crate::request::intake::Kind;
+use crate::streamed::{self, Decision, Ended, Handoff, Record};
+use crate::target::provider::{self, CLIENT_CREDENTIAL_HEADERS};
+use crate::target::rewrite;
 
 pub struct Attempt {
     context_id: u32,
@@ -49,7 +49,7 @@ impl Attempt {
     /// Addresses the attempt; `Err` names why it cannot be sent (the client gets a 500: the
     /// request must never go on unaddressed or with another target's credential).
     fn begin(&mut self, end_of_stream: bool) -> Result<Action, Refusal> {
-        let handoff = host::property(&[stream::HANDOFF_STATE])
+        let handoff = host::property(&[streamed::HANDOFF_STATE])
             .and_then(|b| Handoff::from_json(&b))
             .ok_or(Refusal::Misconfigured(
                 "a request reached a streamed-failover cluster without the filter's handoff \
@@ -63,7 +63,7 @@ impl Attempt {
             "xds",
             "upstream_host_metadata",
             "filter_metadata",
-            stream::METADATA_NAMESPACE,
+            streamed::METADATA_NAMESPACE,
             "target",
         ])
         .ok_or(Refusal::Misconfigured(
@@ -84,7 +84,8 @@ impl Attempt {
         ex.request.client_path = handoff.path.clone();
         let now = ex.now();
 
-        let previous = host::property(&[stream::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let previous =
+            host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
         let first = handoff.plan.first().map_or(target, |t| t.target);
         let record = Record::next(previous, first, target);
         if let Some(previous) = previous {
@@ -116,7 +117,7 @@ impl Attempt {
             // An earlier attempt may have set the length of its own body.
             set_length(handoff.length);
         }
-        host::set_filter_state(stream::RECORD_STATE, &record.to_json());
+        host::set_filter_state(streamed::RECORD_STATE, &record.to_json());
         log::debug!(
             "{} streamed attempt {} to target={}",
             ex.tag(),
@@ -168,7 +169,7 @@ impl Attempt {
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
         let config = &st.ex.rt.config;
-        let failed = status.filter(|&s| stream::fails_over(config, s));
+        let failed = status.filter(|&s| streamed::fails_over(config, s));
         let spills = st
             .ex
             .target(st.target)
@@ -196,7 +197,7 @@ impl Attempt {
             st.ex.record_limits(st.target, &headers, now);
         }
         st.record.ended = status.map_or(Ended::Unreachable, Ended::Status);
-        host::set_filter_state(stream::RECORD_STATE, &st.record.to_json());
+        host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
     }
 
     /// The attempt ended: one that never answered failed in transport (unless the client left).
@@ -211,7 +212,7 @@ impl Attempt {
             log::debug!("{} client went away during a streamed attempt", st.ex.tag());
             return;
         }
-        let ended = stream::no_answer(now.saturating_sub(st.started_ms), st.handoff.per_try_ms);
+        let ended = streamed::no_answer(now.saturating_sub(st.started_ms), st.handoff.per_try_ms);
         let kind = match ended {
             Ended::Timeout => FailureKind::Timeout,
             _ => FailureKind::Unreachable,
@@ -228,7 +229,7 @@ impl Attempt {
         };
         st.ex.record_health(st.target, Some(&failure), now);
         st.record.ended = ended;
-        host::set_filter_state(stream::RECORD_STATE, &st.record.to_json());
+        host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
     }
 }
 
@@ -246,7 +247,7 @@ fn log_decision(ex: &Exchange, previous: &Record, target: usize, attempt: u32) {
         Ended::Timeout => judge::describe(None, Some(FailureKind::Timeout)),
         Ended::Unreachable | Ended::Pending => judge::describe(None, None),
     };
-    match stream::decision(previous, target) {
+    match streamed::decision(previous, target) {
         Decision::Retry { target } => {
             ex.rt.metrics.retry(target);
             log::info!(
@@ -302,7 +303,7 @@ impl HttpContext for Attempt {
                     Refusal::NoCredential => Rejection::NoCredential,
                 };
                 let reply = rejection.reply();
-                host::set_filter_state(stream::REFUSED_STATE, rejection.code());
+                host::set_filter_state(streamed::REFUSED_STATE, rejection.code());
                 host::send_reply(
                     reply.status,
                     &[("content-type", "application/json")],

@@ -36,7 +36,7 @@ pub(super) fn key(
                     ),
                 ));
             }
-            KeyMatch::Sha256(crate::auth::sha256(key.as_bytes()))
+            KeyMatch::Sha256(crate::request::auth::sha256(key.as_bytes()))
         }
         (Some(_), Some(_)) => {
             return Err(ConfigError::new(

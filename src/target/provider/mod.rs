@@ -7,7 +7,7 @@ mod azure;
 mod openai;
 
 use crate::config::{Credential, Provider, Target};
-use crate::operation::{Operation, Resource};
+use crate::request::operation::{Operation, Resource};
 
 /// Where one attempt goes on its target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn stored_responses_are_addressed_on_the_target_that_has_them() {
-        use crate::operation::ResourceAction::*;
+        use crate::request::operation::ResourceAction::*;
         let t = targets();
         let resource = |action| Resource {
             id: "resp_1".into(),

@@ -9,7 +9,7 @@ use url::Url;
 
 use super::Unservable;
 use crate::config::{AzureApi, AzureSettings};
-use crate::operation::{self, Operation, Resource};
+use crate::request::operation::{self, Operation, Resource};
 
 /// The path (and query) of `op` for `model` on this Azure target.
 pub fn operation_path(

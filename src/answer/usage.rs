@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use crate::object::Obj;
+use crate::config::object::Obj;
 
 /// Bytes of a body's end that are kept; `usage` is among the last fields OpenAI and Azure send.
 pub const TAIL: usize = 2048;

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use crate::body::{Body, Keep};
-use crate::chain::Hop;
 use crate::config::{CacheSettings, Config, Step};
-use crate::provider::{self, Unservable};
-use crate::rewrite::{self, Operation};
+use crate::policy::chain::Hop;
+use crate::request::body::{Body, Keep};
+use crate::target::provider::{self, Unservable};
+use crate::target::rewrite::{self, Operation};
 
 /// A target left out of a request's chain, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

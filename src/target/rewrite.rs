@@ -5,11 +5,11 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
-use crate::body::Body;
 use crate::config::{Step, Target};
-use crate::provider;
+use crate::request::body::Body;
+use crate::target::provider;
 
-pub use crate::operation::Operation;
+pub use crate::request::operation::Operation;
 
 /// The body `target` gets for `op` with its own settings (see [`body_for_step`]).
 pub fn body_for(target: &Target, op: Operation, body: &Body) -> Option<Vec<u8>> {
@@ -121,8 +121,8 @@ fn merge(into: &mut Value, from: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::Keep;
     use crate::config::{self, NoEnv};
+    use crate::request::body::Keep;
     use serde_json::{json, Value};
 
     fn target(extra: Value) -> Target {

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::auth::sha256;
-use crate::body::Body;
-use crate::rewrite::Operation;
+use crate::request::auth::sha256;
+use crate::request::body::Body;
+use crate::target::rewrite::Operation;
 
 pub type Digest = [u8; 32];
 
@@ -145,7 +145,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    use crate::body::Keep;
+    use crate::request::body::Keep;
 
     fn key(name: &str, op: Operation, body: &[u8]) -> Option<Digest> {
         let body = Body::parse(body.to_vec(), Keep::Document).ok()?;

@@ -45,9 +45,9 @@ pub enum FailureKind {
     Timeout,
 }
 
-/// What to do after an attempt.
+/// What happens next, after an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub enum Next {
     /// The attempt's response goes to the client.
     Deliver,
     /// Try the same target again after `delay`.
@@ -248,7 +248,7 @@ impl Chain {
         outcome: &Outcome,
         now_ms: u64,
         cooling: impl Fn(usize) -> bool,
-    ) -> (Step, Option<NoRetry>) {
+    ) -> (Next, Option<NoRetry>) {
         self.next_with(outcome, now_ms, |t| Availability::from_cooling(cooling(t)))
     }
 
@@ -259,17 +259,17 @@ impl Chain {
         outcome: &Outcome,
         now_ms: u64,
         availability: impl Fn(usize) -> Availability,
-    ) -> (Step, Option<NoRetry>) {
+    ) -> (Next, Option<NoRetry>) {
         let failure = match outcome {
-            Outcome::Delivered => return (Step::Deliver, None),
+            Outcome::Delivered => return (Next::Deliver, None),
             Outcome::Failed(f) => f,
         };
         let remaining = self.remaining(now_ms);
         if remaining < MIN_ATTEMPT {
-            return (Step::GiveUp(GiveUpReason::BudgetSpent), None);
+            return (Next::GiveUp(GiveUpReason::BudgetSpent), None);
         }
         let Some(hop) = self.hops.get(self.pos).cloned() else {
-            return (Step::GiveUp(GiveUpReason::Exhausted), None);
+            return (Next::GiveUp(GiveUpReason::Exhausted), None);
         };
         let mut no_retry = None;
         if self.tries_here < hop.max_tries {
@@ -281,7 +281,7 @@ impl Chain {
                 self.attempts += 1;
                 let timeout = hop.timeout.min(remaining - delay);
                 return (
-                    Step::Retry {
+                    Next::Retry {
                         target: hop.target,
                         delay,
                         timeout,
@@ -303,13 +303,13 @@ impl Chain {
                 .filter_map(|(j, _)| self.hops.get(*j).map(|h| h.target))
                 .collect();
             let Some(next) = self.hops.get(i) else {
-                return (Step::GiveUp(GiveUpReason::Exhausted), no_retry);
+                return (Next::GiveUp(GiveUpReason::Exhausted), no_retry);
             };
             self.pos = i;
             self.tries_here = 1;
             self.attempts += 1;
             self.failed_over = true;
-            let step = Step::Failover {
+            let step = Next::Failover {
                 from: hop.target,
                 to: next.target,
                 timeout: next.timeout.min(remaining),
@@ -321,7 +321,7 @@ impl Chain {
             Some(NoRetry::RetryAfterOverBudget) => GiveUpReason::BudgetSpent,
             _ => GiveUpReason::Exhausted,
         };
-        (Step::GiveUp(reason), no_retry)
+        (Next::GiveUp(reason), no_retry)
     }
 }
 
@@ -379,7 +379,7 @@ mod tests {
                         Chain::start_with(hops(&spec), 0, 60 * S, 5 * S, avail).unwrap();
                     let plan = chain.planned(avail);
                     let mut walked = vec![first.target];
-                    while let (Step::Retry { target, .. } | Step::Failover { to: target, .. }, _) =
+                    while let (Next::Retry { target, .. } | Next::Failover { to: target, .. }, _) =
                         chain.next_with(&status(500), 0, avail)
                     {
                         walked.push(target);
@@ -428,34 +428,34 @@ mod tests {
     #[test]
     fn success_is_delivered() {
         let mut c = start(&[(0, 2, 10), (1, 0, 10)], 60);
-        assert_eq!(c.next(&Outcome::Delivered, 5, none).0, Step::Deliver);
+        assert_eq!(c.next(&Outcome::Delivered, 5, none).0, Next::Deliver);
         assert_eq!(c.attempts(), 1);
     }
 
     #[test]
     fn retries_then_fails_over_then_gives_up() {
         let mut c = start(&[(0, 1, 10), (1, 1, 10)], 60);
-        let steps: Vec<Step> = (0..4).map(|_| c.next(&status(503), 1000, none).0).collect();
+        let steps: Vec<Next> = (0..4).map(|_| c.next(&status(503), 1000, none).0).collect();
         assert_eq!(
             steps,
             vec![
-                Step::Retry {
+                Next::Retry {
                     target: 0,
                     delay: Duration::ZERO,
                     timeout: 10 * S
                 },
-                Step::Failover {
+                Next::Failover {
                     from: 0,
                     to: 1,
                     timeout: 10 * S,
                     skipped: vec![]
                 },
-                Step::Retry {
+                Next::Retry {
                     target: 1,
                     delay: Duration::ZERO,
                     timeout: 10 * S
                 },
-                Step::GiveUp(GiveUpReason::Exhausted),
+                Next::GiveUp(GiveUpReason::Exhausted),
             ]
         );
         assert_eq!(c.attempts(), 4);
@@ -467,7 +467,7 @@ mod tests {
     fn chains_of_any_length_and_order() {
         let mut c = start(&[(2, 0, 10), (0, 0, 10), (3, 0, 10), (1, 0, 10)], 60);
         let mut served = vec![c.current_target().unwrap()];
-        while let (Step::Failover { to, .. }, _) = c.next(&status(500), 0, none) {
+        while let (Next::Failover { to, .. }, _) = c.next(&status(500), 0, none) {
             served.push(to);
         }
         assert_eq!(served, vec![2, 0, 3, 1]);
@@ -479,7 +479,7 @@ mod tests {
         let (step, _) = c.next(&status(500), 0, |t| t == 1);
         assert_eq!(
             step,
-            Step::Failover {
+            Next::Failover {
                 from: 0,
                 to: 2,
                 timeout: 10 * S,
@@ -489,7 +489,7 @@ mod tests {
         let mut c = start(&[(0, 0, 10), (1, 0, 10)], 60);
         assert_eq!(
             c.next(&status(500), 0, |t| t == 1).0,
-            Step::GiveUp(GiveUpReason::Exhausted)
+            Next::GiveUp(GiveUpReason::Exhausted)
         );
     }
 
@@ -515,7 +515,7 @@ mod tests {
                 .0;
             c.next_with(&status(503), 0, states(s)).0
         };
-        let failover = |to, skipped: Vec<usize>| Step::Failover {
+        let failover = |to, skipped: Vec<usize>| Next::Failover {
             from: 0,
             to,
             timeout: 10 * S,
@@ -526,7 +526,7 @@ mod tests {
         assert_eq!(after([Ready, Skip, Avoid]), failover(2, vec![1]));
         assert_eq!(
             after([Ready, Skip, Skip]),
-            Step::GiveUp(GiveUpReason::Exhausted)
+            Next::GiveUp(GiveUpReason::Exhausted)
         );
     }
 
@@ -536,7 +536,7 @@ mod tests {
         let mut c = start(&[(0, 1, 10), (1, 0, 10)], 12);
         assert_eq!(
             c.next(&throttled(2 * S), 0, none).0,
-            Step::Retry {
+            Next::Retry {
                 target: 0,
                 delay: 2 * S,
                 timeout: 10 * S
@@ -547,7 +547,7 @@ mod tests {
         assert_eq!(
             c.next(&throttled(30 * S), 0, none),
             (
-                Step::Failover {
+                Next::Failover {
                     from: 0,
                     to: 1,
                     timeout: 10 * S,
@@ -561,7 +561,7 @@ mod tests {
         assert_eq!(
             c.next(&throttled(4 * S), 0, none),
             (
-                Step::Failover {
+                Next::Failover {
                     from: 0,
                     to: 1,
                     timeout: 3 * S,
@@ -574,7 +574,7 @@ mod tests {
         let mut c = start(&[(0, 1, 10)], 3);
         assert_eq!(
             c.next(&throttled(4 * S), 0, none).0,
-            Step::GiveUp(GiveUpReason::BudgetSpent)
+            Next::GiveUp(GiveUpReason::BudgetSpent)
         );
     }
 
@@ -583,7 +583,7 @@ mod tests {
         let mut c = start(&[(0, 0, 10), (1, 0, 10), (2, 0, 10)], 15);
         assert_eq!(
             c.next(&status(500), 10_000, none).0,
-            Step::Failover {
+            Next::Failover {
                 from: 0,
                 to: 1,
                 timeout: 5 * S,
@@ -592,7 +592,7 @@ mod tests {
         );
         assert_eq!(
             c.next(&status(500), 14_990, none).0,
-            Step::GiveUp(GiveUpReason::BudgetSpent)
+            Next::GiveUp(GiveUpReason::BudgetSpent)
         );
         assert_eq!(c.attempts(), 2);
     }
@@ -607,7 +607,7 @@ mod tests {
             });
             assert!(matches!(
                 c.next(&outcome, 0, none).0,
-                Step::Failover { to: 1, .. }
+                Next::Failover { to: 1, .. }
             ));
         }
     }

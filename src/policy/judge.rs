@@ -2,12 +2,12 @@
 //! or failed over. Envoy's own replies for connect failures, resets and timeouts (to the routed
 //! attempt and to callouts) are recognised as transport failures.
 
-use crate::chain::{Failure, FailureKind, Outcome};
+use crate::policy::chain::{Failure, FailureKind, Outcome};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::config::object::Obj;
 use crate::config::Config;
-use crate::object::Obj;
 
 /// Whether an answer with this status needs its body read before it can be judged (a failure
 /// status, something Envoy may have generated, or a possible content-filter refusal).

@@ -2,7 +2,7 @@
 //! Each available target with a weight above 0 is picked in proportion to its weight; the rest
 //! of the chain, in configured order, are its fallbacks.
 
-use crate::chain::Hop;
+use crate::policy::chain::Hop;
 
 /// The hop to try first among `candidates` (hop index, weight): `roll` is uniform in
 /// `0..total weight` (the caller's random source). `None` when no candidate has weight.

@@ -1,10 +1,10 @@
 //! What a request is, from its headers alone: who sent it (the gateway key) and what the filter
 //! does with it (an operation it rewrites and fails over, or a pass-through to the first target).
 
-use crate::auth;
+use crate::answer::reply::Rejection;
 use crate::config::{Config, Route};
-use crate::operation::{Operation, Resource};
-use crate::reply::Rejection;
+use crate::request::auth;
+use crate::request::operation::{Operation, Resource};
 
 /// What the filter does with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +117,7 @@ pub fn bypasses_cache(cache_control: Option<&[u8]>) -> bool {
 mod tests {
     use super::*;
     use crate::config::{self, NoEnv};
-    use crate::operation::ResourceAction;
+    use crate::request::operation::ResourceAction;
     use serde_json::json;
 
     fn sha(key: &str) -> String {

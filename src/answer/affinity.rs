@@ -3,7 +3,7 @@
 //! owners live in Envoy shared data in `max_affinity_entries` fixed slots (a new id evicts the
 //! one in its slot), each with its expiry, so memory is bounded however many responses pass.
 
-use crate::auth::sha256;
+use crate::request::auth::sha256;
 
 /// Shared-data key prefix; a slot's key is `<prefix><slot>`.
 pub const SLOT_PREFIX: &str = "llm_failover.affinity.";

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::chain::FailureKind;
+use crate::policy::chain::FailureKind;
 
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Which headers go where: what the routed request changes to reach its target, what a callout
 //! carries of the client's request, and what the client gets of a callout's answer.
 
-use crate::provider::{Address, CLIENT_CREDENTIAL_HEADERS};
+use crate::target::provider::{Address, CLIENT_CREDENTIAL_HEADERS};
 
 /// The route reads the chosen target's cluster from this header; the filter always sets it.
 pub const CLUSTER_HEADER: &str = "x-llm-failover-cluster";

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Step};
-use crate::operation::Operation;
+use crate::request::operation::Operation;
 
 /// Prefix of the aggregate clusters.
 pub const STREAM_PREFIX: &str = "llm_failover.stream";
@@ -118,7 +118,10 @@ pub fn router_headers(
     }
     let ms = |d: Duration| crate::duration::millis(d).max(1).to_string();
     let mut headers = vec![
-        (crate::forward::CLUSTER_HEADER, cluster_name(config, plan)),
+        (
+            crate::target::forward::CLUSTER_HEADER,
+            cluster_name(config, plan),
+        ),
         ("x-envoy-retry-on", on),
         (
             "x-envoy-max-retries",

@@ -1,0 +1,9 @@
+//! Where a request goes and what happens after each attempt: its plan (`plan`, `balance`), how an
+//! answer is judged (`judge`), how long a target asks us to wait (`retry_after`) and the failover
+//! state machine (`chain`).
+
+pub mod balance;
+pub mod chain;
+pub mod judge;
+pub mod plan;
+pub mod retry_after;

@@ -1,0 +1,7 @@
+//! The client's request, as it arrives: what it is (`operation`), who sent it (`auth`, `intake`)
+//! and its body, read once (`body`).
+
+pub mod auth;
+pub mod body;
+pub mod intake;
+pub mod operation;
