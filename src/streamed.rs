@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::answer::reply::ErrorShape;
 use crate::config::{Config, Step};
 use crate::request::operation::Operation;
 
@@ -162,6 +163,9 @@ pub struct Handoff {
     /// The client's body length: every attempt gets the client's body from the router, and the
     /// headers an earlier attempt rewrote for its own body are shared.
     pub length: u64,
+    /// The shape of the upstream filter's own errors (an Azure-shaped request's are Azure's).
+    #[serde(default)]
+    pub shape: ErrorShape,
 }
 
 impl Handoff {
@@ -651,6 +655,7 @@ mod tests {
             plan: vec![tries(0, 2), tries(1, 1)],
             per_try_ms: 5000,
             length: 76,
+            shape: ErrorShape::Azure,
         };
         assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
         assert!(h.plans(1) && !h.plans(2));

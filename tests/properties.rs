@@ -15,7 +15,7 @@ use proptest::sample::Index;
 use serde_json::{json, Map, Value};
 
 use llm_failover::answer::cache::{self, Entry};
-use llm_failover::answer::reply::Rejection;
+use llm_failover::answer::reply::{ErrorShape, Rejection};
 use llm_failover::answer::usage::{self, Usage, UsageScanner};
 use llm_failover::config::Cooldown;
 use llm_failover::config::{
@@ -28,6 +28,7 @@ use llm_failover::policy::chain::{
 use llm_failover::policy::plan;
 use llm_failover::policy::retry_after;
 use llm_failover::request::auth;
+use llm_failover::request::azure::BadVersion;
 use llm_failover::request::body::{Body, Keep};
 use llm_failover::target::provider;
 use llm_failover::target::rewrite::{self, Operation};
@@ -1996,7 +1997,7 @@ proptest! {
     }
 
     #[test]
-    fn local_replies_are_openai_json_whatever_the_text(
+    fn local_replies_are_openai_or_azure_json_whatever_the_text(
         reason in any::<String>(),
         model in proptest::option::of(any::<String>()),
         target in any::<String>(),
@@ -2010,14 +2011,20 @@ proptest! {
             Rejection::BodyTooLarge { limit },
             Rejection::Unauthorized,
             Rejection::DeadlineExceeded,
+            Rejection::ApiVersion(BadVersion::Unsupported(reason.clone())),
         ] {
-            let reply = r.reply();
-            let v: Value = serde_json::from_slice(&reply.body).unwrap();
-            let message = r.message();
-            prop_assert_eq!(v["error"]["message"].as_str(), Some(message.as_str()));
-            prop_assert_eq!(v["error"]["code"].as_str(), Some(r.code()));
-            prop_assert!(v["error"]["param"].is_null());
-            prop_assert_eq!(reply.status, r.status());
+            for shape in [ErrorShape::OpenAi, ErrorShape::Azure] {
+                let reply = r.reply(shape);
+                let v: Value = serde_json::from_slice(&reply.body).unwrap();
+                let message = r.message();
+                prop_assert_eq!(v["error"]["message"].as_str(), Some(message.as_str()));
+                prop_assert_eq!(v["error"]["code"].as_str(), Some(r.code()));
+                match shape {
+                    ErrorShape::OpenAi => prop_assert!(v["error"]["param"].is_null()),
+                    ErrorShape::Azure => prop_assert_eq!(v["error"].as_object().map(|o| o.len()), Some(2)),
+                }
+                prop_assert_eq!(reply.status, r.status());
+            }
         }
     }
 }

@@ -14,6 +14,9 @@
 * envoy/routes.yaml <- envoy/local.yaml with the plugin configuration of envoy/routes.json (the
   named route of BricksLLM's "OpenAI with Azure OpenAI as failover" guide), for
   `make run CONFIG=envoy/routes.yaml`.
+* envoy/azure-first.yaml <- envoy/local.yaml with the plugin configuration of
+  envoy/azure-first.json (Azure first, OpenAI when Azure fails; for apps written for Azure
+  OpenAI), for `make run CONFIG=envoy/azure-first.yaml`.
 
     python tools/render_configs.py           write both files
     python tools/render_configs.py --check   exit 1 when a file differs from what would be written
@@ -42,6 +45,8 @@ PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
 ISTIO_ENVOYFILTER = ROOT / "deploy" / "istio" / "envoyfilter.yaml"
 ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
 ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
+AZURE_FIRST_PLUGIN = ROOT / "envoy" / "azure-first.json"
+AZURE_FIRST_ENVOY = ROOT / "envoy" / "azure-first.yaml"
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 # envoy/local.yaml cluster -> docker-compose.yml service that serves it
@@ -109,14 +114,20 @@ def render_k8s_configmap() -> str:
     )
 
 
-def render_routes_envoy() -> str:
+def local_with_plugin(plugin_file: Path) -> dict:
+    """envoy/local.yaml with the plugin configuration of `plugin_file`, its streamed-failover
+    clusters written for it."""
     cfg = yaml.safe_load(LOCAL.read_text())
-    plugin = ROUTES_PLUGIN.read_text()
+    plugin = plugin_file.read_text()
     found = envoy_side.listener_filters(cfg)
     if len(found) != 1:
         raise SystemExit(f"envoy/local.yaml: expected one Wasm filter, found {len(found)}")
     found[0]["configuration"]["value"] = plugin
-    envoy_side.apply(cfg)
+    return envoy_side.apply(cfg)
+
+
+def render_routes_envoy() -> str:
+    cfg = local_with_plugin(ROUTES_PLUGIN)
     header = (
         "# GENERATED from envoy/local.yaml and envoy/routes.json by tools/render_configs.py: do not edit,\n"
         "# edit those and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
@@ -124,6 +135,20 @@ def render_routes_envoy() -> str:
         "# (README.md, \"Coming from BricksLLM\"). `make run CONFIG=envoy/routes.yaml` starts it; then\n"
         "#   curl -X POST 127.0.0.1:10000/api/routes/test/chat/completion -H 'Authorization: Bearer my-secret-key' \\\n"
         "#        -H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": \"system\", \"content\": \"hi\"}]}'\n"
+    )
+    return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
+
+
+def render_azure_first_envoy() -> str:
+    cfg = local_with_plugin(AZURE_FIRST_PLUGIN)
+    header = (
+        "# GENERATED from envoy/local.yaml and envoy/azure-first.json by tools/render_configs.py: do not\n"
+        "# edit, edit those and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
+        "# The local stack with Azure first and OpenAI as its fallback, for apps written for Azure OpenAI\n"
+        "# (README.md, \"Apps written for Azure OpenAI\"). `make run CONFIG=envoy/azure-first.yaml` starts it; then\n"
+        "#   curl '127.0.0.1:10000/openai/deployments/chat/chat/completions?api-version=2024-10-21' \\\n"
+        "#        -H 'api-key: my-azure-app-key' -H 'Content-Type: application/json' \\\n"
+        "#        -d '{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'\n"
     )
     return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
 
@@ -208,7 +233,8 @@ def render_istio_envoyfilter() -> str:
 
 def outputs() -> dict[Path, str]:
     return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
-            ROUTES_ENVOY: render_routes_envoy(), PRODUCTION_ENTRA: render_production_entra(),
+            ROUTES_ENVOY: render_routes_envoy(), AZURE_FIRST_ENVOY: render_azure_first_envoy(),
+            PRODUCTION_ENTRA: render_production_entra(),
             ISTIO_ENVOYFILTER: render_istio_envoyfilter()}
 
 

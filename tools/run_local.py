@@ -80,6 +80,14 @@ llm-failover is up: Envoy on http://127.0.0.1:10000 (admin http://127.0.0.1:9901
   curl -X POST 127.0.0.1:10000/api/routes/test/chat/completion -H 'Authorization: Bearer my-secret-key' \\
        -H 'Content-Type: application/json' -d '{"messages": [{"role": "system", "content": "hi"}]}'
 """)
+    elif not real and config.name == "azure-first.yaml":
+        print("""Azure first, as an app written for Azure OpenAI calls it (README.md, "Apps written for Azure OpenAI");
+make Azure throttle to see OpenAI answer in its place:
+  curl -s -X POST 127.0.0.1:18002/__mock/script -d '[{"status": 429, "retry_after": "20", "repeat": 1}]'
+  curl -si '127.0.0.1:10000/openai/deployments/chat/chat/completions?api-version=2024-10-21' \\
+       -H 'api-key: my-azure-app-key' -H 'content-type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "hi"}]}'
+""")
     elif not real:
         print("""Try a failover (see README.md, "Try it"):
   curl -s -X POST 127.0.0.1:18001/__mock/script -d '[{"status": 429, "retry_after": "20", "repeat": 1}]'

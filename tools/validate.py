@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make validate`: every shipped deployment file is checked, offline.
 
-* Envoy configs: envoy/local.yaml, envoy/compose.yaml, envoy/production.yaml, the Kubernetes
+* Envoy configs: envoy/local.yaml, envoy/compose.yaml, envoy/production.yaml, envoy/routes.yaml,
+  envoy/azure-first.yaml, envoy/production-entra.yaml, the Kubernetes
   sidecar's exact command line, and the Wasm filter of each Istio variant pass
   `envoy --mode validate` with the real dist/llm_failover.wasm (so the plugin's on_configure runs
   and a bad plugin config fails); a deprecated field fails too. Negative check: a plugin config
@@ -49,6 +50,7 @@ LOCAL = ROOT / "envoy" / "local.yaml"
 COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
 ROUTES = ROOT / "envoy" / "routes.yaml"
+AZURE_FIRST = ROOT / "envoy" / "azure-first.yaml"
 PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
@@ -175,7 +177,7 @@ def endpoint(cluster: dict) -> dict:
 
 
 def check_envoy_configs(report: Report):
-    for path in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES, PRODUCTION_ENTRA):
+    for path in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES, AZURE_FIRST, PRODUCTION_ENTRA):
         with report.check(f"envoy --mode validate {rel(path)}"):
             need_envoy_ok(path)
 
@@ -223,7 +225,7 @@ def check_envoy_configs(report: Report):
         need(cfg.get("stats_config", {}).get("stats_tags"), "no stats_config tags")
 
     k8s_envoy = yaml.safe_load(load(K8S_DIR / "envoy-config.yaml")["data"]["envoy.yaml"])
-    shipped = [(rel(p), load(p)) for p in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES, PRODUCTION_ENTRA)]
+    shipped = [(rel(p), load(p)) for p in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES, AZURE_FIRST, PRODUCTION_ENTRA)]
     shipped.append((f"{rel(K8S_DIR / 'envoy-config.yaml')} envoy.yaml", k8s_envoy))
     with report.check(f"streamed failover: the Envoy side of every shipped config ({len(shipped)}) is its chain's "
                       "(tools/envoy_side.py --check)"):

@@ -1,9 +1,20 @@
-//! Replies the filter itself gives, in OpenAI's error shape:
-//! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`.
+//! Replies the filter itself gives, in the error shape the client's SDK expects: OpenAI's
+//! `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}`, or for an
+//! Azure-shaped request Azure's `{"error": {"code": "...", "message": "..."}}`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::chain::FailureKind;
+use crate::request::azure::BadVersion;
+
+/// The error shape of the filter's own replies: the client's API's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorShape {
+    #[default]
+    OpenAi,
+    /// An Azure-shaped request (`/openai/...`).
+    Azure,
+}
 
 /// Every reason the filter answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +40,8 @@ pub enum Rejection {
     NoCredential,
     /// The Envoy side of streamed failover disagrees with the filter (see Envoy's log).
     Misconfigured,
+    /// An Azure-shaped request without a usable `api-version`, refused as Azure refuses it.
+    ApiVersion(BadVersion),
 }
 
 pub struct LocalReply {
@@ -50,6 +63,8 @@ impl Rejection {
             Rejection::NotConfigured => 503,
             Rejection::NoCredential => 503,
             Rejection::Misconfigured => 500,
+            Rejection::ApiVersion(BadVersion::Missing) => 404,
+            Rejection::ApiVersion(BadVersion::Unsupported(_)) => 400,
         }
     }
 
@@ -67,6 +82,9 @@ impl Rejection {
             Rejection::NotConfigured => "gateway_not_configured",
             Rejection::NoCredential => "credential_unavailable",
             Rejection::Misconfigured => "gateway_misconfigured",
+            // Azure's own codes, which Azure clients already handle.
+            Rejection::ApiVersion(BadVersion::Missing) => "404",
+            Rejection::ApiVersion(BadVersion::Unsupported(_)) => "BadRequest",
         }
     }
 
@@ -76,7 +94,8 @@ impl Rejection {
             | Rejection::Forbidden { .. }
             | Rejection::BodyTooLarge { .. }
             | Rejection::InvalidBody { .. }
-            | Rejection::NoTarget { .. } => "invalid_request_error",
+            | Rejection::NoTarget { .. }
+            | Rejection::ApiVersion(_) => "invalid_request_error",
             Rejection::UpstreamUnavailable { .. }
             | Rejection::DeadlineExceeded
             | Rejection::NotConfigured
@@ -105,6 +124,12 @@ impl Rejection {
             Rejection::NotConfigured => "The gateway has no valid configuration; see Envoy's log.".to_string(),
             Rejection::NoCredential => "No target that could serve this request has an Entra ID token yet; see Envoy's log.".to_string(),
             Rejection::Misconfigured => "The gateway's Envoy configuration does not match its filter configuration; see Envoy's log.".to_string(),
+            // Azure's words first: what its users search for.
+            Rejection::ApiVersion(BadVersion::Missing) => "Resource not found".to_string(),
+            Rejection::ApiVersion(BadVersion::Unsupported(v)) => {
+                let v: String = v.chars().take(64).collect();
+                format!("API version not supported: '{v}' is not an Azure OpenAI api-version (e.g. 2024-10-21 or 2025-04-01-preview; on /openai/v1/ none, preview or latest).")
+            }
         }
     }
 
@@ -124,12 +149,34 @@ impl Rejection {
         }
     }
 
-    pub fn reply(&self) -> LocalReply {
+    pub fn reply(&self, shape: ErrorShape) -> LocalReply {
+        let message = self.message();
+        let body = match shape {
+            ErrorShape::OpenAi => error_body(&message, self.kind(), self.code()),
+            ErrorShape::Azure => azure_error_body(&message, self.code()),
+        };
         LocalReply {
             status: self.status(),
-            body: error_body(&self.message(), self.kind(), self.code()),
+            body,
         }
     }
+}
+
+/// Azure OpenAI's `{"error": {"code", "message"}}`.
+pub fn azure_error_body(message: &str, code: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    struct Detail<'a> {
+        code: &'a str,
+        message: &'a str,
+    }
+    let body = Body {
+        error: Detail { code, message },
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 /// `{"error": {"message", "type", "param": null, "code"}}`, in the order OpenAI writes them.
@@ -228,7 +275,7 @@ mod tests {
             (Rejection::Misconfigured, 500, "gateway_misconfigured"),
         ];
         for (rejection, status, code) in cases {
-            let reply = rejection.reply();
+            let reply = rejection.reply(ErrorShape::OpenAi);
             assert_eq!(reply.status, status);
             let v: Value = serde_json::from_slice(&reply.body).unwrap();
             let err = &v["error"];
@@ -237,5 +284,50 @@ mod tests {
             assert!(err["type"].is_string());
             assert!(err["param"].is_null());
         }
+    }
+
+    #[test]
+    fn azure_shaped_requests_get_azures_error_shape() {
+        let cases = [
+            (Rejection::Unauthorized, 401, "invalid_api_key"),
+            (
+                Rejection::BodyTooLarge { limit: 10 },
+                413,
+                "request_too_large",
+            ),
+            (
+                Rejection::UpstreamUnavailable {
+                    target: "t".into(),
+                    timeout: false,
+                },
+                502,
+                "upstream_unavailable",
+            ),
+            (Rejection::ApiVersion(BadVersion::Missing), 404, "404"),
+            (
+                Rejection::ApiVersion(BadVersion::Unsupported("2024-13-01".into())),
+                400,
+                "BadRequest",
+            ),
+        ];
+        for (rejection, status, code) in cases {
+            let reply = rejection.reply(ErrorShape::Azure);
+            assert_eq!(reply.status, status);
+            let v: Value = serde_json::from_slice(&reply.body).unwrap();
+            let err = v["error"].as_object().unwrap();
+            assert_eq!(err.keys().collect::<Vec<_>>(), ["code", "message"]);
+            assert_eq!(err["code"], code);
+        }
+        let missing = Rejection::ApiVersion(BadVersion::Missing).reply(ErrorShape::Azure);
+        let v: Value = serde_json::from_slice(&missing.body).unwrap();
+        assert_eq!(v["error"]["message"], "Resource not found");
+        let bad = Rejection::ApiVersion(BadVersion::Unsupported("x\"y".repeat(50)));
+        let v: Value = serde_json::from_slice(&bad.reply(ErrorShape::Azure).body).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("API version not supported: 'x\"yx"),
+            "{message}"
+        );
+        assert!(message.len() < 250, "the client's value is cut short");
     }
 }

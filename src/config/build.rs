@@ -78,6 +78,7 @@ fn set_fields(raw: &RawConfig) -> Vec<&'static str> {
         ("cache", raw.cache.is_some()),
         ("responses", raw.responses.is_some()),
         ("routes", raw.routes.is_some()),
+        ("deployment_models", raw.deployment_models.is_some()),
         ("deadline", raw.deadline.is_some()),
         (
             "max_request_body_bytes",
@@ -175,6 +176,7 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         }
     }
     let responses = responses(raw.responses.map(|Obj(r)| r))?;
+    let deployment_models = deployment_models(raw.deployment_models, &targets)?;
     let deadline = duration(raw.deadline, DEFAULT_DEADLINE);
     let max_request_body_bytes = match raw.max_request_body_bytes {
         None => DEFAULT_MAX_BODY,
@@ -195,12 +197,50 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             .collect(),
         targets,
         routes,
+        deployment_models,
         keys,
         cache,
         responses,
         deadline,
         max_request_body_bytes,
     })
+}
+
+/// `deployment_models` checked, completed with every deployment that the Azure targets'
+/// `deployments` map exactly one model to (the explicit entries win).
+fn deployment_models(
+    raw: Option<BTreeMap<String, String>>,
+    targets: &[Target],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let explicit = raw.unwrap_or_default();
+    for (deployment, model) in &explicit {
+        let field = || format!("deployment_models[{}]", quote(deployment));
+        target::check_deployment(Some(deployment), field)?;
+        if model.is_empty() || model.len() > 256 || model.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                field(),
+                "must be a model name (1-256 characters)",
+            ));
+        }
+    }
+    let mut models: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+    let azure_maps = targets.iter().filter_map(|t| t.azure.as_ref());
+    for (model, deployment) in azure_maps.flat_map(|a| a.deployments.iter()) {
+        models
+            .entry(deployment)
+            .and_modify(|seen| {
+                if *seen != Some(model.as_str()) {
+                    *seen = None;
+                }
+            })
+            .or_insert(Some(model));
+    }
+    let mut merged: BTreeMap<String, String> = models
+        .into_iter()
+        .filter_map(|(d, m)| Some((d.to_string(), m?.to_string())))
+        .collect();
+    merged.extend(explicit);
+    Ok(merged)
 }
 
 fn responses(raw: Option<RawResponses>) -> Result<ResponsesSettings, ConfigError> {

@@ -305,6 +305,9 @@ pub struct Config {
     pub steps: Vec<Step>,
     pub keys: Option<Vec<GatewayKey>>,
     pub routes: Vec<Route>,
+    /// Deployment name -> model, for Azure-shaped requests: `deployment_models`, and each
+    /// deployment that the Azure targets' `deployments` map exactly one model to.
+    pub deployment_models: BTreeMap<String, String>,
     pub cache: Option<CacheSettings>,
     pub responses: ResponsesSettings,
     pub deadline: Duration,

@@ -44,6 +44,10 @@ pub struct RawConfig {
     pub responses: Option<Obj<RawResponses>>,
     /// Named routes: a request on a route's path is its operation, down its own chain.
     pub routes: Option<Vec<Obj<RawRoute>>>,
+    /// Apps written for Azure OpenAI: the model each deployment name they call stands for
+    /// (deployment -> model). A deployment not listed is the model the Azure targets'
+    /// `deployments` map to it, when exactly one does; else its own name is the model.
+    pub deployment_models: Option<BTreeMap<String, String>>,
     /// The most a client waits for the whole chain (default "120s").
     pub deadline: Option<Text<Dur>>,
     /// Larger request bodies get 413 (default 4194304, at most 67108864).

@@ -291,6 +291,18 @@ fn not_json_is_refused() {
 fn every_kind_of_mistake_is_refused_naming_field_and_problem() {
     let cases: Vec<(&str, Mutation)> = vec![
         (
+            "deployment_models[\"a/b\"]: deployment names are letters, digits, '-', '_' or '.'",
+            Box::new(|v| v["deployment_models"] = json!({"a/b": "gpt-4o"})),
+        ),
+        (
+            "deployment_models[\"team-a\"]: must be a model name (1-256 characters)",
+            Box::new(|v| v["deployment_models"] = json!({"team-a": ""})),
+        ),
+        (
+            "deployment_models[\"team-a\"]: expected a string, got 4",
+            Box::new(|v| v["deployment_models"] = json!({"team-a": 4})),
+        ),
+        (
             "targets[1].api_version: missing (required for provider \"azure\")",
             Box::new(|v| {
                 v["targets"][1].as_object_mut().unwrap().remove("api_version");

@@ -40,7 +40,7 @@ impl Exchange {
         if let Some(rejection) =
             failure.and_then(|k| Rejection::for_failure(k, budget_spent, &name))
         {
-            let reply = rejection.reply();
+            let reply = rejection.reply(self.request.shape);
             ours.push(("content-type", "application/json"));
             self.phase = Phase::Replied;
             host::send_reply(reply.status, &ours, &reply.body);

@@ -15,11 +15,12 @@ use proxy_wasm::types::Action;
 use super::host::{self, Headers};
 use super::metrics::Metrics;
 use crate::answer::cache::Digest;
-use crate::answer::reply::Rejection;
+use crate::answer::reply::{ErrorShape, Rejection};
 use crate::answer::usage::UsageScanner;
 use crate::config::{CacheSettings, Config, Credential, Step, Target};
 use crate::policy::chain::{Chain, FailureKind};
 use crate::policy::plan;
+use crate::request::azure::AzureShaped;
 use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
@@ -175,6 +176,10 @@ pub(super) struct Request {
     /// The named route the request is on (index into `Config::routes`).
     pub route: Option<usize>,
     pub no_cache: bool,
+    /// An Azure-shaped request: its deployment becomes the model of its OpenAI-shaped twin.
+    pub azure: Option<AzureShaped>,
+    /// The shape of the filter's own errors: the client's API's.
+    pub shape: ErrorShape,
 }
 
 pub struct Exchange {
@@ -318,7 +323,7 @@ impl Exchange {
     /// Answers the client with one of the filter's own errors.
     pub(super) fn reject(&mut self, rejection: &Rejection) -> Action {
         self.rt.metrics.rejected(rejection.code());
-        let reply = rejection.reply();
+        let reply = rejection.reply(self.request.shape);
         self.phase = Phase::Replied;
         host::send_reply(
             reply.status,

@@ -12,7 +12,6 @@ use crate::answer::reply::Rejection;
 use crate::policy::chain::Chain;
 use crate::policy::plan;
 use crate::request::intake::{self, Kind};
-use crate::request::operation;
 use crate::target::forward::{self, ClientHeaders};
 
 impl Exchange {
@@ -30,20 +29,24 @@ impl Exchange {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .unwrap_or("")
         };
-        let route = intake::route_for(&self.rt.config, text(":method"), text(":path"));
+        let understood = intake::understand(&self.rt.config, text(":method"), text(":path"));
+        let route = understood.route;
+        let shape = understood.shape();
         let on_route = route.and_then(|i| self.rt.config.routes.get(i));
-        let kind = match on_route {
-            Some(r) => Kind::Operation(r.operation),
-            None => intake::classify(text(":method"), text(":path")),
-        };
+        let kind = understood.kind;
         let held = matches!(kind, Kind::Operation(_));
         let r = &mut self.request;
         r.route = route;
         r.sent_path = text(":path").to_string();
-        // A route's requests reach their targets as the route's operation.
-        r.client_path = match on_route {
-            Some(route) => route.operation.openai_path(operation::query(text(":path"))),
-            None => text(":path").to_string(),
+        r.shape = shape;
+        r.client_path = understood.client_path;
+        let bad_version = match understood.azure {
+            Some(Ok(shaped)) => {
+                r.azure = Some(shaped);
+                None
+            }
+            Some(Err(rejection)) => Some(rejection),
+            None => None,
         };
         r.id = intake::request_id(get("x-request-id"));
         r.no_cache = intake::bypasses_cache(get("cache-control"));
@@ -88,6 +91,13 @@ impl Exchange {
                 log::info!("{} rejected: missing or invalid gateway key", self.tag());
                 return self.reject(&rejection);
             }
+        }
+        if let Some(rejection) = bad_version {
+            log::info!(
+                "{} rejected: the Azure-shaped request's api-version is missing or not one",
+                self.tag()
+            );
+            return self.reject(&rejection);
         }
         match kind {
             // Held: the body decides where it goes (`on_request_body` sets the cluster).

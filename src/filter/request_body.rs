@@ -12,7 +12,8 @@ use crate::policy::balance;
 use crate::policy::chain::{Availability, Chain, Hop};
 use crate::policy::plan;
 use crate::quote;
-use crate::request::body::Body;
+use crate::request::azure;
+use crate::request::body::{Body, Keep};
 use crate::target::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
 use crate::target::rewrite::{self, Operation};
 
@@ -45,11 +46,37 @@ impl Exchange {
                 return self.reject(&Rejection::InvalidBody { reason });
             }
         }
+        let body_size = self.become_twin(body_size, keep);
         let now = self.now();
         if cacheable && self.answer_from_cache(op, now) {
             return Action::Pause;
         }
         self.start_chain(op, body_size, now)
+    }
+
+    /// An Azure-shaped request goes on as its OpenAI-shaped twin, whose body names the model its
+    /// deployment stands for: that body replaces the client's. Returns the body's size.
+    fn become_twin(&mut self, body_size: usize, keep: Keep) -> usize {
+        let (Some(shaped), Some(body)) = (&self.request.azure, &self.body) else {
+            return body_size;
+        };
+        let Some(twin) = azure::twin_body(&self.rt.config, shaped, body) else {
+            return body_size;
+        };
+        let Ok(parsed) = Body::parse(twin, keep) else {
+            return body_size;
+        };
+        if !host::replace_buffer(BufferType::HttpRequestBody, body_size, parsed.raw()) {
+            return body_size;
+        }
+        let size = parsed.raw().len();
+        host::set_header(
+            MapType::HttpRequestHeaders,
+            "content-length",
+            Some(&size.to_string()),
+        );
+        self.body = Some(parsed);
+        size
     }
 
     /// The chain of targets that can serve the request, its first attempt sent on.

@@ -6,7 +6,7 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use proxy_wasm::types::{Action, ContextType, MapType};
 
 use super::exchange::{Effect, Exchange, Runtime};
 use super::host;
@@ -15,8 +15,9 @@ use super::shared;
 use super::timers::Timers;
 use super::tokens;
 use super::upstream::Attempt;
-use crate::answer::reply::Rejection;
+use crate::answer::reply::{ErrorShape, Rejection};
 use crate::config::{self, Plugin, ProcessEnv};
+use crate::request::azure;
 
 const TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY_TICKS: u32 = 40;
@@ -152,7 +153,16 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let reply = Rejection::NotConfigured.reply();
+        let text = |name| {
+            host::header(MapType::HttpRequestHeaders, name)
+                .and_then(|v| String::from_utf8(v).ok())
+                .unwrap_or_default()
+        };
+        let shape = match azure::recognise(&text(":method"), &text(":path")) {
+            Some(_) => ErrorShape::Azure,
+            None => ErrorShape::OpenAi,
+        };
+        let reply = Rejection::NotConfigured.reply(shape);
         host::send_reply(
             reply.status,
             &[("content-type", "application/json")],

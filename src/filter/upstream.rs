@@ -11,7 +11,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use super::exchange::Exchange;
 use super::host;
 use super::root;
-use crate::answer::reply::Rejection;
+use crate::answer::reply::{ErrorShape, Rejection};
 use crate::policy::chain::{Failure, FailureKind};
 use crate::policy::judge;
 use crate::policy::retry_after;
@@ -24,6 +24,8 @@ use crate::target::rewrite;
 pub struct Attempt {
     context_id: u32,
     state: Option<State>,
+    /// The shape of this attempt's own errors: the client's API's, once the handoff is read.
+    shape: ErrorShape,
 }
 
 /// An attempt that was addressed.
@@ -43,6 +45,7 @@ impl Attempt {
         Attempt {
             context_id,
             state: None,
+            shape: ErrorShape::OpenAi,
         }
     }
 
@@ -55,6 +58,7 @@ impl Attempt {
                 "a request reached a streamed-failover cluster without the filter's handoff \
                  (only the filter routes to llm_failover.stream.* clusters)",
             ))?;
+        self.shape = handoff.shape;
         let rt = root::runtime_of(handoff.root).ok_or(Refusal::Misconfigured(
             "the upstream filter does not share the filter's Wasm VM (give it the filter's \
              vm_config: same vm_id and code)",
@@ -302,7 +306,7 @@ impl HttpContext for Attempt {
                     }
                     Refusal::NoCredential => Rejection::NoCredential,
                 };
-                let reply = rejection.reply();
+                let reply = rejection.reply(self.shape);
                 host::set_filter_state(streamed::REFUSED_STATE, rejection.code());
                 host::send_reply(
                     reply.status,

@@ -1,10 +1,11 @@
 //! What a request is, from its headers alone: who sent it (the gateway key) and what the filter
 //! does with it (an operation it rewrites and fails over, or a pass-through to the first target).
 
-use crate::answer::reply::Rejection;
+use crate::answer::reply::{ErrorShape, Rejection};
 use crate::config::{Config, Route};
 use crate::request::auth;
-use crate::request::operation::{Operation, Resource};
+use crate::request::azure::{self, AzureShaped};
+use crate::request::operation::{self, Operation, Resource};
 
 /// What the filter does with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,54 @@ pub fn classify(method: &str, path: &str) -> Kind {
     match Resource::from_request(method, path) {
         Some(resource) => Kind::Resource(resource),
         None => Kind::PassThrough,
+    }
+}
+
+/// What a request is, from its method and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Understood {
+    /// The named route it is on (index into `Config::routes`).
+    pub route: Option<usize>,
+    pub kind: Kind,
+    /// The path the providers address: the client's, its Azure-shaped path's OpenAI twin, or on
+    /// a route its operation's OpenAI path (with the client's query string, less an Azure
+    /// client's `api-version`).
+    pub client_path: String,
+    /// An Azure-shaped request (its errors in Azure's shape); `Err`: refused for its `api-version`.
+    pub azure: Option<Result<AzureShaped, Rejection>>,
+}
+
+impl Understood {
+    pub fn shape(&self) -> ErrorShape {
+        match self.azure {
+            Some(_) => ErrorShape::Azure,
+            None => ErrorShape::OpenAi,
+        }
+    }
+}
+
+/// Classifies a request: on a route, Azure-shaped, OpenAI-shaped, or a pass-through.
+pub fn understand(config: &Config, method: &str, path: &str) -> Understood {
+    let route = route_for(config, method, path);
+    let azure = azure::recognise(method, path).map(|shaped| shaped.map_err(Rejection::ApiVersion));
+    let (kind, addressed) = match &azure {
+        Some(Ok(shaped)) => (shaped.kind.clone(), shaped.twin_path.as_str()),
+        _ => (classify(method, path), path),
+    };
+    match route.and_then(|i| config.routes.get(i)) {
+        // A route's requests reach their targets as the route's operation.
+        Some(r) => Understood {
+            route,
+            kind: Kind::Operation(r.operation),
+            client_path: r.operation.openai_path(operation::query(addressed)),
+            azure,
+        },
+        None => Understood {
+            route,
+            kind,
+            client_path: addressed.to_string(),
+            azure,
+        },
     }
 }
 
@@ -224,6 +273,71 @@ mod tests {
         );
         assert_eq!(classify("PUT", "/v1/responses/resp_9"), Kind::PassThrough);
         assert_eq!(classify("GET", "/v1/chat/completions"), Kind::PassThrough);
+    }
+
+    #[test]
+    fn azure_shaped_requests_are_their_openai_twins_with_azures_errors() {
+        let mut c = config(None);
+        c.routes.push(crate::config::Route {
+            name: "team-a".into(),
+            path: "/openai/deployments/team-a/chat/completions".into(),
+            operation: Operation::ChatCompletions,
+            steps: c.steps.clone(),
+            cache: None,
+            keys: None,
+        });
+        let chat = Kind::Operation(Operation::ChatCompletions);
+        let cases = [
+            (
+                "/v1/chat/completions?x=1",
+                None,
+                chat.clone(),
+                "/v1/chat/completions?x=1",
+                ErrorShape::OpenAi,
+            ),
+            (
+                "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                None,
+                chat.clone(),
+                "/v1/chat/completions",
+                ErrorShape::Azure,
+            ),
+            (
+                "/openai/deployments/team-a/chat/completions?api-version=2024-10-21&x=1",
+                Some(0),
+                chat.clone(),
+                "/v1/chat/completions?x=1",
+                ErrorShape::Azure,
+            ),
+            (
+                "/openai/v1/embeddings",
+                None,
+                Kind::Operation(Operation::Embeddings),
+                "/v1/embeddings",
+                ErrorShape::Azure,
+            ),
+            (
+                "/openai/deployments/gpt-4o/images/generations?api-version=2024-10-21",
+                None,
+                Kind::PassThrough,
+                "/openai/deployments/gpt-4o/images/generations?api-version=2024-10-21",
+                ErrorShape::OpenAi,
+            ),
+        ];
+        for (path, route, kind, client_path, shape) in cases {
+            let u = understand(&c, "POST", path);
+            assert_eq!(
+                (u.route, u.kind.clone(), u.client_path.as_str(), u.shape()),
+                (route, kind, client_path, shape),
+                "{path}"
+            );
+        }
+        let bad = understand(&c, "POST", "/openai/deployments/gpt-4o/embeddings");
+        assert_eq!(
+            bad.azure,
+            Some(Err(Rejection::ApiVersion(azure::BadVersion::Missing)))
+        );
+        assert_eq!(bad.shape(), ErrorShape::Azure);
     }
 
     #[test]
