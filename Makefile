@@ -47,7 +47,8 @@ $(WASM): $(RUSTUP_STAMP) Cargo.toml $(shell find src -name '*.rs') | system-tool
 build: $(WASM)
 
 # Local stack: Envoy on 127.0.0.1:10000 (admin :9901) with mock OpenAI/Azure upstreams;
-# CONFIG=envoy/routes.yaml runs the named-route example instead of envoy/local.yaml.
+# CONFIG=envoy/routes.yaml runs the named-route example instead of envoy/local.yaml,
+# CONFIG=envoy/azure-first.yaml the Azure-first one (apps written for Azure OpenAI).
 CONFIG ?=
 run: setup build
 	$(PY) tools/run_local.py $(CONFIG)

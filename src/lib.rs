@@ -5,8 +5,8 @@
 //! The pure modules (no `proxy_wasm`, unit-tested on the host) follow a request's journey:
 //!
 //! * `config`: the plugin JSON, read and validated once into an immutable `Config`.
-//! * `request`: what arrives: the operation (`operation`), the gateway key (`auth`, `intake`),
-//!   the body, parsed once (`body`).
+//! * `request`: what arrives: the operation (`operation`; `azure` for apps written for Azure
+//!   OpenAI), the gateway key (`auth`, `intake`), the body, parsed once (`body`).
 //! * `policy`: where it goes: the plan (`plan`, `balance`), how an answer ends an attempt
 //!   (`judge`, `retry_after`) and the failover state machine (`chain`).
 //! * `health`: what all workers know about each target: cooldowns and spill-over.

@@ -28,7 +28,7 @@ use llm_failover::policy::chain::{
 use llm_failover::policy::plan;
 use llm_failover::policy::retry_after;
 use llm_failover::request::auth;
-use llm_failover::request::azure::BadVersion;
+use llm_failover::request::azure::{self, BadVersion};
 use llm_failover::request::body::{Body, Keep};
 use llm_failover::target::provider;
 use llm_failover::target::rewrite::{self, Operation};
@@ -1994,6 +1994,25 @@ proptest! {
         let want = bearer.or_else(|| api_key.as_deref().map(trim).filter(|k| !k.is_empty()));
         let got = auth::presented_key(authorization.as_deref(), api_key.as_deref());
         prop_assert_eq!(got.map(<[u8]>::to_vec), want);
+    }
+
+    #[test]
+    fn any_path_is_azure_shaped_or_not_without_panicking(
+        method in prop::sample::select(vec!["POST", "GET", "DELETE", "PUT"]),
+        tail in "[a-z0-9/._%?&=-]{0,40}",
+        version in proptest::option::of("[0-9a-z-]{0,20}"),
+        prefix in prop::sample::select(vec!["/openai/deployments/", "/openai/v1/", "/openai/", "/v1/"]),
+    ) {
+        let mut path = format!("{prefix}{tail}");
+        if let Some(v) = version {
+            path.push_str(if path.contains('?') { "&api-version=" } else { "?api-version=" });
+            path.push_str(&v);
+        }
+        if let Some(Ok(shaped)) = azure::recognise(method, &path) {
+            // The twin is an OpenAI path without the client's api-version.
+            prop_assert!(shaped.twin_path.starts_with("/v1/"), "{}", shaped.twin_path);
+            prop_assert!(!shaped.twin_path.contains("api-version"), "{}", shaped.twin_path);
+        }
     }
 
     #[test]
