@@ -232,6 +232,7 @@ def test_responses_with_a_follow_up_stay_with_the_target_that_holds_them(gw, ope
 
 
 def test_an_unsupported_api_version_is_refused_as_azure_refuses_it(gw, openai_mock, azure_mock):
+    before = gw.counter("llm_failover.rejected.reason.invalid_api_version")
     for version in ("2024-13-45", "v1", "latest", "october"):
         with pytest.raises(openai.BadRequestError) as e:
             chat(azure_client(gw, api_version=version), "gpt-4o")
@@ -244,6 +245,7 @@ def test_an_unsupported_api_version_is_refused_as_azure_refuses_it(gw, openai_mo
     assert r.status_code == 404
     assert r.json() == {"error": {"code": "404", "message": "Resource not found"}}
     assert openai_mock.api_requests() == [] and azure_mock.api_requests() == []
+    assert gw.counter("llm_failover.rejected.reason.invalid_api_version") - before == 5
 
 
 def test_the_filters_own_errors_are_azure_shaped(gw, openai_mock, azure_mock):

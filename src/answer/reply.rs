@@ -88,6 +88,15 @@ impl Rejection {
         }
     }
 
+    /// The reason stats count it under (`llm_failover.rejected.reason.<reason>`): its code, but
+    /// for Azure's own codes, which say nothing on their own.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::ApiVersion(_) => "invalid_api_version",
+            other => other.code(),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Rejection::Unauthorized
@@ -318,6 +327,11 @@ mod tests {
             assert_eq!(err.keys().collect::<Vec<_>>(), ["code", "message"]);
             assert_eq!(err["code"], code);
         }
+        assert_eq!(
+            Rejection::ApiVersion(BadVersion::Missing).reason(),
+            "invalid_api_version"
+        );
+        assert_eq!(Rejection::Unauthorized.reason(), "invalid_api_key");
         let missing = Rejection::ApiVersion(BadVersion::Missing).reply(ErrorShape::Azure);
         let v: Value = serde_json::from_slice(&missing.body).unwrap();
         assert_eq!(v["error"]["message"], "Resource not found");

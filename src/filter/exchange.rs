@@ -322,7 +322,7 @@ impl Exchange {
 
     /// Answers the client with one of the filter's own errors.
     pub(super) fn reject(&mut self, rejection: &Rejection) -> Action {
-        self.rt.metrics.rejected(rejection.code());
+        self.rt.metrics.rejected(rejection.reason());
         let reply = rejection.reply(self.request.shape);
         self.phase = Phase::Replied;
         host::send_reply(

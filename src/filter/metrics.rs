@@ -13,8 +13,9 @@ use crate::target::provider::Unservable;
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 
-const REJECTIONS: [&str; 6] = [
+const REJECTIONS: [&str; 7] = [
     "credential_unavailable",
+    "invalid_api_version",
     "invalid_api_key",
     "permission_denied",
     "request_too_large",
