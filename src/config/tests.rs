@@ -524,6 +524,10 @@ fn routes_are_checked_naming_the_field() {
     type Case = (&'static str, Box<dyn Fn(&mut Value)>);
     let cases: Vec<Case> = vec![
         (
+            "routes[0].operation: the path is an Azure OpenAI path of operation \"embeddings\": an app calling it sends that",
+            Box::new(|v| v["routes"][0]["path"] = json!("/openai/deployments/team-a/embeddings")),
+        ),
+        (
             "routes[0].targets[1].target: unknown target \"azur\"",
             Box::new(|v| v["routes"][0]["targets"][1]["target"] = json!("azur")),
         ),

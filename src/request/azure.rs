@@ -14,7 +14,7 @@
 use crate::config::Config;
 use crate::request::body::Body;
 use crate::request::intake::{self, Kind};
-use crate::request::operation;
+use crate::request::operation::{self, Operation};
 use crate::target::rewrite;
 
 /// Which of Azure's APIs the client speaks.
@@ -49,29 +49,7 @@ pub enum BadVersion {
 /// The Azure-shaped request `method path` is, if it is one the filter rewrites and fails over
 /// (`None`: not Azure-shaped, or an Azure path the filter passes through as it is).
 pub fn recognise(method: &str, path: &str) -> Option<Result<AzureShaped, BadVersion>> {
-    let bare = operation::path_only(path);
-    let bare = bare.strip_suffix('/').unwrap_or(bare);
-    let (api, deployment, rest) = if let Some(rest) = bare.strip_prefix("/openai/v1/") {
-        // The v1 API has no legacy completions: Azure's 404 is the client's answer.
-        if rest == "completions" {
-            return None;
-        }
-        (Api::V1, None, rest)
-    } else if let Some(rest) = bare.strip_prefix("/openai/deployments/") {
-        let (deployment, op) = rest.split_once('/')?;
-        if !is_deployment_name(deployment)
-            || !matches!(op, "chat/completions" | "completions" | "embeddings")
-        {
-            return None;
-        }
-        (Api::Deployments, Some(deployment.to_string()), op)
-    } else {
-        let rest = bare.strip_prefix("/openai/")?;
-        if rest != "responses" && !rest.starts_with("responses/") {
-            return None;
-        }
-        (Api::Deployments, None, rest)
-    };
+    let (api, deployment, rest) = parts(path)?;
     let mut version = None;
     let mut kept = url::form_urlencoded::Serializer::new(String::new());
     let mut any_kept = false;
@@ -99,8 +77,41 @@ pub fn recognise(method: &str, path: &str) -> Option<Result<AzureShaped, BadVers
         api,
         kind,
         twin_path,
-        deployment,
+        deployment: deployment.map(str::to_string),
     }))
+}
+
+/// An Azure path's API, the deployment its path names, and the rest of it as the tail of its
+/// OpenAI twin (`chat/completions`, `responses/<id>`).
+fn parts(path: &str) -> Option<(Api, Option<&str>, &str)> {
+    let bare = operation::path_only(path);
+    let bare = bare.strip_suffix('/').unwrap_or(bare);
+    if let Some(rest) = bare.strip_prefix("/openai/v1/") {
+        // The v1 API has no legacy completions: Azure's 404 is the client's answer.
+        return (rest != "completions").then_some((Api::V1, None, rest));
+    }
+    if let Some(rest) = bare.strip_prefix("/openai/deployments/") {
+        let (deployment, op) = rest.split_once('/')?;
+        let known = matches!(op, "chat/completions" | "completions" | "embeddings");
+        return (known && is_deployment_name(deployment)).then_some((
+            Api::Deployments,
+            Some(deployment),
+            op,
+        ));
+    }
+    let rest = bare.strip_prefix("/openai/")?;
+    (rest == "responses" || rest.starts_with("responses/")).then_some((
+        Api::Deployments,
+        None,
+        rest,
+    ))
+}
+
+/// The operation an Azure path names, whatever its `api-version` (a route on such a path must
+/// be that operation: the app calling it expects it).
+pub fn operation_of(path: &str) -> Option<Operation> {
+    let (_, _, rest) = parts(path)?;
+    Operation::from_request("POST", &format!("/v1/{rest}"))
 }
 
 /// Azure's `api-version` rules: deployments style needs one, a date (`2024-10-21`) or a preview
@@ -182,7 +193,7 @@ pub fn twin_body(config: &Config, shaped: &AzureShaped, body: &Body) -> Option<V
 mod tests {
     use super::*;
     use crate::config::{self, NoEnv};
-    use crate::request::operation::{Operation, Resource, ResourceAction};
+    use crate::request::operation::{Resource, ResourceAction};
     use serde_json::json;
 
     fn op(op: Operation) -> Kind {
@@ -353,6 +364,29 @@ mod tests {
             ),
         ] {
             assert_eq!(recognise(method, &path), None, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn an_azure_path_names_its_operation() {
+        let cases = [
+            (
+                "/openai/deployments/team-a/chat/completions",
+                Some(Operation::ChatCompletions),
+            ),
+            (
+                "/openai/deployments/e/embeddings",
+                Some(Operation::Embeddings),
+            ),
+            ("/openai/v1/responses", Some(Operation::Responses)),
+            ("/openai/responses", Some(Operation::Responses)),
+            ("/openai/responses/resp_1", None),
+            ("/openai/v1/completions", None),
+            ("/api/routes/test/chat/completion", None),
+            ("/v1/chat/completions", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(operation_of(path), want, "{path}");
         }
     }
 

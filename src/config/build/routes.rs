@@ -146,6 +146,17 @@ pub(super) fn route(
         Some(RawOperation::Responses) => Operation::Responses,
         None => return Err(ConfigError::new(at("operation"), "missing")),
     };
+    if let Some(named) = crate::request::azure::operation_of(&path) {
+        if named != operation {
+            return Err(ConfigError::new(
+                at("operation"),
+                format!(
+                    "the path is an Azure OpenAI path of operation {}: an app calling it sends that",
+                    quote(named.as_str())
+                ),
+            ));
+        }
+    }
     let raw_steps = raw
         .targets
         .ok_or_else(|| ConfigError::new(at("targets"), "missing"))?;
