@@ -202,10 +202,16 @@ def test_responses_with_a_follow_up_stay_with_the_target_that_holds_them(gw, ope
     assert follow.parse().previous_response_id == resp.id
     got = client.responses.retrieve(resp.id)
     assert got.id == resp.id
+    items = client.responses.input_items.list(resp.id)
+    assert len(items.data) >= 1
+    client.responses.delete(resp.id)
     seen = azure_mock.api_requests()
     assert [(r["method"], r["path"], r["query"]) for r in seen] == [
         ("POST", "/openai/v1/responses", {}), ("POST", "/openai/v1/responses", {}),
-        ("GET", f"/openai/v1/responses/{resp.id}", {})]
+        ("GET", f"/openai/v1/responses/{resp.id}", {}),
+        ("GET", f"/openai/v1/responses/{resp.id}/input_items", {}),
+        ("DELETE", f"/openai/v1/responses/{resp.id}", {})]
+    assert [r["status"] for r in seen] == [200] * 5
     assert seen[1]["body"]["previous_response_id"] == resp.id
     assert all(r["headers"]["api-key"] == AZURE_KEY for r in seen)
 
