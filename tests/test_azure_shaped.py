@@ -153,10 +153,11 @@ def test_a_healthy_azure_streams_to_an_azure_client(gw, openai_mock, azure_mock)
     assert seen["stream"]
 
 
-def test_a_stream_fails_over_through_the_router_and_keeps_streaming(gw, openai_mock, azure_mock):
+@pytest.mark.parametrize("client", [azure_client, v1_client], ids=["AzureOpenAI", "OpenAI-on-v1"])
+def test_a_stream_fails_over_through_the_router_and_keeps_streaming(gw, openai_mock, azure_mock, client):
     before = gw.stats().get(f"cluster.{AGGREGATE}.upstream_rq_retry", 0)
     azure_mock.script([{"status": 429, "repeat": 2}])
-    headers, pieces = stream(azure_client(gw), "gpt-4o-prod")
+    headers, pieces = stream(client(gw), "gpt-4o-prod")
     assert headers["x-llm-failover-target"] == "openai"
     assert headers["x-llm-failover-attempts"] == "3"  # Azure, its retry, OpenAI
     assert "".join(pieces).startswith("Hello from mock openai") and len(pieces) > 2
@@ -309,12 +310,21 @@ def test_a_route_on_a_deployments_path_takes_its_own_chain(gw, openai_mock, azur
 
 
 @pytest.mark.test_timeout(180)
-def test_a_deployments_style_azure_target_gets_its_own_deployment_and_api_version(make_stack, openai_mock,
-                                                                                   azure_mock):
-    gw = make_stack(azure_first_config(api_version="2024-10-21"), base_config=AZURE_FIRST)
-    for m in (openai_mock, azure_mock):
+def test_deployments_style_azure_targets_get_their_own_deployment_and_api_version(make_stack, mock_factory,
+                                                                                   openai_mock, azure_mock):
+    """Azure, then a second Azure resource with other deployment names, then OpenAI: an Azure
+    client's deployment reaches each as that target's own deployment for the model."""
+    west = mock_factory("azure", name="azure-west", api_key=AZURE_KEY, resource="llmf-west",
+                        api_versions="2024-06-01", deployments="gpt4o-west")
+    cfg = azure_first_config(api_version="2024-10-21")
+    second = dict(next(t for t in cfg["targets"] if t["name"] == "azure"), name="azure-west",
+                  cluster="azure-west", resource_name="llmf-west", api_version="2024-06-01",
+                  deployments={"gpt-4o": "gpt4o-west"})
+    cfg["targets"].insert(1, second)
+    gw = make_stack(cfg, base_config=AZURE_FIRST, clusters={"azure-west": west.port})
+    for m in (openai_mock, azure_mock, west):
         m.forbid([GATEWAY_KEY])
-    client = azure_client(gw, api_version="2024-06-01")
+    client = azure_client(gw, api_version="2025-01-01-preview")
     raw, _ = chat(client, "chat")
     assert raw.headers["x-llm-failover-target"] == "azure"
     [seen] = azure_mock.api_requests()
@@ -322,12 +332,25 @@ def test_a_deployments_style_azure_target_gets_its_own_deployment_and_api_versio
                                              {"api-version": "2024-10-21"})
     assert seen["headers"]["api-key"] == AZURE_KEY
 
-    # Streamed and failed over: the router addresses each attempt in its target's shape.
     azure_mock.reset()
-    azure_mock.script([{"status": 429, "repeat": 2}])
+    azure_mock.script([{"status": 429, "retry_after": "30"}])
+    raw, completion = chat(client, "gpt-4o-prod")
+    assert raw.headers["x-llm-failover-target"] == "azure-west"
+    assert completion.choices[0].message.content.startswith("Hello from mock azure-west")
+    [seen] = west.api_requests()
+    assert (seen["path"], seen["query"]) == ("/openai/deployments/gpt4o-west/chat/completions",
+                                             {"api-version": "2024-06-01"})
+
+    # Streamed and failed over past both: the router addresses each attempt in its target's shape.
+    for m in (azure_mock, west):
+        m.reset()
+        m.script([{"status": 429, "repeat": 2}])
     headers, pieces = stream(client, "chat")
     assert headers["x-llm-failover-target"] == "openai" and "".join(pieces).startswith("Hello from mock openai")
+    assert headers["x-llm-failover-attempts"] == "5"
     assert [(r["path"], r["query"]["api-version"]) for r in azure_mock.api_requests()] == [
         ("/openai/deployments/gpt-4o-prod/chat/completions", "2024-10-21")] * 2
+    assert [(r["path"], r["query"]["api-version"]) for r in west.api_requests()] == [
+        ("/openai/deployments/gpt4o-west/chat/completions", "2024-06-01")] * 2
     [seen] = openai_mock.api_requests()
     assert_on_openai(seen, "/v1/chat/completions", "gpt-4o")
