@@ -1,10 +1,12 @@
-//! Request rewriting: the body read, `provider::address` and `rewrite::body_for` on any method,
-//! path, model and body. Input: [method][path length][path][model length][model][body].
+//! Request rewriting: the body read, an Azure-shaped request's twin, `provider::address` and
+//! `rewrite::body_for` on any method, path, model and body.
+//! Input: [method][path length][path][model length][model][body].
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use llm_failover::request::azure;
 use llm_failover::request::body::{Body, Keep};
 use llm_failover::answer::cache;
 use llm_failover::config::{self, AzureApi, Config, NoEnv, Provider};
@@ -59,6 +61,17 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(b) = &inspected {
         // Whatever is accepted, the cache key can read.
         assert!(cache::key("", "k", Operation::ChatCompletions, b).is_some());
+    }
+    if let Some(Ok(shaped)) = azure::recognise(method, &path) {
+        assert!(shaped.twin_path.starts_with("/v1/") && !shaped.twin_path.bytes().any(bad_byte));
+        if let Ok(b) = &inspected {
+            let model = azure::model_of(config(), &shaped, b.model.as_deref());
+            if let Some(twin) = azure::twin_body(config(), &shaped, b) {
+                let after = Body::parse(twin, Keep::Typed).expect("the twin's body is still a request");
+                assert_eq!(after.model.as_deref(), model);
+                assert_eq!((after.stream, &after.previous_response_id), (b.stream, &b.previous_response_id));
+            }
+        }
     }
     let empty = Body::parse(b"{}".to_vec(), Keep::Typed).unwrap();
     let info = inspected.as_ref().unwrap_or(&empty);
