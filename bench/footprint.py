@@ -6,7 +6,7 @@ For each build and `--concurrency`, rounds interleaved: Envoy is started, `/read
 10 ms, and after it answers Envoy's own CPU time (user + system, all threads: the figure least
 disturbed by other processes on a shared machine) and wall time are read; after `--settle`
 seconds idle, its RSS (VmRSS), peak RSS (VmHWM) and the allocator's figures (`/memory`).
-Medians are printed as a Markdown table (`--out FILE` writes it too). Loopback only; every
+Medians are printed as a Markdown table (`--append FILE` adds it to a report). Loopback only; every
 Envoy is stopped before the next starts.
 
     .venv/bin/python bench/footprint.py [--rounds 3] [--concurrency 1,2,4] [--extra NAME=x.wasm]
@@ -140,7 +140,7 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,2,4")
     ap.add_argument("--settle", type=float, default=3.0, help="idle seconds before memory is read")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=WASM", help="another build")
-    ap.add_argument("--out", type=Path, help="also write the table to this file")
+    ap.add_argument("--append", type=Path, help="also append the table to this file (BENCHMARKS.md)")
     args = ap.parse_args()
     envoy = str(ROOT / ".venv" / "bin" / "envoy")
     builds: list[tuple[str, Path | None]] = [("plain Envoy", None), ("no-op filter", NOOP_WASM),
@@ -183,8 +183,9 @@ def main() -> int:
                 f"start-up CPU {med(name, c, 'ready_cpu_s') - med('no-op filter', c, 'ready_cpu_s'):+.2f} s over the no-op filter")
     table = "\n".join(lines) + "\n"
     print(table)
-    if args.out:
-        args.out.write_text(table)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write("\n## Footprint: start-up and idle memory (bench/footprint.py)\n\n" + table)
     return 0
 
 
