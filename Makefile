@@ -102,6 +102,7 @@ bench-tools:
 bench: setup build bench-tools
 	$(PY) bench/run.py
 	$(PY) bench/footprint.py --append BENCHMARKS.md
+	$(PY) bench/streams.py --append BENCHMARKS.md
 
 # Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
 # for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for

@@ -198,7 +198,12 @@ impl Exchange {
             .and_then(|t| self.step(t))
             .and_then(|s| s.override_params.as_ref())
             .is_some_and(|p| p.contains_key("stream_options"));
-        usage::in_answer(body.stream, self.creates_response(), body.include_usage, overridden)
+        usage::in_answer(
+            body.stream,
+            self.creates_response(),
+            body.include_usage,
+            overridden,
+        )
     }
 
     /// A Responses API answer passing through: its beginning, until its id is known.
