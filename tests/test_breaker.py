@@ -262,3 +262,34 @@ def test_a_failed_probe_cools_the_target_again(make_stack, openai_mock, azure_mo
     assert all(g >= 0.9 for g in gaps), gaps
     assert stack.counter("llm_failover.cooldowns.target.openai") == 1 + len(probes)
     assert "its probe failed" in stack.log_text
+
+
+@pytest.mark.test_timeout(60)
+def test_a_streamed_request_probes_and_brings_the_target_back(make_stack, openai_mock, azure_mock):
+    """On the streamed path (Envoy's router makes the attempts, the upstream filter judges them) a
+    429's wait cools the primary for exactly that long, and the first streamed request after it is
+    the probe that brings the primary back for everyone."""
+    stack = gateway(make_stack)
+    openai_mock.script([{"status": 429, "retry_after": "1"}])
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    def stream() -> tuple[int, str, str, str]:
+        r = stack.post_json(CHAT, body, headers={"x-request-id": "rid-" + uuid.uuid4().hex[:12]}, timeout=30)
+        return (*served(r), r.text)
+
+    status, target, attempts, text = stream()
+    assert (status, target, attempts) == (200, "azure", "2") and "data: [DONE]" in text
+    tripped = time.monotonic()
+    # The upstream filter (its own plugin name in the log) judged the router's attempt.
+    harness.wait_for(lambda: re.search(r"llm_failover\.upstream .*cooldown target=openai for 1000ms", stack.log_text),
+                     what="the upstream filter's cooldown line")
+    status, target, attempts, _ = stream()
+    assert (status, target, attempts) == (200, "azure", "1"), "skipped while it cools"
+    time.sleep(max(0.0, tripped + 1.1 - time.monotonic()))
+    status, target, attempts, text = stream()
+    assert (status, target, attempts) == (200, "openai", "1") and "Hello" in text
+    assert stack.counter("llm_failover.recoveries.target.openai") == 1
+    harness.wait_for(lambda: re.search(r"llm_failover\.upstream .*probe target=openai", stack.log_text),
+                     what="the upstream filter's probe line")
+    for r in on_both_workers(stack):
+        assert served(r) == (200, "openai", "1")

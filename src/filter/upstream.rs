@@ -121,6 +121,8 @@ impl Attempt {
             set_length(handoff.length);
         }
         host::set_filter_state(streamed::RECORD_STATE, &record.to_json());
+        // Read here (the plan was made by the filter): an attempt on a target whose cooldown
+        // ended takes its probe.
         ex.breaker(target, now);
         ex.begin_attempt(target, Duration::from_millis(handoff.per_try_ms), now);
         log::debug!(
