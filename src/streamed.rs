@@ -166,6 +166,10 @@ pub struct Handoff {
     /// The shape of the upstream filter's own errors (an Azure-shaped request's are Azure's).
     #[serde(default)]
     pub shape: ErrorShape,
+    /// A Responses follow-up pinned to its previous response's owner (it never probes nor moves
+    /// a cooldown).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 impl Handoff {
@@ -656,6 +660,7 @@ mod tests {
             per_try_ms: 5000,
             length: 76,
             shape: ErrorShape::Azure,
+            pinned: true,
         };
         assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
         assert!(h.plans(1) && !h.plans(2));
