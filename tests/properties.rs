@@ -1285,6 +1285,7 @@ fn arb_outcome(max_wait_ms: u64) -> impl Strategy<Value = Outcome> {
     ]);
     prop_oneof![
         1 => Just(Outcome::Delivered),
+        1 => Just(Outcome::Elsewhere),
         5 => (kind, wait).prop_map(|(kind, retry_after)| Outcome::Failed(Failure { kind, retry_after })),
     ]
 }
@@ -1376,10 +1377,14 @@ fn run_chain(case: &ChainCase) -> Result<Vec<Next>, TestCaseError> {
                 prop_assert_eq!(step, Next::Deliver);
                 break;
             }
-            Outcome::Failed(f) => f,
+            Outcome::Failed(f) => Some(f),
+            // "Not here": never retried on the same target.
+            Outcome::Elsewhere => None,
         };
-        let delay = failure.retry_after.unwrap_or(Duration::ZERO);
-        let tries_left = tries[pos] < hop.max_tries;
+        let delay = failure
+            .and_then(|f| f.retry_after)
+            .unwrap_or(Duration::ZERO);
+        let tries_left = failure.is_some() && tries[pos] < hop.max_tries;
         let wait_fits = delay <= case.max_retry_wait;
         let later_ready = hops[pos + 1..].iter().any(|h| !cooling(h.target));
         let over_budget = delay.checked_add(MIN_ATTEMPT).is_none_or(|d| d > left);

@@ -158,6 +158,18 @@ pub(super) struct Answer {
     pub headers: Option<Headers>,
 }
 
+/// A request naming a stored response whose owner is not known here, looking for it down the
+/// chain.
+pub(super) struct Probe {
+    pub id: String,
+    pub naming: crate::answer::affinity::Naming,
+    /// The routed answer's headers, while it is held (a failure kept for the client needs them).
+    pub routed_headers: Option<Headers>,
+    /// The last failure on the way (target, answer, transport failure): a target that may hold
+    /// the id but failed. The client gets it rather than a later target's "not found".
+    pub failure: Option<(usize, Answer, Option<FailureKind>)>,
+}
+
 /// What the headers said, kept for the phases after them.
 #[derive(Default)]
 pub(super) struct Request {
@@ -185,8 +197,11 @@ pub struct Exchange {
     /// The request body, read once; kept while a further attempt may need it.
     pub(super) body: Option<Body>,
     pub(super) chain: Option<Chain>,
-    /// On the streamed path: the target whose answer the client gets (the router chose it).
+    /// The target whose answer the client gets when it is not the chain's current one: on the
+    /// streamed path (the router chose it), or a probe's kept failure.
     pub(super) served: Option<usize>,
+    /// Looking for the owner of a stored response the request names.
+    pub(super) probe: Option<Probe>,
     pub(super) attempt_started_ms: u64,
     pub(super) cache_key: Option<Digest>,
     pub(super) cache_body: Option<Vec<u8>>,
@@ -213,6 +228,7 @@ impl Exchange {
             body: None,
             chain: None,
             served: None,
+            probe: None,
             attempt_started_ms: 0,
             cache_key: None,
             cache_body: None,

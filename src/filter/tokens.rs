@@ -17,6 +17,17 @@ use crate::target::token::{self, State, FETCH_TIMEOUT};
 /// A token request in flight: (callout token, target).
 pub type Pending = (u32, usize);
 
+/// Takes this worker's copies of the tokens shared data already holds (a configuration change
+/// that keeps the `vm_id` keeps them), so the first requests after it need not wait for a tick.
+pub fn adopt(rt: &Runtime, now: u64) {
+    for (i, t) in rt.config.targets.iter().enumerate() {
+        if let Credential::Entra(_) = &t.credential {
+            let (state, _) = shared::token_state(&t.name);
+            rt.set_token(i, state.valid(now).cloned());
+        }
+    }
+}
+
 /// Reads every token state, updates this worker's copies and the gauges, and starts the fetches
 /// that are due (when this worker wins the lease). Returns the callouts it dispatched.
 pub fn tick(rt: &Runtime, pending: &[Pending], now: u64) -> Vec<Pending> {
