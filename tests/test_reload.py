@@ -48,13 +48,19 @@ class EcdsEnvoy:
         harness.wait_for(lambda: self.stat("update_success") == 1, what="the first ECDS update")
 
     def write(self, plugin: dict | str, vm_id: str = "llm_failover"):
-        """Replaces the file by a rename, as an operator (or a ConfigMap update) does."""
+        """Replaces the file by a rename, as an operator (or a ConfigMap update) does. A vm_id
+        ending in `+env` keeps the id without it but changes the VM's environment with each write,
+        as Istio does for a WasmPlugin (ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION): a new VM."""
         doc = yaml.safe_load(ECDS_FILE.read_text())
         self.version += 1
         doc["version_info"] = str(self.version)
         config = doc["resources"][0]["typed_config"]["config"]
+        env = config["vm_config"]["environment_variables"]["key_values"]
+        env["AZURE_CLIENT_SECRET"] = SECRET
+        if vm_id.endswith("+env"):
+            vm_id = vm_id.removesuffix("+env")
+            env["ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"] = str(self.version)
         config["vm_config"]["vm_id"] = vm_id
-        config["vm_config"]["environment_variables"]["key_values"]["AZURE_CLIENT_SECRET"] = SECRET
         config["configuration"]["value"] = plugin if isinstance(plugin, str) else json.dumps(plugin)
         staged = self.path.with_name(self.path.name + ".new")
         staged.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -217,8 +223,9 @@ def measure_what_survives(envoy: EcdsEnvoy, openai_mock, azure_mock, entra, vm_i
 
 
 @pytest.mark.test_timeout(180)
-@pytest.mark.parametrize("vm_ids", [("llm_failover", "llm_failover"), ("llm_failover_b", "llm_failover_c")],
-                         ids=["same_vm_id", "new_vm_id"])
+@pytest.mark.parametrize("vm_ids", [("llm_failover", "llm_failover"), ("llm_failover+env", "llm_failover+env"),
+                                    ("llm_failover_b", "llm_failover_c")],
+                         ids=["same_vm_id", "same_vm_id_new_vm", "new_vm_id"])
 def test_what_survives_a_configuration_change(ecds, openai_mock, azure_mock, entra, mock_factory, vm_ids):
     azure_ad = mock_factory("azure", name="azure_ad", entra_token_secret=TOKEN_SECRET, api_key="not-used-here",
                             deployments="gpt-4o-prod,gpt-4o-mini-default")
@@ -226,7 +233,7 @@ def test_what_survives_a_configuration_change(ecds, openai_mock, azure_mock, ent
                  azure_ad=azure_ad.port, entra=entra.port)
     survived = measure_what_survives(envoy, openai_mock, azure_mock, entra, vm_ids)
     print(f"vm_ids {vm_ids}: {survived}")
-    same_vm = vm_ids[0] == "llm_failover"
+    same_vm = vm_ids[0].startswith("llm_failover+") or vm_ids[0] == "llm_failover"
     assert survived == {k: same_vm for k in ("cooldown", "cache", "affinity", "entra_token", "spillover")}
 
 
