@@ -164,3 +164,19 @@ def test_a_replica_probes_a_cooling_target_last_and_finds_the_response_there(rep
     raw, follow_up = create(make_client(b), previous_response_id=first)
     assert (raw.headers["x-llm-failover-target"], raw.headers["x-llm-failover-attempts"]) == ("azure", "2")
     assert follow_up.previous_response_id == first
+
+
+def test_a_streamed_follow_up_through_another_replica_finds_its_response_too(replicas, openai_mock, azure_mock):
+    a, b = replicas
+    [first] = created_on_azure_during_an_openai_outage(a, openai_mock, azure_mock, 1)
+    # B probes through callouts (the router could not tell OpenAI's "not found" from another
+    # 400): Azure's stream arrives whole, and the SDK reads it as a stream.
+    with make_client(b).responses.stream(model="gpt-4o", input="And then?", previous_response_id=first) as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert final.previous_response_id == first
+    assert final.output_text.startswith("Hello from mock azure")
+    [probe] = openai_mock.api_requests()
+    assert probe["body"]["stream"] is True and probe["body"]["previous_response_id"] == first
+    assert azure_mock.api_requests()[-1]["body"]["stream"] is True
