@@ -258,3 +258,15 @@ def test_a_broken_configuration_is_refused_and_the_old_one_keeps_serving(ecds, o
     # And a good configuration after them applies.
     envoy.change(config([azure_target(cooldown=False), openai_target(cooldown=False)]))
     assert envoy.stack.chat().headers["x-llm-failover-target"] == "azure"
+
+
+def test_a_target_given_another_identity_fetches_a_token_of_its_own(ecds, entra, mock_factory):
+    azure_ad = mock_factory("azure", name="azure_ad", entra_token_secret=TOKEN_SECRET, api_key="not-used-here")
+    envoy = ecds(config(stateful_targets()), azure_ad=azure_ad.port, entra=entra.port)
+    clients = lambda: [r["form"].get("client_id") for r in entra.requests() if r["endpoint"] == "entra"]  # noqa: E731
+    harness.wait_for(lambda: clients() == [CLIENT], what="the first token")
+    changed = stateful_targets()
+    changed[2]["azure_ad"]["client_id"] = "app-client-2"
+    envoy.change(config(changed))
+    # The kept token was fetched for another client: the target fetches its own at once.
+    harness.wait_for(lambda: clients() == [CLIENT, "app-client-2"], what="a token for the new client")

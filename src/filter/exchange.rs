@@ -24,7 +24,7 @@ use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
 use crate::target::provider;
-use crate::target::token::{Token, EXPIRY_MARGIN};
+use crate::target::token::{self, Token, EXPIRY_MARGIN};
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
@@ -34,6 +34,8 @@ pub struct Runtime {
     pub metrics: Metrics,
     /// Credential header of each target, built once.
     pub credentials: Vec<(&'static str, String)>,
+    /// The shared-data key of each `azure_ad` target's token, built once.
+    pub token_keys: Vec<Option<String>>,
     /// Load balancing's random source (one per VM, so per worker).
     pub rng: RefCell<fastrand::Rng>,
     /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
@@ -50,11 +52,20 @@ impl Runtime {
             .iter()
             .map(provider::credential_header)
             .collect();
+        let token_keys = config
+            .targets
+            .iter()
+            .map(|t| match &t.credential {
+                Credential::Entra(source) => Some(token::state_key(&t.name, source)),
+                _ => None,
+            })
+            .collect();
         Runtime {
             root,
             config,
             metrics,
             credentials,
+            token_keys,
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),

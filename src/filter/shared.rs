@@ -58,13 +58,10 @@ fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {
     cache::slot_key_in(&settings.scope, cache::slot(digest, settings.max_entries))
 }
 
-fn token_key(target: &str) -> String {
-    format!("llm_failover.token.{target}")
-}
-
-/// A target's Entra ID token state, and its compare-and-swap value.
-pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
-    let (bytes, cas) = host::shared_get(&token_key(target));
+/// A target's Entra ID token state at `key` ([`crate::target::token::state_key`]), and its
+/// compare-and-swap value.
+pub fn token_state(key: &str) -> (TokenState, Option<u32>) {
+    let (bytes, cas) = host::shared_get(key);
     (
         bytes.map(|b| TokenState::decode(&b)).unwrap_or_default(),
         cas,
@@ -72,8 +69,8 @@ pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
 }
 
 /// Writes a token state unless another worker wrote it since `cas` was read.
-pub fn set_token_state(target: &str, state: &TokenState, cas: Option<u32>) -> bool {
-    host::shared_set(&token_key(target), &state.encode(), cas).is_ok()
+pub fn set_token_state(key: &str, state: &TokenState, cas: Option<u32>) -> bool {
+    host::shared_set(key, &state.encode(), cas).is_ok()
 }
 
 fn spill_key(target: &str) -> String {
