@@ -2,7 +2,7 @@
 //! (before its first attempt), the probe for that owner when it is not known here (a target's
 //! "not found" sends the request on), and the owner of a response id it creates or finds.
 
-use super::exchange::{Answer, Exchange, Probe};
+use super::exchange::{Answer, Exchange, OwnerProbe};
 use super::shared;
 use crate::answer::affinity::{self, Naming, Owner};
 use crate::duration::millis;
@@ -33,7 +33,7 @@ impl Exchange {
             self.tag(),
             crate::quote(id)
         );
-        self.probe = Some(Probe {
+        self.owner_probe = Some(OwnerProbe {
             id: id.to_string(),
             naming,
             routed_headers: None,
@@ -43,21 +43,23 @@ impl Exchange {
 
     /// Whether a routed answer of this status must be held: it may be a probe's "not found".
     pub(super) fn probe_holds(&self, status: Option<u16>) -> bool {
-        self.probe
+        self.owner_probe
             .as_ref()
             .is_some_and(|p| affinity::may_be_not_here(p.naming, status))
     }
 
     /// A probe's judgement of an answer: `Elsewhere` when the target does not hold the id.
     pub(super) fn probe_outcome(&self, answer: &Answer) -> Option<Outcome> {
-        let probe = self.probe.as_ref()?;
+        let probe = self.owner_probe.as_ref()?;
         affinity::not_here(probe.naming, answer.status, &answer.body).then_some(Outcome::Elsewhere)
     }
 
     /// Counts a probe's attempt on `target` and, when it answered 2xx, remembers it as the
     /// owner of the id: later requests for it go there at once.
     pub(super) fn probe_answered(&self, target: usize, status: Option<u16>, outcome: &Outcome) {
-        let Some(probe) = &self.probe else { return };
+        let Some(probe) = &self.owner_probe else {
+            return;
+        };
         let result = match outcome {
             Outcome::Elsewhere => "not_found",
             Outcome::Failed(_) => "failed",
@@ -86,7 +88,9 @@ impl Exchange {
         mut answer: Answer,
         kind: Option<FailureKind>,
     ) {
-        let Some(probe) = &mut self.probe else { return };
+        let Some(probe) = &mut self.owner_probe else {
+            return;
+        };
         if answer.headers.is_none() {
             answer.headers = probe.routed_headers.take();
             if answer.headers.is_none() && answer.status.is_some() {
@@ -98,7 +102,7 @@ impl Exchange {
 
     /// The failure a probe keeps for the client, when its last target said "not found".
     pub(super) fn take_probe_failure(&mut self) -> Option<(usize, Answer, Option<FailureKind>)> {
-        self.probe.as_mut()?.failure.take()
+        self.owner_probe.as_mut()?.failure.take()
     }
 
     /// Reads the response id from the beginning of the answer of target `target` and remembers

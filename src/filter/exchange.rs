@@ -171,7 +171,7 @@ pub(super) struct Answer {
 
 /// A request naming a stored response whose owner is not known here, looking for it down the
 /// chain.
-pub(super) struct Probe {
+pub(super) struct OwnerProbe {
     pub id: String,
     pub naming: crate::answer::affinity::Naming,
     /// The routed answer's headers, while it is held (a failure kept for the client needs them).
@@ -212,7 +212,7 @@ pub struct Exchange {
     /// streamed path (the router chose it), or a probe's kept failure.
     pub(super) served: Option<usize>,
     /// Looking for the owner of a stored response the request names.
-    pub(super) probe: Option<Probe>,
+    pub(super) owner_probe: Option<OwnerProbe>,
     pub(super) attempt_started_ms: u64,
     pub(super) cache_key: Option<Digest>,
     pub(super) cache_body: Option<Vec<u8>>,
@@ -222,9 +222,14 @@ pub struct Exchange {
     pub(super) dispatched: Option<u32>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
-    /// Targets (bit i: target i) whose shared cooldown state this request read and found with no
-    /// failures: a success on them has nothing to reset, so it skips reading the state again.
-    pub(super) clean: Cell<u64>,
+    /// A Responses follow-up pinned to the owner of its previous response: it goes there
+    /// whatever the owner's state, so it never probes nor moves a cooldown.
+    pub(super) pinned: bool,
+    /// Targets (bit i: target i) this request saw with their cooldown over and no probe out:
+    /// an attempt there tries to take the probe.
+    pub(super) awaiting_probe: Cell<u64>,
+    /// The probe this request took and has not reported yet: target and lease end.
+    pub(super) probe: Cell<Option<(usize, u64)>>,
     /// The time, read once per host callback (0: not read yet in this one).
     pub(super) clock: Cell<u64>,
 }
@@ -239,7 +244,7 @@ impl Exchange {
             body: None,
             chain: None,
             served: None,
-            probe: None,
+            owner_probe: None,
             attempt_started_ms: 0,
             cache_key: None,
             cache_body: None,
@@ -247,7 +252,9 @@ impl Exchange {
             response_head: None,
             dispatched: None,
             recorded: None,
-            clean: Cell::new(0),
+            pinned: false,
+            awaiting_probe: Cell::new(0),
+            probe: Cell::new(None),
             clock: Cell::new(0),
         }
     }

@@ -55,7 +55,7 @@ impl Exchange {
 
         // A probe's chain was ordered by availability when it started, and walks every target
         // (a cooling one may be the only one that holds the response).
-        let probing = self.probe.is_some();
+        let probing = self.owner_probe.is_some();
         let (step, no_retry) = chain.next_with(&outcome, now, |t| {
             if probing {
                 Availability::Ready

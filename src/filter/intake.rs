@@ -133,7 +133,7 @@ impl Exchange {
         };
         self.chain = Some(chain);
         self.address_routed(first.target, Some(first.timeout));
-        self.attempt_started_ms = now;
+        self.begin_attempt(first.target, first.timeout, now);
         self.phase = Phase::Routed;
     }
 

@@ -88,14 +88,12 @@ impl Exchange {
         if hops.is_empty() && before > 0 {
             return self.reject(&Rejection::NoCredential);
         }
-        let mut pinned = false;
         let previous = body.previous_response_id.clone();
         if let Some(previous) = previous.as_deref() {
             let owner_hop = self
                 .owner_of(previous, now)
                 .and_then(|owner| plan::pinned(&hops, owner));
             if let Some(owner_hop) = owner_hop {
-                pinned = true;
                 log::info!(
                     "{} pinned to target={} (it holds previous_response_id {})",
                     self.tag(),
@@ -103,6 +101,7 @@ impl Exchange {
                     quote(previous)
                 );
                 self.rt.metrics.affinity_pin();
+                self.pinned = true;
                 hops = owner_hop;
             } else if hops.len() > 1 {
                 self.start_probe(previous, Naming::FollowUp);
@@ -110,12 +109,12 @@ impl Exchange {
             }
         }
         let config = &self.rt.config;
-        if config.loadbalance && !pinned && self.probe.is_none() {
+        if config.loadbalance && !self.pinned && self.owner_probe.is_none() {
             hops = self.balance(hops, now);
         }
         // A pinned request goes to its owner even while it cools (no other target has the
         // response); a probe's order already put the cooling targets last.
-        let fixed = pinned || self.probe.is_some();
+        let fixed = self.pinned || self.owner_probe.is_some();
         let availability = |t: usize| {
             if fixed {
                 Availability::Ready
@@ -166,7 +165,7 @@ impl Exchange {
             // No failover possible: the body is not needed any more.
             self.body = None;
         }
-        self.attempt_started_ms = now;
+        self.begin_attempt(first.target, first.timeout, now);
         self.phase = Phase::Routed;
         Action::Continue
     }

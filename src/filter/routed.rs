@@ -98,7 +98,7 @@ impl Exchange {
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             self.now() / 1000,
         );
-        if let Some(probe) = &mut self.probe {
+        if let Some(probe) = &mut self.owner_probe {
             probe.routed_headers = Some(headers);
         }
         if end_of_stream {
@@ -143,7 +143,9 @@ impl Exchange {
                     // Judged on its status unless the body decides; the held body stays in
                     // Envoy for the client.
                     // A probe reads it: it may be a "not found", or a failure kept for the client.
-                    body: if judge::needs_body(&self.rt.config, status) || self.probe.is_some() {
+                    body: if judge::needs_body(&self.rt.config, status)
+                        || self.owner_probe.is_some()
+                    {
                         host::buffer(BufferType::HttpResponseBody, body_size)
                     } else {
                         Vec::new()
@@ -179,11 +181,12 @@ impl Exchange {
     /// The answer passes through from here on: its usage counted, its response id remembered,
     /// its copy cached.
     pub(super) fn pass_answer(&mut self, status: Option<u16>) {
-        // A stored response read back (a resource request) is not new usage.
-        let operation = self.operation().is_some();
-        if operation && (200..300).contains(&status.unwrap_or(0)) && self.current_target().is_some()
-        {
-            self.usage = Some(UsageScanner::default());
+        let target = self.current_target();
+        if (200..300).contains(&status.unwrap_or(0)) && target.is_some() {
+            // A stored response read back (a resource request) is not new usage.
+            if self.operation().is_some() && self.answer_may_carry_usage(target) {
+                self.usage = Some(UsageScanner::default());
+            }
             if self.creates_response() {
                 self.response_head = Some(Vec::new());
             }
@@ -193,6 +196,23 @@ impl Exchange {
             self.cache_body = Some(Vec::new());
         }
         self.phase = Phase::Streaming;
+    }
+
+    /// Whether this request's answer from `target` can hold usage (see `usage::in_answer`).
+    fn answer_may_carry_usage(&self, target: Option<usize>) -> bool {
+        let Some(body) = &self.body else {
+            return true;
+        };
+        let overridden = target
+            .and_then(|t| self.step(t))
+            .and_then(|s| s.override_params.as_ref())
+            .is_some_and(|p| p.contains_key("stream_options"));
+        usage::in_answer(
+            body.stream,
+            self.creates_response(),
+            body.include_usage,
+            overridden,
+        )
     }
 
     /// A Responses API answer passing through: its beginning, until its id is known.

@@ -30,7 +30,7 @@ impl Exchange {
             return false;
         };
         // A probe judges each answer itself (a "not found" is no failure to the router).
-        if self.probe.is_some() {
+        if self.owner_probe.is_some() {
             return false;
         }
         // Cheap checks first: most requests do not stream.
@@ -76,6 +76,7 @@ impl Exchange {
             plan,
             per_try_ms: crate::duration::millis(timeout.min(left)),
             length: length as u64,
+            pinned: self.pinned,
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
         self.attempt_started_ms = now;
