@@ -282,3 +282,57 @@ def test_hostile_and_boundary_values_neither_panic_nor_leak(gateway, openai_mock
         assert not any(s in text for s in SECRET.values())
     assert gw.counter("llm_failover.attempts") == 3 + 5 + 1
     gw.assert_no_vm_failure()
+
+
+# Envoy's own rate limiting, keyed by the filter's descriptor source (docs/deployment.md): the
+# local_ratelimit filter with descriptors stands in for envoy.filters.http.ratelimit and a rate
+# limit service, which take the same route `rate_limits`.
+KEY_DESCRIPTOR = {
+    "extension": {
+        "name": "envoy.rate_limit_descriptors.expr",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.rate_limit_descriptors.expr.v3.Descriptor",
+            "descriptor_key": "llm_failover_key",
+            "text": "filter_state['wasm.llm_failover.key']",
+            "skip_if_error": True,
+        },
+    }
+}
+
+
+def with_envoy_rate_limit(cfg: dict):
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    at = next(i for i, f in enumerate(filters) if f["name"] == "llm_failover") + 1
+    filters.insert(at, {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "llm_limits",
+            "token_bucket": {"max_tokens": 1000, "tokens_per_fill": 1000, "fill_interval": "1s"},
+            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "descriptors": [{
+                "entries": [{"key": "llm_failover_key", "value": "a"}],
+                "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "60s"},
+            }],
+        },
+    })
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            route["route"]["rate_limits"] = [{"actions": [KEY_DESCRIPTOR]}]
+
+
+def test_envoys_rate_limiting_counts_by_the_key_the_filter_checked(make_stack, openai_mock):
+    cfg = plugin_config([openai_target("openai")])
+    cfg["keys"] = [key("a"), key("b")]
+    gw = make_stack(cfg, mutate=with_envoy_rate_limit)
+    got = [(k, gw.chat(headers=auth(k)).status_code) for k in ["a", "a", "b", "a", "b"]]
+    assert got == [("a", 200), ("a", 200), ("b", 200), ("a", 429), ("b", 200)]
+    assert len(openai_mock.api_requests()) == 4
+    # Only the key's name is the descriptor: no header carries it, to the upstream or anywhere.
+    for seen in openai_mock.api_requests():
+        assert not any("llm-failover-key" in h for h in seen["headers"])
+    # A client cannot pose as another key: the descriptor is what the filter checked.
+    spoof = {**auth("b"), "x-llm-failover-key": "a"}
+    assert gw.chat(headers=spoof).status_code == 200
