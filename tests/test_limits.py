@@ -336,3 +336,31 @@ def test_envoys_rate_limiting_counts_by_the_key_the_filter_checked(make_stack, o
     # A client cannot pose as another key: the descriptor is what the filter checked.
     spoof = {**auth("b"), "x-llm-failover-key": "a"}
     assert gw.chat(headers=spoof).status_code == 200
+
+
+def test_every_answer_under_a_limit_carries_the_keys_headers(make_stack, openai_mock, azure_mock):
+    """Routed, failed over through a callout, streamed through Envoy's router, from the cache:
+    the client sees its key's budget, never a provider account's."""
+    cfg = plugin_config([openai_target("openai"), harness.azure_target("azure")],
+                        cache={"enabled": True, "ttl": "60s"})
+    cfg["keys"] = [key("a", {"requests": per(10, "1m"), "tokens": per(1_000_000, "1m")})]
+    gw = make_stack(cfg)
+
+    def budget(r):
+        assert r.status_code == 200, r.text
+        return (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"],
+                r.headers["x-ratelimit-limit-tokens"])
+
+    routed = gw.chat(headers=auth("a"), content="routed")
+    assert budget(routed) == ("10", "9", "1000000")
+    cached = gw.chat(headers=auth("a"), content="routed")
+    assert cached.headers["x-llm-failover-cache"] == "hit"
+    assert budget(cached) == ("10", "8", "1000000"), "a cache hit is a request too"
+    openai_mock.script([{"status": 503, "repeat": "forever"}])
+    failed_over = gw.chat(headers=auth("a"), content="failover")
+    assert failed_over.headers["x-llm-failover-target"] == "azure"
+    assert budget(failed_over) == ("10", "7", "1000000"), "Azure's own x-ratelimit-remaining-requests: 99 replaced"
+    streamed = gw.chat(headers=auth("a"), content="stream", stream=True)
+    assert streamed.headers["x-llm-failover-target"] == "azure"
+    assert budget(streamed) == ("10", "6", "1000000")
+    assert "data: [DONE]" in streamed.text
