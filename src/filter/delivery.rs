@@ -37,12 +37,15 @@ impl Exchange {
         if self.cache_settings().is_some() {
             ours.push((CACHE_HEADER, "miss"));
         }
+        // The filter's replies carry the limits' headers with its own; the routed response gets
+        // them from `label_limits`.
         let limit_headers = self.limit_headers.clone();
-        ours.extend(limit_headers.iter().map(|(n, v)| (*n, v.as_str())));
+        let limits = limit_headers.iter().map(|(n, v)| (*n, v.as_str()));
         if let Some(rejection) =
             failure.and_then(|k| Rejection::for_failure(k, budget_spent, &name))
         {
             let reply = rejection.reply();
+            ours.extend(limits);
             ours.push(("content-type", "application/json"));
             self.phase = Phase::Replied;
             host::send_reply(reply.status, &ours, &reply.body);
@@ -79,6 +82,7 @@ impl Exchange {
             .filter_map(|(n, v)| std::str::from_utf8(v).ok().map(|v| (n.as_str(), v)))
             .collect();
         out.extend(ours.iter().copied());
+        out.extend(limits);
         self.phase = Phase::Replied;
         host::send_reply(status, &out, &answer.body);
         Flow::Replied
