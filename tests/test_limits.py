@@ -364,3 +364,16 @@ def test_every_answer_under_a_limit_carries_the_keys_headers(make_stack, openai_
     assert streamed.headers["x-llm-failover-target"] == "azure"
     assert budget(streamed) == ("10", "6", "1000000")
     assert "data: [DONE]" in streamed.text
+
+
+def test_concurrent_requests_on_both_workers_share_one_budget(gateway, openai_mock):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = gateway(keys=[key("a", {"requests": per(5, "1m")})])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda _: gw.chat(headers=auth("a")).status_code, range(24)))
+    assert sorted(statuses) == [200] * 5 + [429] * 19
+    assert len(openai_mock.api_requests()) == 5
+    assert limited(gw, key="a", kind="requests") == 19
+    per_worker = gw.counters_matching(r"^listener\..*\.worker_\d+\.downstream_cx_total$")
+    assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), per_worker
