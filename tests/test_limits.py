@@ -150,18 +150,19 @@ def test_a_key_over_its_request_limit_gets_429_and_nothing_reaches_the_upstream(
 
 
 def test_the_limit_comes_back_after_its_window_and_the_sdk_backs_off_on_its_own(gateway, openai_mock):
-    gw = gateway(keys=[key("a", {"requests": per(2, "2s")})])
+    # 2 per 3 s: one request comes back every 1.5 s (the margin a loaded machine needs).
+    gw = gateway(keys=[key("a", {"requests": per(2, "3s")})])
     statuses = [gw.chat(headers=auth("a")).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
-    time.sleep(2.2)
+    time.sleep(3.2)
     r = gw.chat(headers=auth("a"))
     assert r.status_code == 200
-    assert r.headers["x-ratelimit-remaining-requests"] == "1", "the whole budget is back after 2 s"
+    assert r.headers["x-ratelimit-remaining-requests"] == "1", "the whole budget is back after 3 s"
     assert gw.chat(headers=auth("a")).status_code == 200
     refused = gw.chat(headers=auth("a"))
     assert refused.status_code == 429
-    assert refused.headers["retry-after"] == "1"
-    assert 0.9 <= go_seconds(refused.headers["x-ratelimit-reset-requests"]) <= 2
+    assert refused.headers["retry-after"] in ("1", "2")
+    assert 1 <= go_seconds(refused.headers["x-ratelimit-reset-requests"]) <= 3
     assert len(openai_mock.api_requests()) == 4
 
     # The SDK (its default retries) reads retry-after-ms, waits, and gets its answer.
@@ -189,8 +190,9 @@ def test_a_token_limit_stops_a_key_after_its_usage_crossed_it(gateway, openai_mo
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     h = assert_openai_429(e.value, "tokens")
     assert h["x-ratelimit-limit-tokens"] == "100"
-    # 120 of 100 spent: 20 over plus one token to let a request in, at 100 per minute: ~13 s.
-    assert 12 <= int(h["retry-after"]) <= 13
+    # 120 of 100 spent: 20 over plus one token to let a request in, at 100 per minute: 12.6 s,
+    # less the time since the first answer.
+    assert 10 <= int(h["retry-after"]) <= 13
     assert len(openai_mock.api_requests()) == 2
     assert limited(gw, key="a", kind="tokens") == 1
 
@@ -255,7 +257,7 @@ def test_hostile_and_boundary_values_neither_panic_nor_leak(gateway, openai_mock
     assert "keys[0].limits.requests.count: must be at least 1" in out
 
     gw = gateway(keys=[key("a", {"requests": per(U64_MAX, "30d"), "tokens": per(U64_MAX, "30d")}),
-                       key("b", {"tokens": per(5, "2s")}), key("c", {"tokens": per(1, "1m")})])
+                       key("b", {"tokens": per(5, "10s")}), key("c", {"tokens": per(1, "1m")})])
     # Huge counts: nothing overflows, nothing is refused.
     for _ in range(3):
         r = gw.chat(headers=auth("a"))
@@ -273,7 +275,7 @@ def test_hostile_and_boundary_values_neither_panic_nor_leak(gateway, openai_mock
     assert gw.chat(headers=auth("b")).status_code == 200
     refused = gw.chat(headers=auth("b"))
     assert refused.status_code == 429
-    assert refused.headers["retry-after"] == "2"
+    assert 8 <= int(refused.headers["retry-after"]) <= 10, "at most one window (10 s)"
     # Client-sent rate-limit or filter headers change nothing.
     spoof = {**auth("b"), "x-ratelimit-remaining-tokens": "999", "x-llm-failover-key": "a"}
     assert gw.chat(headers=spoof).status_code == 429
