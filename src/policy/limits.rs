@@ -65,13 +65,9 @@ impl Bucket {
         self.tat_ns.to_le_bytes()
     }
 
-    /// How much of the window is spent now (0 when the bucket is full), at most the debt a
-    /// bucket may owe (a bucket of a longer `per`, before a configuration changed it, owes no
-    /// more).
-    fn backlog(&self, now_ns: u64, per_ns: u64) -> u64 {
-        self.tat_ns
-            .saturating_sub(now_ns)
-            .min(per_ns.saturating_mul(2))
+    /// How much of the window is spent now (0 when the bucket is full).
+    fn backlog(&self, now_ns: u64) -> u64 {
+        self.tat_ns.saturating_sub(now_ns)
     }
 }
 
@@ -109,7 +105,7 @@ fn cost_ns(limit: &Limit, units: u64) -> u64 {
 pub fn reading(limit: &Limit, bucket: Bucket, now_ms: u64) -> Reading {
     let now = now_ms.saturating_mul(NS_PER_MS);
     let per = per_ns(limit);
-    let backlog = bucket.backlog(now, per);
+    let backlog = bucket.backlog(now);
     let free = u128::from(per.saturating_sub(backlog));
     let remaining = free * u128::from(limit.count) / u128::from(per.max(1));
     Reading {
@@ -127,7 +123,7 @@ pub fn admit(limit: &Limit, kind: Kind, bucket: Bucket, now_ms: u64) -> Admissio
     let now = now_ms.saturating_mul(NS_PER_MS);
     let per = per_ns(limit);
     let unit = cost_ns(limit, 1);
-    let backlog = bucket.backlog(now, per);
+    let backlog = bucket.backlog(now);
     let after = backlog.saturating_add(unit);
     if after > per {
         return Admission::Denied {
@@ -386,18 +382,6 @@ mod tests {
         let b = charge(&l, b, u64::MAX, u64::MAX);
         let _ = admit(&l, Kind::Tokens, b, u64::MAX);
         assert_eq!(reading_at(&l, Bucket { tat_ns: u64::MAX }, 0).remaining, 0);
-    }
-
-    #[test]
-    fn a_bucket_of_a_longer_window_owes_at_most_two_of_the_new_one() {
-        let old = limit(10, 3_600_000);
-        let b = charge(&old, Bucket::default(), 10, 0);
-        let new = limit(10, 60_000);
-        assert_eq!(reading(&new, b, 0).reset, Duration::from_secs(120));
-        let Admission::Denied { wait, .. } = admit(&new, Kind::Requests, b, 0) else {
-            panic!("allowed");
-        };
-        assert_eq!(wait, Duration::from_secs(66));
     }
 
     #[test]
