@@ -118,7 +118,7 @@ bench: setup build bench-tools
 # Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
 # for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for
 # FUZZ_SHORT_SECONDS and is part of `make test`. Crashes are saved in fuzz/artifacts/<target>/.
-FUZZ_TARGETS := config_parse rewrite chain cache retry_after body ratelimit
+FUZZ_TARGETS := config_parse rewrite chain cache retry_after body ratelimit limits
 FUZZ_SECONDS ?= 600
 FUZZ_SHORT_SECONDS ?= 10
 FUZZ_FLAGS := --sanitizer none

@@ -42,6 +42,15 @@ pub enum Rejection {
     Misconfigured,
     /// An Azure-shaped request without a usable `api-version`, refused as Azure refuses it.
     ApiVersion(BadVersion),
+    /// A gateway key's or a route's `limits` are spent (`kind`: "requests" or "tokens"; `by`:
+    /// whose limit, e.g. `gateway key 'app'`).
+    RateLimited {
+        kind: &'static str,
+        by: String,
+        limit: u64,
+        per: String,
+        retry_in: String,
+    },
 }
 
 pub struct LocalReply {
@@ -65,6 +74,7 @@ impl Rejection {
             Rejection::Misconfigured => 500,
             Rejection::ApiVersion(BadVersion::Missing) => 404,
             Rejection::ApiVersion(BadVersion::Unsupported(_)) => 400,
+            Rejection::RateLimited { .. } => 429,
         }
     }
 
@@ -82,6 +92,7 @@ impl Rejection {
             Rejection::NotConfigured => "gateway_not_configured",
             Rejection::NoCredential => "credential_unavailable",
             Rejection::Misconfigured => "gateway_misconfigured",
+            Rejection::RateLimited { .. } => "rate_limit_exceeded",
             // Azure's own codes, which Azure clients already handle.
             Rejection::ApiVersion(BadVersion::Missing) => "404",
             Rejection::ApiVersion(BadVersion::Unsupported(_)) => "BadRequest",
@@ -97,8 +108,11 @@ impl Rejection {
         }
     }
 
+    /// The `type` field.
     fn kind(&self) -> &'static str {
         match self {
+            // As OpenAI's own 429s: the kind of limit that was reached.
+            Rejection::RateLimited { kind, .. } => kind,
             Rejection::Unauthorized
             | Rejection::Forbidden { .. }
             | Rejection::BodyTooLarge { .. }
@@ -139,6 +153,9 @@ impl Rejection {
                 let v: String = v.chars().take(64).collect();
                 format!("API version not supported: '{v}' is not an Azure OpenAI api-version (e.g. 2024-10-21 or 2025-04-01-preview; on /openai/v1/ none, preview or latest).")
             }
+            Rejection::RateLimited { kind, by, limit, per, retry_in } => format!(
+                "Rate limit reached for {by} on {kind}: limit {limit} per {per}. Please try again in {retry_in}."
+            ),
         }
     }
 
@@ -282,6 +299,17 @@ mod tests {
             (Rejection::NotConfigured, 503, "gateway_not_configured"),
             (Rejection::NoCredential, 503, "credential_unavailable"),
             (Rejection::Misconfigured, 500, "gateway_misconfigured"),
+            (
+                Rejection::RateLimited {
+                    kind: "tokens",
+                    by: "gateway key 'app'".into(),
+                    limit: 100,
+                    per: "1m0s".into(),
+                    retry_in: "1.5s".into(),
+                },
+                429,
+                "rate_limit_exceeded",
+            ),
         ];
         for (rejection, status, code) in cases {
             let reply = rejection.reply(ErrorShape::OpenAi);

@@ -240,6 +240,7 @@ mod tests {
             steps: c.steps.clone(),
             cache: None,
             keys: Some(vec![1]),
+            limits: None,
         });
         let route = c.routes.first();
         assert!(authorize(&c, route, Some(b"Bearer gw-batch"), None).is_ok());
@@ -285,6 +286,7 @@ mod tests {
             steps: c.steps.clone(),
             cache: None,
             keys: None,
+            limits: None,
         });
         let chat = Kind::Operation(Operation::ChatCompletions);
         let cases = [
