@@ -11,7 +11,7 @@ WASM      := dist/llm_failover.wasm
 STAMP_VENV := $(VENV)/.installed
 RUSTUP_STAMP := target/.wasm32-target
 
-.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools schema
+.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools schema outage-picture
 
 setup: $(STAMP_VENV) $(RUSTUP_STAMP) system-tools
 
@@ -83,6 +83,11 @@ $(ISTIO_VALIDATOR): tools/validate-istio/package.json tools/validate-istio/packa
 
 validate: setup build $(ISTIO_VALIDATOR)
 	$(PY) tools/validate.py
+
+# docs/outage.png: one real outage (Envoy + filter, mocks, Prometheus) drawn with the dashboard's own
+# queries by tools/outage_plot.py (about 90 seconds).
+outage-picture: setup build
+	$(PY) tools/outage_plot.py docs/outage.png
 
 # pytest runs last, so its summary closes the output.
 test: setup lint unit build validate fuzz-short integration
