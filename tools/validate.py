@@ -15,7 +15,8 @@
 * Istio resources against Istio's CRD schemas (tools/validate-istio, Node.js), unknown fields
   included, and consistent with each other and with envoy/production.yaml.
 * deploy/observability: the alerting rules pass `promtool check rules`, and their PrometheusRule
-  passes the Prometheus Operator's CRD schema (tools/validate-istio too) with the same groups.
+  passes the Prometheus Operator's CRD schema (tools/validate-istio too) with the same groups; the
+  PodMonitor passes it too and scrapes the path the Kubernetes sidecar's health listener serves.
 * Each schema validator is shown a broken document and must refuse it.
 
 Needs the venv (tests/requirements.txt), dist/llm_failover.wasm and tools/validate-istio/node_modules:
@@ -59,6 +60,7 @@ ISTIO_DIR = ROOT / "deploy" / "istio"
 ISTIO_VALIDATOR = ROOT / "tools" / "validate-istio" / "validate.mjs"
 ALERT_RULES = ROOT / "deploy" / "observability" / "llm-failover-rules.yaml"
 PROMETHEUS_RULE = ROOT / "deploy" / "observability" / "llm-failover-prometheusrule.yaml"
+POD_MONITOR = ROOT / "deploy" / "observability" / "llm-failover-podmonitor.yaml"
 CONFIG_SCHEMA = ROOT / "docs" / "config.schema.json"
 
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -744,6 +746,27 @@ def check_observability(report: Report):
         errors = istio_validate([("rule", rule)])["rule"]
         need(not errors, "\n".join(errors))
         need(rule["spec"]["groups"] == load(ALERT_RULES)["groups"], "spec.groups differ from the rules file's groups")
+
+    with report.check(f"{rel(POD_MONITOR)}: Prometheus Operator CRD schema, scrapes the sidecar of "
+                      f"{rel(K8S_DIR / 'deployment.yaml')}"):
+        [monitor] = load_all(POD_MONITOR)
+        errors = istio_validate([("monitor", monitor)])["monitor"]
+        need(not errors, "\n".join(errors))
+        [deployment] = load_all(K8S_DIR / "deployment.yaml")
+        spec = pod_spec(deployment)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        need(monitor["spec"]["selector"]["matchLabels"].items() <= labels.items(), "selector != the pod's labels")
+        [sidecar] = [c for c in spec["initContainers"] if c.get("restartPolicy") == "Always"]
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        overlay = yaml.safe_load(flag(sidecar["args"], "--config-yaml"))
+        [health] = overlay["static_resources"]["listeners"]
+        [hcm] = health["filter_chains"][0]["filters"]
+        routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        served = {r["match"].get("path") for r in routes if r.get("route", {}).get("cluster") == "envoy_admin"}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            need(ports.get(endpoint["port"]) == health["address"]["socket_address"]["port_value"],
+                 f"port {endpoint['port']} is not the health listener's")
+            need(endpoint["path"] in served, f"the health listener does not serve {endpoint['path']}")
 
     with report.check("self-test: the Prometheus Operator schema refuses a broken PrometheusRule"):
         broken = copy.deepcopy(rule)
