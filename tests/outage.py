@@ -51,7 +51,7 @@ def _fast_stats_flush(cfg: dict):
 
 @dataclass
 class Answer:
-    at: float
+    sent: float
     status: int
     target: str | None
     cache: str | None
@@ -108,13 +108,14 @@ class OutageLab:
             n += 1
             content = "what is the capital of France?" if n % 4 == 0 else f"question {n}"
             body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}
+            sent = time.time()
             try:
                 r = http.post(self.envoy.url("/v1/chat/completions"), json=body, timeout=20,
                               headers={"Accept-Encoding": "identity"})
-                self.answers.append(Answer(time.time(), r.status_code, r.headers.get("x-llm-failover-target"),
+                self.answers.append(Answer(sent, r.status_code, r.headers.get("x-llm-failover-target"),
                                            r.headers.get("x-llm-failover-cache")))
             except requests.RequestException:
-                self.answers.append(Answer(time.time(), 0, None, None))
+                self.answers.append(Answer(sent, 0, None, None))
             next_at += period
             self._stop.wait(max(0.0, next_at - time.monotonic()))
         http.close()
@@ -147,10 +148,11 @@ class OutageLab:
         return self.end_outage()
 
     def served_by(self, since: float, until: float) -> dict[str, int]:
-        """Answers between two times by who gave them: a target, "cache", or the error status."""
+        """Answers to the requests sent between two times, by who gave them: a target, "cache", or the
+        error status (0: no answer)."""
         counts: dict[str, int] = {}
         for a in self.answers:
-            if since <= a.at < until:
+            if since <= a.sent < until:
                 key = str(a.status) if a.status != 200 else "cache" if a.cache == "hit" else (a.target or "?")
                 counts[key] = counts.get(key, 0) + 1
         return counts
