@@ -31,6 +31,12 @@ REQUIRED_FAMILIES = {
     "llm_failover_cache_hits", "llm_failover_cache_misses",
 }
 
+# Families with an unlabelled total next to labelled series, and the label that tells them apart
+# (docs/observability.md): a query must select one side, or a sum counts everything twice.
+TOTAL_SPLIT = {"attempts": "target", "retries": "target", "fallbacks": "from", "requests": "route",
+               "cache_hits": "route", "cache_misses": "route"}
+SPLIT_FAMILY = re.compile(r"\bllm_failover_(%s)\b(\{[^}]*\})?" % "|".join(TOTAL_SPLIT))
+
 
 def require(tool: str) -> str:
     path = ps.prometheus_bin() if tool == "prometheus" else ps.promtool_bin()
@@ -99,6 +105,9 @@ def test_the_dashboard_is_importable_and_every_panel_has_a_query_that_parses():
     assert unscoped == [], "every query follows the job and Envoy selectors"
 
     queries = dict(ps.dashboard_queries(dash))
+    double_counted = [(name, m.group(0)) for name, q in queries.items() for m in SPLIT_FAMILY.finditer(q)
+                      if not re.search(rf'\b{TOTAL_SPLIT[m.group(1)]}!?=""', m.group(2) or "")]
+    assert double_counted == [], "a selector that mixes the unlabelled total with the labelled series"
     families = {m for q in queries.values() for m in re.findall(r"\b(llm_failover_\w+)\{", q)}
     assert REQUIRED_FAMILIES <= families, sorted(REQUIRED_FAMILIES - families)
 
