@@ -4,9 +4,10 @@ dashboard and alerting rules of deploy/observability/.
 * ``PrometheusServer(targets, rule_files=())``: Prometheus on a free loopback port with a temp
   config and storage dir, scraping Envoy admin addresses (``/stats/prometheus``) every second and
   evaluating rules every second; ``query``, ``query_range``, ``alerts``, ``stop``.
-* ``dashboard_queries(dashboard, values)``: every panel's PromQL with the dashboard's variables
-  substituted (as Grafana does, "All" selected); ``short_rules(rules)``: a copy of the shipped rules
-  with short windows and ``for:``, for a test that cannot wait minutes.
+* ``dashboard_queries(dashboard)``: every panel's PromQL with the dashboard's variables substituted
+  (as Grafana does, "All" selected); ``check_promql(exprs)``: `promtool` parses them offline.
+* ``short_rules(rules)``: a copy of the shipped rules with short windows and ``for:``, for a test
+  that cannot wait minutes.
 """
 
 from __future__ import annotations
