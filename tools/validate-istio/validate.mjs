@@ -1,5 +1,6 @@
 // Offline schema validation of Kubernetes custom resources: Istio's (deploy/istio) and the Prometheus
-// Operator's PrometheusRule (deploy/observability); part of `make validate`, driven by tools/validate.py.
+// Operator's PrometheusRule and PodMonitor (deploy/observability); part of `make validate`, driven by
+// tools/validate.py.
 //
 // stdin:  JSON [{"id": "...", "doc": {apiVersion, kind, metadata, spec}}, ...]
 // stdout: JSON [{"id": "...", "errors": ["spec.failStrategy: must be equal to one of the allowed values", ...]}]
