@@ -34,7 +34,7 @@ REQUIRED_FAMILIES = {
 # Families with an unlabelled total next to labelled series, and the label that tells them apart
 # (docs/observability.md): a query must select one side, or a sum counts everything twice.
 TOTAL_SPLIT = {"attempts": "target", "retries": "target", "fallbacks": "from", "requests": "route",
-               "cache_hits": "route", "cache_misses": "route"}
+               "cache_hits": "route", "cache_misses": "route", "affinity_probes": "target"}
 SPLIT_FAMILY = re.compile(r"\bllm_failover_(%s)\b(\{[^}]*\})?" % "|".join(TOTAL_SPLIT))
 
 
