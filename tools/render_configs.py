@@ -17,6 +17,8 @@
 * envoy/azure-first.yaml <- envoy/local.yaml with the plugin configuration of
   envoy/azure-first.json (Azure first, OpenAI when Azure fails; for apps written for Azure
   OpenAI), for `make run CONFIG=envoy/azure-first.yaml`.
+* deploy/observability/llm-failover-prometheusrule.yaml <- deploy/observability/llm-failover-rules.yaml:
+  the same rule groups, verbatim, as a PrometheusRule of the Prometheus Operator.
 
     python tools/render_configs.py           write both files
     python tools/render_configs.py --check   exit 1 when a file differs from what would be written
@@ -47,6 +49,8 @@ ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
 ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
 AZURE_FIRST_PLUGIN = ROOT / "envoy" / "azure-first.json"
 AZURE_FIRST_ENVOY = ROOT / "envoy" / "azure-first.yaml"
+ALERT_RULES = ROOT / "deploy" / "observability" / "llm-failover-rules.yaml"
+PROMETHEUS_RULE = ROOT / "deploy" / "observability" / "llm-failover-prometheusrule.yaml"
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 # envoy/local.yaml cluster -> docker-compose.yml service that serves it
@@ -111,6 +115,26 @@ def render_k8s_configmap() -> str:
         "    app.kubernetes.io/name: llm-failover\n"
         "data:\n"
         "  envoy.yaml: |\n" + body
+    )
+
+
+def render_prometheusrule() -> str:
+    text = ALERT_RULES.read_text()
+    groups = text[text.index("\ngroups:") + 1:]
+    body = "".join(("  " + line) if line.strip() else "\n" for line in groups.splitlines(True))
+    return (
+        "# GENERATED from deploy/observability/llm-failover-rules.yaml by tools/render_configs.py: do not\n"
+        "# edit, edit the rules file and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
+        "# The alerting rules for the Prometheus Operator; its Prometheus picks them up when this object\n"
+        "# matches its ruleSelector (the label below is an example: use your Prometheus' selector).\n"
+        "apiVersion: monitoring.coreos.com/v1\n"
+        "kind: PrometheusRule\n"
+        "metadata:\n"
+        "  name: llm-failover\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: llm-failover\n"
+        "    role: alert-rules\n"
+        "spec:\n" + body
     )
 
 
@@ -235,7 +259,7 @@ def outputs() -> dict[Path, str]:
     return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
             ROUTES_ENVOY: render_routes_envoy(), AZURE_FIRST_ENVOY: render_azure_first_envoy(),
             PRODUCTION_ENTRA: render_production_entra(),
-            ISTIO_ENVOYFILTER: render_istio_envoyfilter()}
+            ISTIO_ENVOYFILTER: render_istio_envoyfilter(), PROMETHEUS_RULE: render_prometheusrule()}
 
 
 def main(argv=None) -> int:
