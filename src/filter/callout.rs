@@ -42,6 +42,7 @@ impl Exchange {
                 );
                 self.decide(Answer {
                     status: None,
+                    source: judge::Source::Envoy { timeout: false },
                     content_type: None,
                     retry_after: None,
                     body: Vec::new(),
@@ -95,6 +96,7 @@ impl Exchange {
         };
         let status = find(":status").and_then(|s| judge::parse_status(&s));
         let content_type = find("content-type");
+        let source = judge::callout_source(find(judge::UPSTREAM_SERVICE_TIME).is_some(), status);
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             self.now() / 1000,
@@ -105,6 +107,7 @@ impl Exchange {
         }
         let answer = Answer {
             status,
+            source,
             content_type,
             retry_after,
             body,

@@ -19,6 +19,7 @@ use crate::answer::reply::Rejection;
 use crate::answer::usage::UsageScanner;
 use crate::config::{CacheSettings, Config, Credential, Step, Target};
 use crate::policy::chain::{Chain, FailureKind};
+use crate::policy::judge::Source;
 use crate::policy::plan;
 use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
@@ -40,6 +41,8 @@ pub struct Runtime {
     tokens: RefCell<Vec<Option<Token>>>,
     /// Whether the missing streamed-failover clusters were logged (once per worker).
     pub stream_warned: Cell<bool>,
+    /// Aggregate clusters this worker probed: (name, Envoy has it, probed at Unix ms).
+    pub stream_clusters: RefCell<Vec<(String, bool, u64)>>,
 }
 
 impl Runtime {
@@ -58,6 +61,7 @@ impl Runtime {
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),
+            stream_clusters: RefCell::new(Vec::new()),
         }
     }
 
@@ -137,7 +141,7 @@ pub(super) enum Phase {
     /// The routed attempt answered with a failure candidate; its body is being collected.
     HoldingRouted {
         status: Option<u16>,
-        content_type: Option<Vec<u8>>,
+        source: Source,
         retry_after: Option<Duration>,
     },
     /// A callout is in flight; the routed response (if any) is held.
@@ -151,6 +155,9 @@ pub(super) enum Phase {
 /// An attempt's answer, as needed to judge and deliver it.
 pub(super) struct Answer {
     pub status: Option<u16>,
+    /// The target's answer, or Envoy's own reply.
+    pub source: Source,
+    /// A callout answer's (the routed answer's stays in Envoy).
     pub content_type: Option<Vec<u8>>,
     pub retry_after: Option<Duration>,
     pub body: Vec<u8>,

@@ -32,7 +32,7 @@ impl Exchange {
         let outcome = judge::outcome(
             self.config(),
             answer.status,
-            answer.content_type.as_deref(),
+            answer.source,
             &answer.body,
             answer.retry_after,
         );

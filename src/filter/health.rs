@@ -84,6 +84,13 @@ impl Exchange {
     /// Records how an attempt on `target` ended (`None`: an answer that is not a failure).
     pub(super) fn record_health(&self, target: usize, failure: Option<&Failure>, now: u64) {
         let Some(t) = self.target(target) else { return };
+        if let Some(Failure {
+            kind: FailureKind::Rejected(_),
+            ..
+        }) = failure
+        {
+            self.rt.metrics.credential_rejected(target);
+        }
         let Some(policy) = &t.cooldown else { return };
         match failure {
             // Read clean earlier in this request: nothing to reset (one shared-data read less
@@ -92,12 +99,28 @@ impl Exchange {
             None => shared::record_success(&t.name),
             Some(f) => {
                 self.clean.set(self.clean.get() & !bit(target));
-                let throttled = match f.kind {
+                let rejected = matches!(f.kind, FailureKind::Rejected(_));
+                let cools_for = match f.kind {
                     FailureKind::Status(429) => f.retry_after,
+                    // A refused credential stays refused: the target cools at once.
+                    FailureKind::Rejected(_) => Some(policy.duration),
                     _ => None,
                 };
-                if let Some(d) = shared::record_failure(&t.name, policy, throttled, now) {
-                    self.rt.metrics.cooldown_started(target);
+                let Some(d) = shared::record_failure(&t.name, policy, cools_for, now) else {
+                    return;
+                };
+                self.rt.metrics.cooldown_started(target);
+                if rejected {
+                    // Once per cooldown, so a revoked key does not flood the log.
+                    log::warn!(
+                        "{} credential_rejected target={} after {}: the target refused the \
+                         gateway's credential for it (check its key or token); cooldown for {}ms",
+                        self.tag(),
+                        t.name,
+                        crate::policy::judge::describe(f.kind.status(), None),
+                        millis(d)
+                    );
+                } else {
                     log::info!(
                         "{} cooldown target={} for {}ms",
                         self.tag(),
