@@ -128,7 +128,11 @@ pub fn router_headers(
     left: Duration,
 ) -> Vec<(&'static str, String)> {
     let mut statuses: Vec<u16> = config.on_status_codes.clone();
-    statuses.extend([401, 403].into_iter().filter(|&s| config.is_credential_rejection(s)));
+    statuses.extend(
+        [401, 403]
+            .into_iter()
+            .filter(|&s| config.is_credential_rejection(s)),
+    );
     statuses.sort_unstable();
     statuses.dedup();
     let codes: Vec<String> = statuses

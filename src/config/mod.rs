@@ -179,7 +179,11 @@ impl AzureSettings {
                 4 | 7 => *b == b'-',
                 _ => b.is_ascii_digit(),
             });
-        !dated || self.api_version.get(..10).is_some_and(|d| d >= AZURE_RESPONSES_SINCE)
+        !dated
+            || self
+                .api_version
+                .get(..10)
+                .is_some_and(|d| d >= AZURE_RESPONSES_SINCE)
     }
 
     /// The deployment that serves `model`, if any.

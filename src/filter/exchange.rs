@@ -25,7 +25,7 @@ use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
 use crate::target::provider;
-use crate::target::token::{Token, EXPIRY_MARGIN};
+use crate::target::token::Token;
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
@@ -83,10 +83,26 @@ impl Runtime {
         if !matches!(target.credential, Credential::Entra(_)) {
             return self.credentials.get(i).cloned();
         }
-        let tokens = self.tokens.try_borrow().ok()?;
-        let token = tokens.get(i)?.as_ref()?;
-        (token.expires_ms > now.saturating_add(crate::duration::millis(EXPIRY_MARGIN)))
-            .then(|| ("authorization", provider::bearer(&token.value)))
+        let copy = self
+            .tokens
+            .try_borrow()
+            .ok()
+            .and_then(|tokens| tokens.get(i).cloned().flatten())
+            .filter(|t| t.usable(now));
+        // This worker's copy is refreshed every tick; a newer token another worker fetched
+        // since is read from shared data at once.
+        let token = match copy {
+            Some(token) => token,
+            None => {
+                let fresh = super::shared::token_state(&target.name)
+                    .0
+                    .valid(now)
+                    .cloned()?;
+                self.set_token(i, Some(fresh.clone()));
+                fresh
+            }
+        };
+        Some(("authorization", provider::bearer(&token.value)))
     }
 }
 

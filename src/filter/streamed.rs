@@ -9,11 +9,11 @@ use proxy_wasm::types::{Action, MapType, Status};
 
 use super::exchange::{Answer, Effect, Exchange, Phase, Runtime};
 use super::host;
+use crate::answer::reply::Rejection;
 use crate::policy::chain::{FailureKind, GiveUpReason};
 use crate::policy::judge;
 use crate::quote;
 use crate::request::operation::Operation;
-use crate::answer::reply::Rejection;
 use crate::streamed::{self, Ended, Handoff, Plan, Record, Tries};
 
 impl Exchange {

@@ -416,7 +416,10 @@ mod tests {
         });
         let mut chain = start(&[(0, 2, 10), (1, 0, 10)], 60);
         let (next, _) = chain.next_with(&rejected, 0, |_| Availability::Ready);
-        assert!(matches!(next, Next::Failover { from: 0, to: 1, .. }), "{next:?}");
+        assert!(
+            matches!(next, Next::Failover { from: 0, to: 1, .. }),
+            "{next:?}"
+        );
         let (next, _) = chain.next_with(&rejected, 0, |_| Availability::Ready);
         assert_eq!(next, Next::GiveUp(GiveUpReason::Exhausted));
     }

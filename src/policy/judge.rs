@@ -64,7 +64,9 @@ pub fn needs_judging(config: &Config, status: Option<u16>, source: Source) -> bo
 /// refusal (400, when it is not failed over) is told apart by its body. The rest is judged on
 /// the status alone, so a held 429 or 500 is never copied out of Envoy.
 pub fn needs_body(config: &Config, status: Option<u16>) -> bool {
-    status == Some(400) && config.on_status_codes.contains(&400) && !config.failover_on_content_filter
+    status == Some(400)
+        && config.on_status_codes.contains(&400)
+        && !config.failover_on_content_filter
 }
 
 /// What the answer was, for the log and for the client reply of a transport failure.
@@ -199,7 +201,11 @@ mod tests {
             config(json!({"on_status_codes": [400], "failover_on_content_filter": true})),
             config(json!({"on_status_codes": [429]})),
         ];
-        let sources = [UP, Source::Envoy { timeout: true }, Source::Envoy { timeout: false }];
+        let sources = [
+            UP,
+            Source::Envoy { timeout: true },
+            Source::Envoy { timeout: false },
+        ];
         let mut read = 0;
         for c in &configs {
             for status in (100..=599).map(Some).chain([None]) {
@@ -237,7 +243,11 @@ mod tests {
             (None, Some(FailureKind::Unreachable)),
         ];
         for (status, want) in cases {
-            assert_eq!(kind(&outcome(&c, status, UP, b"{}", None)), want, "{status:?}");
+            assert_eq!(
+                kind(&outcome(&c, status, UP, b"{}", None)),
+                want,
+                "{status:?}"
+            );
         }
         let only_429 = config(json!({"on_status_codes": [429]}));
         assert_eq!(kind(&outcome(&only_429, Some(500), UP, b"{}", None)), None);
@@ -260,7 +270,11 @@ mod tests {
     fn envoys_own_replies_are_transport_failures_whatever_the_codes() {
         let c = config(json!({"on_status_codes": [429]}));
         let cases = [
-            ("upstream_reset_before_response_started{connection_failure}", Some(503), FailureKind::Unreachable),
+            (
+                "upstream_reset_before_response_started{connection_failure}",
+                Some(503),
+                FailureKind::Unreachable,
+            ),
             ("upstream_per_try_timeout", Some(504), FailureKind::Timeout),
             ("upstream_response_timeout", Some(504), FailureKind::Timeout),
             ("no_healthy_upstream", Some(503), FailureKind::Unreachable),
@@ -269,13 +283,23 @@ mod tests {
         for (details, status, want) in cases {
             let source = routed_source(details);
             assert!(needs_judging(&c, status, source), "{details}");
-            assert_eq!(kind(&outcome(&c, status, source, b"", None)), Some(want), "{details}");
+            assert_eq!(
+                kind(&outcome(&c, status, source, b"", None)),
+                Some(want),
+                "{details}"
+            );
         }
         assert_eq!(routed_source("via_upstream"), UP);
         // Callouts: the router's timing header says the target answered.
         assert_eq!(callout_source(true, Some(503)), UP);
-        assert_eq!(callout_source(false, Some(504)), Source::Envoy { timeout: true });
-        assert_eq!(callout_source(false, Some(503)), Source::Envoy { timeout: false });
+        assert_eq!(
+            callout_source(false, Some(504)),
+            Source::Envoy { timeout: true }
+        );
+        assert_eq!(
+            callout_source(false, Some(503)),
+            Source::Envoy { timeout: false }
+        );
     }
 
     #[test]
@@ -292,7 +316,8 @@ mod tests {
         assert!(!needs_judging(&off, Some(401), UP));
         assert_eq!(kind(&outcome(&off, Some(401), UP, b"{}", None)), None);
         // Listed in on_status_codes, it is a plain failure status again.
-        let listed = config(json!({"on_status_codes": [401], "failover_on_credential_rejection": false}));
+        let listed =
+            config(json!({"on_status_codes": [401], "failover_on_credential_rejection": false}));
         assert_eq!(
             kind(&outcome(&listed, Some(401), UP, b"{}", None)),
             Some(FailureKind::Status(401))
