@@ -14,7 +14,7 @@ use crate::policy::chain::{FailureKind, GiveUpReason};
 use crate::policy::judge;
 use crate::quote;
 use crate::request::operation::Operation;
-use crate::streamed::{self, Ended, Handoff, Plan, Record, Tries};
+use crate::streamed::{self, Handoff, Plan, Record, Tries};
 
 impl Exchange {
     /// Hands the request to the router when it takes the streamed path (true): its plan's
@@ -128,10 +128,9 @@ impl Exchange {
             // No attempt answered: reset, refused, timed out, or the deadline ran out.
             let (failure, reason) = match details.as_str() {
                 // The upstream filter did not start an attempt after the deadline.
-                _ if deadline_spent => (
-                    ended_failure(record.map(|r| r.ended)),
-                    GiveUpReason::BudgetSpent,
-                ),
+                // (the last attempt's answer, if it had one, is gone: the client gets 504
+                // deadline_exceeded).
+                _ if deadline_spent => (FailureKind::Timeout, GiveUpReason::BudgetSpent),
                 "response_timeout" => (FailureKind::Timeout, GiveUpReason::BudgetSpent),
                 d if d.starts_with("upstream_per_try_timeout") => {
                     (FailureKind::Timeout, GiveUpReason::Exhausted)
@@ -242,16 +241,6 @@ impl Exchange {
         let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
         let (flow, effect) = self.attempt(target, timeout);
         (flow.action(), effect)
-    }
-}
-
-/// How the last attempt that was sent ended, as a failure (a status is the target's; none
-/// recorded yet: it was cut by its timeout, the deadline's doing).
-fn ended_failure(ended: Option<Ended>) -> FailureKind {
-    match ended {
-        Some(Ended::Status(s)) => FailureKind::Status(s),
-        Some(Ended::Unreachable) => FailureKind::Unreachable,
-        _ => FailureKind::Timeout,
     }
 }
 
