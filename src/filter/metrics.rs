@@ -27,6 +27,7 @@ struct TargetMetrics {
     cooldown_skips: Option<u32>,
     cooldowns_started: Option<u32>,
     credential_rejections: Option<u32>,
+    recoveries: Option<u32>,
     deployment_skips: Option<u32>,
     operation_skips: Option<u32>,
     picks: Option<u32>,
@@ -118,6 +119,7 @@ impl Metrics {
                 cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
                 cooldowns_started: counter(&format!("cooldowns.target.{t}")),
                 credential_rejections: counter(&format!("credential_rejections.target.{t}")),
+                recoveries: counter(&format!("recoveries.target.{t}")),
                 deployment_skips: counter(&format!("deployment_skips.target.{t}")),
                 operation_skips: counter(&format!("operation_skips.target.{t}")),
                 picks: counter(&format!("picks.target.{t}")),
@@ -254,6 +256,10 @@ impl Metrics {
 
     pub fn credential_rejected(&self, target: usize) {
         self.per_target(target, |m| m.credential_rejections, 1);
+    }
+
+    pub fn recovered(&self, target: usize) {
+        self.per_target(target, |m| m.recoveries, 1);
     }
 
     pub fn tokens(&self, target: usize, usage: Usage) {

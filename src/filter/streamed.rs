@@ -81,6 +81,7 @@ impl Exchange {
             per_try_ms: crate::duration::millis(timeout.min(left)),
             deadline_ms: now.saturating_add(crate::duration::millis(left)),
             length: length as u64,
+            pinned: self.pinned,
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
         self.attempt_started_ms = now;
