@@ -3,8 +3,8 @@
 //! `intake` (request headers), `request_body` (the body, the cache and the plan), `routed` (the
 //! first attempt, through Envoy's route), `failover` (the next step after a failed attempt),
 //! `callout` (retries and failovers as callouts), `timers` (waiting out a Retry-After),
-//! `delivery` (what the client gets), `health` (cooldowns) and `affinity` (who owns a Responses
-//! API id).
+//! `delivery` (what the client gets), `health` (cooldowns), `affinity` (who owns a Responses
+//! API id) and `limits` (the limits of gateway keys and routes).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use proxy_wasm::types::Action;
 
 use super::host::{self, Headers};
+use super::limits::LimitScopes;
 use super::metrics::Metrics;
 use crate::answer::cache::Digest;
 use crate::answer::reply::Rejection;
@@ -25,7 +26,7 @@ use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
 use crate::target::provider;
-use crate::target::token::Token;
+use crate::target::token::{self, Token};
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
@@ -33,8 +34,12 @@ pub struct Runtime {
     pub root: u32,
     pub config: Config,
     pub metrics: Metrics,
+    /// The `limits` of keys and routes, with their shared buckets.
+    pub limits: LimitScopes,
     /// Credential header of each target, built once.
     pub credentials: Vec<(&'static str, String)>,
+    /// The shared-data key of each `azure_ad` target's token, built once.
+    pub token_keys: Vec<Option<String>>,
     /// Load balancing's random source (one per VM, so per worker).
     pub rng: RefCell<fastrand::Rng>,
     /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
@@ -48,16 +53,27 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: Config, root: u32) -> Runtime {
         let metrics = Metrics::define(&config);
+        let limits = LimitScopes::new(&config);
         let credentials = config
             .targets
             .iter()
             .map(provider::credential_header)
             .collect();
+        let token_keys = config
+            .targets
+            .iter()
+            .map(|t| match &t.credential {
+                Credential::Entra(source) => Some(token::state_key(&t.name, source)),
+                _ => None,
+            })
+            .collect();
         Runtime {
             root,
             config,
             metrics,
+            limits,
             credentials,
+            token_keys,
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),
@@ -94,10 +110,8 @@ impl Runtime {
         let token = match copy {
             Some(token) => token,
             None => {
-                let fresh = super::shared::token_state(&target.name)
-                    .0
-                    .valid(now)
-                    .cloned()?;
+                let key = self.token_keys.get(i)?.as_deref()?;
+                let fresh = super::shared::token_state(key).0.valid(now).cloned()?;
                 self.set_token(i, Some(fresh.clone()));
                 fresh
             }
@@ -181,6 +195,18 @@ pub(super) struct Answer {
     pub headers: Option<Headers>,
 }
 
+/// A request naming a stored response whose owner is not known here, looking for it down the
+/// chain.
+pub(super) struct OwnerProbe {
+    pub id: String,
+    pub naming: crate::answer::affinity::Naming,
+    /// The routed answer's headers, while it is held (a failure kept for the client needs them).
+    pub routed_headers: Option<Headers>,
+    /// The last failure on the way (target, answer, transport failure): a target that may hold
+    /// the id but failed. The client gets it rather than a later target's "not found".
+    pub failure: Option<(usize, Answer, Option<FailureKind>)>,
+}
+
 /// What the headers said, kept for the phases after them.
 #[derive(Default)]
 pub(super) struct Request {
@@ -208,8 +234,11 @@ pub struct Exchange {
     /// The request body, read once; kept while a further attempt may need it.
     pub(super) body: Option<Body>,
     pub(super) chain: Option<Chain>,
-    /// On the streamed path: the target whose answer the client gets (the router chose it).
+    /// The target whose answer the client gets when it is not the chain's current one: on the
+    /// streamed path (the router chose it), or a probe's kept failure.
     pub(super) served: Option<usize>,
+    /// Looking for the owner of a stored response the request names.
+    pub(super) owner_probe: Option<OwnerProbe>,
     pub(super) attempt_started_ms: u64,
     pub(super) cache_key: Option<Digest>,
     pub(super) cache_body: Option<Vec<u8>>,
@@ -229,6 +258,9 @@ pub struct Exchange {
     pub(super) probe: Cell<Option<(usize, u64)>>,
     /// The time, read once per host callback (0: not read yet in this one).
     pub(super) clock: Cell<u64>,
+    /// The `x-ratelimit-*` headers of the limits this request was admitted under (none: it is
+    /// under no limit, and the provider's own pass through).
+    pub(super) limit_headers: Vec<(&'static str, String)>,
 }
 
 impl Exchange {
@@ -241,6 +273,7 @@ impl Exchange {
             body: None,
             chain: None,
             served: None,
+            owner_probe: None,
             attempt_started_ms: 0,
             cache_key: None,
             cache_body: None,
@@ -252,6 +285,7 @@ impl Exchange {
             awaiting_probe: Cell::new(0),
             probe: Cell::new(None),
             clock: Cell::new(0),
+            limit_headers: Vec::new(),
         }
     }
 

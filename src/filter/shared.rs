@@ -1,12 +1,13 @@
-//! Envoy shared data (one store for every worker of the VM): cooldown state, cache slots and the
-//! owners of Responses API ids. Writers use compare-and-swap.
+//! Envoy shared data (one store for every worker of the VM): cooldown state, cache slots, the
+//! owners of Responses API ids and the buckets of `limits`. Writers use compare-and-swap.
 
 use super::host;
-use crate::answer::affinity::{self, Owner};
+use crate::answer::affinity::{self, Owner, Set};
 use crate::answer::cache::{self, Digest, Entry};
-use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
+use crate::config::{CacheSettings, Cooldown, Limit, ResponsesSettings};
 use crate::health::cooldown::{self, Change, State};
 use crate::health::spillover;
+use crate::policy::limits::{self, Admission, Bucket, Kind};
 use crate::target::token::State as TokenState;
 
 const CAS_TRIES: usize = 4;
@@ -68,17 +69,68 @@ fn update(target: &str, change: impl Fn(State) -> Option<State>) -> bool {
     false
 }
 
+/// The shared bucket of one limit; `scope` is `key.<name>` or `route.<name>`.
+pub fn limit_key(scope: &str, kind: Kind) -> String {
+    format!("llm_failover.limit.{scope}.{}", kind.as_str())
+}
+
+/// Whether a request fits in the bucket at `key`, spending one request of a request limit.
+/// Should another worker keep winning the compare-and-swap, the request goes on uncounted.
+pub fn limit_admit(key: &str, limit: &Limit, kind: Kind, now_ms: u64) -> Admission {
+    let mut last = None;
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(key);
+        let bucket = bytes.map(|b| Bucket::decode(&b)).unwrap_or_default();
+        let admission = limits::admit(limit, kind, bucket, now_ms);
+        match admission {
+            Admission::Allowed { next, .. } if next != bucket => {
+                if host::shared_set(key, &next.encode(), cas).is_ok() {
+                    return admission;
+                }
+                last = Some(admission);
+            }
+            _ => return admission,
+        }
+    }
+    last.unwrap_or(limits::admit(limit, kind, Bucket::default(), now_ms))
+}
+
+/// Creates a bucket that does not exist yet, so that every later update is a compare-and-swap
+/// (two first writers would otherwise both win).
+pub fn limit_create(key: &str) {
+    if let (None, _) = host::shared_get(key) {
+        let _ = host::shared_set(key, &Bucket::default().encode(), None);
+    }
+}
+
+/// Gives back a request `limit_admit` spent.
+pub fn limit_refund(key: &str, limit: &Limit) {
+    update_bucket(key, |b| limits::refund(limit, b));
+}
+
+/// Charges an answer's tokens.
+pub fn limit_charge(key: &str, limit: &Limit, tokens: u64, now_ms: u64) {
+    update_bucket(key, |b| limits::charge(limit, b, tokens, now_ms));
+}
+
+fn update_bucket(key: &str, update: impl Fn(Bucket) -> Bucket) {
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(key);
+        let bucket = bytes.map(|b| Bucket::decode(&b)).unwrap_or_default();
+        if host::shared_set(key, &update(bucket).encode(), cas).is_ok() {
+            return;
+        }
+    }
+}
+
 fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {
     cache::slot_key_in(&settings.scope, cache::slot(digest, settings.max_entries))
 }
 
-fn token_key(target: &str) -> String {
-    format!("llm_failover.token.{target}")
-}
-
-/// A target's Entra ID token state, and its compare-and-swap value.
-pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
-    let (bytes, cas) = host::shared_get(&token_key(target));
+/// A target's Entra ID token state at `key` ([`crate::target::token::state_key`]), and its
+/// compare-and-swap value.
+pub fn token_state(key: &str) -> (TokenState, Option<u32>) {
+    let (bytes, cas) = host::shared_get(key);
     (
         bytes.map(|b| TokenState::decode(&b)).unwrap_or_default(),
         cas,
@@ -86,8 +138,8 @@ pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
 }
 
 /// Writes a token state unless another worker wrote it since `cas` was read.
-pub fn set_token_state(target: &str, state: &TokenState, cas: Option<u32>) -> bool {
-    host::shared_set(&token_key(target), &state.encode(), cas).is_ok()
+pub fn set_token_state(key: &str, state: &TokenState, cas: Option<u32>) -> bool {
+    host::shared_set(key, &state.encode(), cas).is_ok()
 }
 
 fn spill_key(target: &str) -> String {
@@ -138,22 +190,39 @@ pub fn cache_sweep(scope: &str, range: std::ops::Range<u32>, now_ms: u64) {
 
 /// The target that created response `id`, if known and not expired.
 pub fn affinity_get(settings: &ResponsesSettings, id: &str, now_ms: u64) -> Option<String> {
-    let key = affinity::slot_key(affinity::slot(id, settings.max_affinity_entries));
-    let (bytes, _) = host::shared_get(&key);
-    affinity::lookup(&bytes?, id, now_ms)
+    let (set, fingerprint) = affinity::place(id, settings.max_affinity_entries);
+    let (bytes, _) = host::shared_get(&affinity::set_key(set));
+    Set::decode(&bytes?)
+        .owner(fingerprint, now_ms)
+        .map(str::to_string)
 }
 
-/// Remembers that `target` created response `id` (the newest id wins its slot).
-pub fn affinity_put(settings: &ResponsesSettings, owner: &Owner) {
-    let key = affinity::slot_key(affinity::slot(&owner.id, settings.max_affinity_entries));
-    let (_, cas) = host::shared_get(&key);
-    let _ = host::shared_set(&key, &owner.encode(), cas);
+/// Remembers that `owner.target` created `owner.id`, in the id's set (compare-and-swap: another
+/// worker's write to the same set is read again, not overwritten).
+pub fn affinity_put(settings: &ResponsesSettings, owner: &Owner, now_ms: u64) {
+    let (set, fingerprint) = affinity::place(&owner.id, settings.max_affinity_entries);
+    let key = affinity::set_key(set);
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(&key);
+        let mut owners = bytes.map(|b| Set::decode(&b)).unwrap_or_default();
+        owners.put(fingerprint, &owner.target, owner.expires_ms, now_ms);
+        if host::shared_set(&key, &owners.encode(), cas).is_ok() {
+            return;
+        }
+    }
 }
 
-/// Empties expired affinity slots in `range`.
+/// Drops the expired owners of the sets in `range`.
 pub fn affinity_sweep(range: std::ops::Range<u32>, now_ms: u64) {
-    for slot in range {
-        expire(&affinity::slot_key(slot), now_ms, Owner::expiry);
+    for set in range {
+        let key = affinity::set_key(set);
+        let (Some(bytes), cas) = host::shared_get(&key) else {
+            continue;
+        };
+        let mut owners = Set::decode(&bytes);
+        if owners.sweep(now_ms) {
+            let _ = host::shared_set(&key, &owners.encode(), cas);
+        }
     }
 }
 
