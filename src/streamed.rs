@@ -26,6 +26,10 @@ use crate::request::operation::Operation;
 pub const STREAM_PREFIX: &str = "llm_failover.stream";
 /// Prefix of their member clusters.
 pub const TRY_PREFIX: &str = "llm_failover.try";
+/// The prefix of an aggregate's marker: a cluster with no endpoints (and no filters) written
+/// with each aggregate, which tells the filter that Envoy has the aggregate (see
+/// [`ready_name`]).
+pub const READY_PREFIX: &str = "llm_failover.ready";
 /// Endpoint metadata namespace (`filter_metadata.llm_failover.target`) naming a member's target.
 pub const METADATA_NAMESPACE: &str = "llm_failover";
 /// Filter state the filter leaves for the upstream filter.
@@ -35,6 +39,8 @@ pub const RECORD_STATE: &str = "llm_failover.attempt";
 /// Filter state the upstream filter sets when it refused an attempt with its own error reply
 /// (which the filter then passes on as it is).
 pub const REFUSED_STATE: &str = "llm_failover.refused";
+/// How long a worker trusts what a probe found (clusters come and go with xDS).
+pub const PROBE_VALID: std::time::Duration = std::time::Duration::from_secs(60);
 /// Targets a streamed request's plan holds at most (the rest of its chain is not tried): the
 /// clusters to declare grow with the subsets of a chain.
 pub const MAX_TARGETS: usize = 4;
@@ -91,6 +97,19 @@ pub fn cluster_name(config: &Config, plan: &[Tries]) -> String {
     name
 }
 
+/// The marker of an aggregate cluster (`llm_failover.ready.openai.2.azure.2` for
+/// `llm_failover.stream.openai.2.azure.2`). The filter asks Envoy whether it has the marker
+/// before it routes a request to the aggregate: a callout to a cluster Envoy does not have is
+/// refused as a bad argument, one to a cluster with no endpoints fails at once, and neither
+/// sends anything anywhere (a callout to the aggregate itself would start its upstream filter,
+/// in the filter's own VM, inside the filter's call).
+pub fn ready_name(aggregate: &str) -> String {
+    match aggregate.strip_prefix(STREAM_PREFIX) {
+        Some(rest) => format!("{READY_PREFIX}{rest}"),
+        None => format!("{READY_PREFIX}.{aggregate}"),
+    }
+}
+
 /// The member cluster of try `n` (1-based) on a target.
 pub fn member_name(target: &str, n: u32) -> String {
     format!("{TRY_PREFIX}.{target}.{n}")
@@ -99,16 +118,25 @@ pub fn member_name(target: &str, n: u32) -> String {
 /// The headers that hand a streamed request to the router: its aggregate cluster, the retries
 /// enabled for it alone (every failure status of the config except a 400 that may be a
 /// content-filter refusal, which only the body tells apart; resets, per-try timeouts and
-/// refused connections), one attempt per planned try, the per-try timeout (to the response
-/// headers: the first target's) and the request's remaining deadline (for the whole answer).
+/// refused connections), one attempt per planned try, and the per-try timeout (to the response
+/// headers: the first target's, cut to what is left of the deadline). No whole-response
+/// timeout: an answer that started streams as long as it takes (`stream_idle_timeout` guards a
+/// stalled one); Envoy ignores the per-try timeout once the response has started.
 pub fn router_headers(
     config: &Config,
     plan: &[Tries],
     per_try: Duration,
     left: Duration,
 ) -> Vec<(&'static str, String)> {
-    let codes: Vec<String> = config
-        .on_status_codes
+    let mut statuses: Vec<u16> = config.on_status_codes.clone();
+    statuses.extend(
+        [401, 403]
+            .into_iter()
+            .filter(|&s| config.is_credential_rejection(s)),
+    );
+    statuses.sort_unstable();
+    statuses.dedup();
+    let codes: Vec<String> = statuses
         .iter()
         .filter(|&&c| fails_over(config, c))
         .map(u16::to_string)
@@ -128,7 +156,8 @@ pub fn router_headers(
             "x-envoy-max-retries",
             attempts(plan).saturating_sub(1).to_string(),
         ),
-        ("x-envoy-upstream-rq-timeout-ms", ms(left)),
+        // 0: no timeout over the whole response (the route's `timeout` would cut a long answer).
+        ("x-envoy-upstream-rq-timeout-ms", "0".to_string()),
         (
             "x-envoy-upstream-rq-per-try-timeout-ms",
             ms(per_try.min(left)),
@@ -160,6 +189,9 @@ pub struct Handoff {
     pub plan: Plan,
     /// The router's per-try timeout (ms): an attempt that ends with no answer after it timed out.
     pub per_try_ms: u64,
+    /// Unix ms at which the request's deadline is spent: no attempt starts after it (the
+    /// router has no timeout over the whole answer, so an answer that started is not cut).
+    pub deadline_ms: u64,
     /// The client's body length: every attempt gets the client's body from the router, and the
     /// headers an earlier attempt rewrote for its own body are shared.
     pub length: u64,
@@ -184,6 +216,12 @@ impl Handoff {
     /// Whether target `target` is in the plan (an attempt on any other is refused).
     pub fn plans(&self, target: usize) -> bool {
         self.plan.iter().any(|t| t.target == target)
+    }
+
+    /// Whether a retry or failover may still start at `now_ms` (the first attempt always goes).
+    pub fn may_start(&self, now_ms: u64) -> bool {
+        now_ms.saturating_add(crate::duration::millis(crate::policy::chain::MIN_ATTEMPT))
+            <= self.deadline_ms
     }
 }
 
@@ -285,6 +323,8 @@ pub struct Member {
 pub struct Aggregate {
     pub name: String,
     pub members: Vec<String>,
+    /// Its marker cluster ([`ready_name`]).
+    pub ready: String,
 }
 
 /// The Envoy side of streamed failover for a config: every member and aggregate cluster a
@@ -338,6 +378,7 @@ pub fn envoy_side(config: &Config) -> EnvoySide {
     let aggregates = plans
         .iter()
         .map(|plan| Aggregate {
+            ready: ready_name(&cluster_name(config, plan)),
             name: cluster_name(config, plan),
             members: plan
                 .iter()
@@ -430,6 +471,20 @@ mod tests {
 
     fn tries(target: usize, tries: u32) -> Tries {
         Tries { target, tries }
+    }
+
+    #[test]
+    fn each_aggregate_has_a_marker_named_after_it() {
+        assert_eq!(
+            ready_name("llm_failover.stream.openai.2.azure.2"),
+            "llm_failover.ready.openai.2.azure.2"
+        );
+        let c = config(json!({"targets": [target("a", 1), target("b", 0)]}));
+        let side = envoy_side(&c);
+        assert!(!side.aggregates.is_empty());
+        for a in &side.aggregates {
+            assert_eq!(a.ready, ready_name(&a.name));
+        }
     }
 
     #[test]
@@ -624,9 +679,14 @@ mod tests {
             Some("reset,connect-failure,retriable-status-codes")
         );
         // 400 may be a content-filter refusal, which only its body tells apart.
-        assert_eq!(get("x-envoy-retriable-status-codes"), Some("429,503"));
+        // 401 and 403: the target refused the gateway's credential.
+        assert_eq!(
+            get("x-envoy-retriable-status-codes"),
+            Some("401,403,429,503")
+        );
         assert_eq!(get("x-envoy-max-retries"), Some("2"));
-        assert_eq!(get("x-envoy-upstream-rq-timeout-ms"), Some("2500"));
+        // An answer that started is not cut: only the per-try timeout, to its headers.
+        assert_eq!(get("x-envoy-upstream-rq-timeout-ms"), Some("0"));
         // The per-try timeout never exceeds what is left of the deadline.
         assert_eq!(get("x-envoy-upstream-rq-per-try-timeout-ms"), Some("2500"));
 
@@ -635,10 +695,11 @@ mod tests {
                               "targets": [target("a", 0), target("b", 0)]}));
         let h = router_headers(&c, &plan, Duration::from_secs(1), Duration::from_secs(9));
         let get = |n: &str| header(&h, n);
-        assert_eq!(get("x-envoy-retriable-status-codes"), Some("400"));
+        assert_eq!(get("x-envoy-retriable-status-codes"), Some("400,401,403"));
         assert_eq!(get("x-envoy-upstream-rq-per-try-timeout-ms"), Some("1000"));
 
-        let c = config(json!({"strategy": {"on_status_codes": [400]},
+        let c = config(json!({"strategy": {"on_status_codes": [400],
+                                           "failover_on_credential_rejection": false},
                               "targets": [target("a", 0), target("b", 0)]}));
         let h = router_headers(&c, &plan, Duration::from_secs(1), Duration::from_secs(9));
         let get = |n: &str| header(&h, n);
@@ -658,12 +719,14 @@ mod tests {
             model: Some("gpt-4o".to_string()),
             plan: vec![tries(0, 2), tries(1, 1)],
             per_try_ms: 5000,
+            deadline_ms: 1_000_000,
             length: 76,
             shape: ErrorShape::Azure,
             pinned: true,
         };
         assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
         assert!(h.plans(1) && !h.plans(2));
+        assert!(h.may_start(999_980) && !h.may_start(999_981));
         assert_eq!(Handoff::from_json(b"{\"root\": 1}"), None);
         assert_eq!(Handoff::from_json(b"\xff"), None);
 

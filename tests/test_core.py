@@ -51,7 +51,7 @@ def test_openai_429_fails_over_to_azure_with_azure_addressing(stack, openai_mock
     assert len(openai_mock.api_requests()) == 2
     [seen] = azure_mock.api_requests()
     assert seen["path"] == azure_path
-    assert seen["query"] == {"api-version": "2024-10-21"}
+    assert seen["query"] == {"api-version": "2025-04-01-preview"}
     assert seen["headers"]["host"] == "llmf-local.openai.azure.com"
     assert seen["headers"]["api-key"] == AZURE_KEY
     assert "authorization" not in seen["headers"]

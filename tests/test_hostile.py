@@ -282,7 +282,7 @@ def test_control_characters_in_header_values_inject_nothing(gw, openai_mock, azu
     for q in seen:
         assert not any(name.startswith("injected") for name in q["headers"]), q["headers"]
         assert not any(c in v for v in q["headers"].values() for c in "\r\n\x00")
-        assert q["raw_path"] in (CHAT_PATH, AZURE_GPT4O_PATH + "?api-version=2024-10-21")
+        assert q["raw_path"] in (CHAT_PATH, AZURE_GPT4O_PATH + "?api-version=2025-04-01-preview")
     openai_mock.reset()
     azure_mock.reset()
     assert_served_normally(gw, openai_mock)
@@ -319,7 +319,7 @@ def test_hostile_model_names_stay_in_the_body(gw, openai_mock, azure_mock, model
     routed, retry = openai_mock.api_requests()
     [fallback] = azure_mock.api_requests()
     assert routed["raw_path"] == retry["raw_path"] == CHAT_PATH
-    assert fallback["path"] == AZURE_DEFAULT_PATH and fallback["query"] == {"api-version": "2024-10-21"}
+    assert fallback["path"] == AZURE_DEFAULT_PATH and fallback["query"] == {"api-version": "2025-04-01-preview"}
     for q in (routed, retry, fallback):
         assert q["body"]["model"] == model
         assert not any(name.startswith("x-injected") for name in q["headers"])
@@ -352,7 +352,7 @@ def test_hostile_paths_and_query_strings(gw, openai_mock, azure_mock):
     assert r.status_code == 200 and r.headers["x-llm-failover-target"] == "azure"
     assert {q["raw_path"] for q in openai_mock.api_requests()} == {path}
     [fallback] = azure_mock.api_requests()
-    assert fallback["raw_path"] == AZURE_GPT4O_PATH + "?api-version=2024-10-21"
+    assert fallback["raw_path"] == AZURE_GPT4O_PATH + "?api-version=2025-04-01-preview"
     for q in openai_mock.api_requests() + [fallback]:
         assert not any(name.startswith("injected") for name in q["headers"])
     assert_served_normally(gw, openai_mock)

@@ -57,7 +57,7 @@ def test_the_routes_retries_then_azure_with_the_model_mapped_to_its_deployment(g
     assert len(openai_mock.api_requests()) == 3
     [seen] = azure_mock.api_requests()
     assert seen["path"] == "/openai/deployments/gpt-4o-prod/chat/completions"
-    assert seen["query"] == {"api-version": "2024-10-21"}
+    assert seen["query"] == {"api-version": "2025-04-01-preview"}
     assert seen["headers"]["api-key"] == AZURE_KEY
     assert seen["body"]["messages"] == GUIDE_BODY["messages"]
     # The route's name is in the decision log, the stats and the access log.

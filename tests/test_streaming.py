@@ -42,7 +42,7 @@ from harness import AZURE_KEY, OPENAI_KEY, azure_target, free_port, make_client,
 pytestmark = pytest.mark.envoy
 
 DELAY = 0.3  # seconds between the fallback's SSE chunks in the timed tests
-API_VERSION = "2024-10-21"
+API_VERSION = "2025-04-01-preview"  # envoy/local.yaml's Azure target
 CHAT_PATH = "/v1/chat/completions"
 AZURE_CHAT_PATH = "/openai/deployments/gpt-4o-prod/chat/completions"
 AZURE_COMPLETIONS_PATH = "/openai/deployments/gpt-4o-prod/completions"

@@ -167,6 +167,10 @@ def generated_clusters(cfg: dict) -> list[dict]:
             "circuit_breakers": retries,
             "typed_extension_protocol_options": options,
         })
+        # Its marker: no endpoints, no filters. The filter asks Envoy whether it has the marker
+        # before routing to the aggregate; without it a healthy stream is routed to its target.
+        out.append({"name": a["ready"], "type": "STATIC", "connect_timeout": "1s",
+                    "load_assignment": {"cluster_name": a["ready"], "endpoints": []}})
     return out
 
 

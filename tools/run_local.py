@@ -52,7 +52,7 @@ def main():
         mock = [str(VENV_BIN / "python"), str(ROOT / "tests" / "mocks" / "upstream.py")]
         procs.append(subprocess.Popen(mock + ["--provider", "openai", "--port", "18001", "--api-key", "sk-local-openai-mock-key"]))
         procs.append(subprocess.Popen(mock + ["--provider", "azure", "--port", "18002", "--api-key", "local-azure-mock-key",
-                                              "--resource", "llmf-local", "--api-versions", "2024-10-21",
+                                              "--resource", "llmf-local", "--api-versions", "2025-04-01-preview,2024-10-21",
                                               "--deployments", "gpt-4o-prod,gpt-4o-mini-default"]))
     procs.append(subprocess.Popen([ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "2",
                                    "--component-log-level", "wasm:info"], cwd=ROOT))

@@ -163,7 +163,7 @@ impl Rejection {
     /// the provider's own answer, is passed on as it is: `None`).
     pub fn for_failure(kind: FailureKind, budget_spent: bool, target: &str) -> Option<Rejection> {
         match kind {
-            FailureKind::Status(_) => None,
+            FailureKind::Status(_) | FailureKind::Rejected(_) => None,
             // The attempt's timeout was what was left of the deadline.
             FailureKind::Timeout if budget_spent => Some(Rejection::DeadlineExceeded),
             FailureKind::Timeout | FailureKind::Unreachable => {

@@ -104,8 +104,12 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         .unwrap_or(StreamFailover::Router);
     let strategy = raw.strategy.map(|s| s.0);
     let loadbalance = strategy.as_ref().and_then(|s| s.mode) == Some(Mode::Loadbalance);
-    let (on_status_codes, failover_on_content_filter, max_retry_wait) =
-        strategy_settings(strategy)?;
+    let Strategy {
+        on_status_codes,
+        failover_on_content_filter,
+        failover_on_credential_rejection,
+        max_retry_wait,
+    } = strategy_settings(strategy)?;
 
     let raw_targets = raw
         .targets
@@ -195,6 +199,7 @@ fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         loadbalance,
         on_status_codes,
         failover_on_content_filter,
+        failover_on_credential_rejection,
         max_retry_wait,
         chain: (0..targets.len()).collect(),
         steps: targets
@@ -272,11 +277,20 @@ fn responses(raw: Option<RawResponses>) -> Result<ResponsesSettings, ConfigError
     })
 }
 
-fn strategy_settings(s: Option<RawStrategy>) -> Result<(Vec<u16>, bool, Duration), ConfigError> {
+/// How attempts are judged, from `strategy`.
+struct Strategy {
+    on_status_codes: Vec<u16>,
+    failover_on_content_filter: bool,
+    failover_on_credential_rejection: bool,
+    max_retry_wait: Duration,
+}
+
+fn strategy_settings(s: Option<RawStrategy>) -> Result<Strategy, ConfigError> {
     let s = s.unwrap_or(RawStrategy {
         mode: None,
         on_status_codes: None,
         failover_on_content_filter: None,
+        failover_on_credential_rejection: None,
         max_retry_wait: None,
     });
     let codes = match s.on_status_codes {
@@ -299,11 +313,12 @@ fn strategy_settings(s: Option<RawStrategy>) -> Result<(Vec<u16>, bool, Duration
             codes
         }
     };
-    Ok((
-        codes,
-        s.failover_on_content_filter.unwrap_or(false),
-        duration(s.max_retry_wait, DEFAULT_MAX_RETRY_WAIT),
-    ))
+    Ok(Strategy {
+        on_status_codes: codes,
+        failover_on_content_filter: s.failover_on_content_filter.unwrap_or(false),
+        failover_on_credential_rejection: s.failover_on_credential_rejection.unwrap_or(true),
+        max_retry_wait: duration(s.max_retry_wait, DEFAULT_MAX_RETRY_WAIT),
+    })
 }
 
 fn cache(raw: RawCache, field: &str, scope: &str) -> Result<Option<CacheSettings>, ConfigError> {

@@ -162,7 +162,31 @@ pub struct AzureSettings {
     pub default_deployment: Option<String>,
 }
 
+/// The first deployments-style `api-version` with the Responses API (Azure refuses it on earlier
+/// ones with 400 "Responses API is enabled only for api-version 2025-03-01-preview and later").
+pub const AZURE_RESPONSES_SINCE: &str = "2025-03-01";
+
 impl AzureSettings {
+    /// Whether this target can serve the Responses API: the v1 API, a deployments-style version
+    /// dated `2025-03-01` or later, or one that is not a date (`"preview"`, a future scheme: not
+    /// ours to refuse).
+    pub fn serves_responses(&self) -> bool {
+        if self.api == AzureApi::V1 {
+            return true;
+        }
+        let v = self.api_version.as_bytes();
+        let dated = v.len() >= 10
+            && v.iter().take(10).enumerate().all(|(i, b)| match i {
+                4 | 7 => *b == b'-',
+                _ => b.is_ascii_digit(),
+            });
+        !dated
+            || self
+                .api_version
+                .get(..10)
+                .is_some_and(|d| d >= AZURE_RESPONSES_SINCE)
+    }
+
     /// The deployment that serves `model`, if any.
     pub fn deployment_for(&self, model: Option<&str>) -> Option<&str> {
         model
@@ -325,6 +349,9 @@ pub struct Config {
     pub loadbalance: bool,
     pub on_status_codes: Vec<u16>,
     pub failover_on_content_filter: bool,
+    /// `strategy.failover_on_credential_rejection` (default true): a 401/403 from a target is a
+    /// rejection of its credential (the gateway's, not the client's), failed over.
+    pub failover_on_credential_rejection: bool,
     pub max_retry_wait: Duration,
     pub targets: Vec<Target>,
     /// Every target in order (indices into `targets`): the chain of a request that no gateway
@@ -344,8 +371,34 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether an upstream answer with this status failed: a status of `on_status_codes`, or a
+    /// rejection of the target's credential (unless switched off).
     pub fn is_failure_status(&self, status: u16) -> bool {
-        self.on_status_codes.contains(&status)
+        self.on_status_codes.contains(&status) || self.is_credential_rejection(status)
+    }
+
+    /// A 401/403 from a target: the gateway's credential for it was refused (the client's
+    /// never reaches a target).
+    pub fn is_credential_rejection(&self, status: u16) -> bool {
+        self.failover_on_credential_rejection && matches!(status, 401 | 403)
+    }
+
+    /// What an operator should know about a config that loads: one line each, logged at load.
+    pub fn warnings(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let azure = t.azure.as_ref().filter(|a| !a.serves_responses())?;
+                Some(format!(
+                    "targets[{i}].api_version: {} has no Responses API (Azure serves it from \
+                     2025-03-01-preview, and on \"v1\"): Responses API requests skip target {} \
+                     (reason=unsupported_operation)",
+                    crate::quote(&azure.api_version),
+                    crate::quote(&t.name)
+                ))
+            })
+            .collect()
     }
 
     pub fn target_index(&self, name: &str) -> Option<usize> {

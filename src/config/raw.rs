@@ -68,6 +68,9 @@ pub struct RawStrategy {
     /// Fail over an Azure content-filter refusal (400 content_filter) when 400 is a failure
     /// status (default false).
     pub failover_on_content_filter: Option<bool>,
+    /// Fail over (and cool down) a target that answers 401 or 403: it rejected the gateway's own
+    /// credential for it, which the client cannot fix (default true).
+    pub failover_on_credential_rejection: Option<bool>,
     /// Longest Retry-After the filter waits before retrying the same target (default "5s").
     pub max_retry_wait: Option<Text<Dur>>,
 }

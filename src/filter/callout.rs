@@ -44,6 +44,7 @@ impl Exchange {
                 );
                 self.decide(Answer {
                     status: None,
+                    source: judge::Source::Envoy { timeout: false },
                     content_type: None,
                     retry_after: None,
                     body: Vec::new(),
@@ -112,6 +113,7 @@ impl Exchange {
         };
         let status = find(":status").and_then(|s| judge::parse_status(&s));
         let content_type = find("content-type");
+        let source = judge::callout_source(find(judge::UPSTREAM_SERVICE_TIME).is_some(), status);
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             self.now() / 1000,
@@ -122,6 +124,7 @@ impl Exchange {
         }
         let answer = Answer {
             status,
+            source,
             content_type,
             retry_after,
             body,

@@ -20,13 +20,14 @@ use crate::answer::reply::{ErrorShape, Rejection};
 use crate::answer::usage::UsageScanner;
 use crate::config::{CacheSettings, Config, Credential, Step, Target};
 use crate::policy::chain::{Chain, FailureKind};
+use crate::policy::judge::Source;
 use crate::policy::plan;
 use crate::request::azure::AzureShaped;
 use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
 use crate::target::provider;
-use crate::target::token::{self, Token, EXPIRY_MARGIN};
+use crate::target::token::{self, Token};
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
@@ -46,6 +47,8 @@ pub struct Runtime {
     tokens: RefCell<Vec<Option<Token>>>,
     /// Whether the missing streamed-failover clusters were logged (once per worker).
     pub stream_warned: Cell<bool>,
+    /// Aggregate clusters this worker probed: (name, Envoy has it, probed at Unix ms).
+    pub stream_clusters: RefCell<Vec<(String, bool, u64)>>,
 }
 
 impl Runtime {
@@ -75,6 +78,7 @@ impl Runtime {
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),
+            stream_clusters: RefCell::new(Vec::new()),
         }
     }
 
@@ -96,10 +100,24 @@ impl Runtime {
         if !matches!(target.credential, Credential::Entra(_)) {
             return self.credentials.get(i).cloned();
         }
-        let tokens = self.tokens.try_borrow().ok()?;
-        let token = tokens.get(i)?.as_ref()?;
-        (token.expires_ms > now.saturating_add(crate::duration::millis(EXPIRY_MARGIN)))
-            .then(|| ("authorization", provider::bearer(&token.value)))
+        let copy = self
+            .tokens
+            .try_borrow()
+            .ok()
+            .and_then(|tokens| tokens.get(i).cloned().flatten())
+            .filter(|t| t.usable(now));
+        // This worker's copy is refreshed every tick; a newer token another worker fetched
+        // since is read from shared data at once.
+        let token = match copy {
+            Some(token) => token,
+            None => {
+                let key = self.token_keys.get(i)?.as_deref()?;
+                let fresh = super::shared::token_state(key).0.valid(now).cloned()?;
+                self.set_token(i, Some(fresh.clone()));
+                fresh
+            }
+        };
+        Some(("authorization", provider::bearer(&token.value)))
     }
 }
 
@@ -154,7 +172,7 @@ pub(super) enum Phase {
     /// The routed attempt answered with a failure candidate; its body is being collected.
     HoldingRouted {
         status: Option<u16>,
-        content_type: Option<Vec<u8>>,
+        source: Source,
         retry_after: Option<Duration>,
     },
     /// A callout is in flight; the routed response (if any) is held.
@@ -168,6 +186,9 @@ pub(super) enum Phase {
 /// An attempt's answer, as needed to judge and deliver it.
 pub(super) struct Answer {
     pub status: Option<u16>,
+    /// The target's answer, or Envoy's own reply.
+    pub source: Source,
+    /// A callout answer's (the routed answer's stays in Envoy).
     pub content_type: Option<Vec<u8>>,
     pub retry_after: Option<Duration>,
     pub body: Vec<u8>,

@@ -33,7 +33,7 @@ impl Exchange {
             judge::outcome(
                 self.config(),
                 answer.status,
-                answer.content_type.as_deref(),
+                answer.source,
                 &answer.body,
                 answer.retry_after,
             )

@@ -125,6 +125,13 @@ impl Exchange {
             self.probe.set(None);
         }
         let Some(t) = self.target(target) else { return };
+        if let Some(Failure {
+            kind: FailureKind::Rejected(_),
+            ..
+        }) = failure
+        {
+            self.rt.metrics.credential_rejected(target);
+        }
         let Some(policy) = &t.cooldown else { return };
         let ending = match failure {
             None => Ending::Answered,
@@ -133,6 +140,7 @@ impl Exchange {
                     wait: f.retry_after,
                 },
                 FailureKind::Status(_) => Ending::Status { wait: None },
+                FailureKind::Rejected(_) => Ending::Rejected,
                 FailureKind::Unreachable | FailureKind::Timeout => Ending::Transport,
             },
         };
@@ -145,6 +153,7 @@ impl Exchange {
                 self.rt.metrics.cooldown_started(target);
                 let why = match trip {
                     Trip::RetryAfter => "the wait a 429 asked for".to_string(),
+                    Trip::CredentialRejected => "its credential was refused".to_string(),
                     Trip::FailureRate { failures, attempts } => format!(
                         "{failures} of {attempts} attempts failed in {}ms",
                         millis(policy.window)
@@ -153,12 +162,23 @@ impl Exchange {
                     Trip::Streak(n) => format!("{n} failures in a row"),
                     Trip::Probe => "its probe failed".to_string(),
                 };
-                log::info!(
-                    "{} cooldown target={} for {}ms ({why})",
-                    self.tag(),
-                    t.name,
-                    millis(d)
-                );
+                if trip == Trip::CredentialRejected {
+                    // Once per cooldown, so a revoked key does not flood the log.
+                    log::warn!(
+                        "{} credential_rejected target={}: the target refused the gateway's \
+                         credential for it (check its key or token); cooldown for {}ms",
+                        self.tag(),
+                        t.name,
+                        millis(d)
+                    );
+                } else {
+                    log::info!(
+                        "{} cooldown target={} for {}ms ({why})",
+                        self.tag(),
+                        t.name,
+                        millis(d)
+                    );
+                }
             }
             Change::Recovered => {
                 self.rt.metrics.recovered(target);

@@ -33,6 +33,7 @@ struct TargetMetrics {
     retries: Option<u32>,
     cooldown_skips: Option<u32>,
     cooldowns_started: Option<u32>,
+    credential_rejections: Option<u32>,
     recoveries: Option<u32>,
     deployment_skips: Option<u32>,
     operation_skips: Option<u32>,
@@ -133,6 +134,7 @@ impl Metrics {
                 retries: counter(&format!("retries.target.{t}")),
                 cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
                 cooldowns_started: counter(&format!("cooldowns.target.{t}")),
+                credential_rejections: counter(&format!("credential_rejections.target.{t}")),
                 recoveries: counter(&format!("recoveries.target.{t}")),
                 deployment_skips: counter(&format!("deployment_skips.target.{t}")),
                 operation_skips: counter(&format!("operation_skips.target.{t}")),
@@ -281,6 +283,10 @@ impl Metrics {
 
     pub fn cooldown_started(&self, target: usize) {
         self.per_target(target, |m| m.cooldowns_started, 1);
+    }
+
+    pub fn credential_rejected(&self, target: usize) {
+        self.per_target(target, |m| m.credential_rejections, 1);
     }
 
     pub fn recovered(&self, target: usize) {

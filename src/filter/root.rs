@@ -237,6 +237,9 @@ impl RootContext for Root {
                     .collect();
                 let chain = chain.join(" -> ");
                 log::info!("configured {} target(s): {chain}", config.targets.len());
+                for warning in config.warnings() {
+                    log::warn!("{warning}");
+                }
                 let caches = usize::from(config.cache.is_some())
                     + config.routes.iter().filter(|r| r.cache.is_some()).count();
                 self.cache_sweeps = (0..caches).map(|_| Sweep::default()).collect();

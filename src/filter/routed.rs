@@ -76,7 +76,16 @@ impl Exchange {
         let spills = self
             .current_target()
             .filter(|&t| self.target(t).is_some_and(|t| t.spillover.is_some()));
-        if !judge::needs_judging(self.config(), status) && !self.probe_holds(status) {
+        // Envoy's own replies are errors: a 2xx or 3xx came from the target, with no host call
+        // to ask who made it.
+        let source = if status.is_some_and(|s| s < 400) {
+            judge::Source::Upstream
+        } else {
+            judge::routed_source(
+                &host::property_text(&["response", "code_details"]).unwrap_or_default(),
+            )
+        };
+        if !judge::needs_judging(self.config(), status, source) && !self.probe_holds(status) {
             if let Some(target) = spills {
                 let headers = host::headers(MapType::HttpResponseHeaders);
                 self.record_limits(target, &headers, self.now());
@@ -90,10 +99,6 @@ impl Exchange {
         if let Some(target) = spills {
             self.record_limits(target, &headers, self.now());
         }
-        let content_type = headers
-            .iter()
-            .find(|(n, _)| n == "content-type")
-            .map(|(_, v)| v.clone());
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             self.now() / 1000,
@@ -104,7 +109,8 @@ impl Exchange {
         if end_of_stream {
             let answer = Answer {
                 status,
-                content_type,
+                source,
+                content_type: None,
                 retry_after,
                 body: Vec::new(),
                 headers: None,
@@ -114,7 +120,7 @@ impl Exchange {
         }
         self.phase = Phase::HoldingRouted {
             status,
-            content_type,
+            source,
             retry_after,
         };
         (Action::Pause, Effect::None)
@@ -129,7 +135,7 @@ impl Exchange {
             }
             Phase::HoldingRouted {
                 status,
-                content_type,
+                source,
                 retry_after,
             } => {
                 if !end_of_stream {
@@ -138,7 +144,8 @@ impl Exchange {
                 let status = *status;
                 let answer = Answer {
                     status,
-                    content_type: content_type.take(),
+                    source: *source,
+                    content_type: None,
                     retry_after: *retry_after,
                     // Judged on its status unless the body decides; the held body stays in
                     // Envoy for the client.

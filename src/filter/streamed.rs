@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::{Action, MapType, Status};
 
-use super::exchange::{Answer, Effect, Exchange, Phase};
+use super::exchange::{Answer, Effect, Exchange, Phase, Runtime};
 use super::host;
+use crate::answer::reply::Rejection;
 use crate::policy::chain::{FailureKind, GiveUpReason};
 use crate::policy::judge;
 use crate::quote;
@@ -47,6 +48,13 @@ impl Exchange {
         if !streamed::takes_stream_path(self.config(), op, body.stream, &plan) {
             return false;
         }
+        let cluster = streamed::cluster_name(self.config(), &plan);
+        if !self.rt.has_cluster(&cluster, now) {
+            // Routed to its first target like any request: a healthy answer streams, and only
+            // a failover (a callout) arrives whole.
+            self.warn_clusters_missing(&cluster);
+            return false;
+        }
         let left = chain.remaining(now);
         let map = MapType::HttpRequestHeaders;
         let client = self.request.client_has;
@@ -75,6 +83,7 @@ impl Exchange {
             model: body.model.clone(),
             plan,
             per_try_ms: crate::duration::millis(timeout.min(left)),
+            deadline_ms: now.saturating_add(crate::duration::millis(left)),
             length: length as u64,
             shape: self.request.shape,
             pinned: self.pinned,
@@ -109,7 +118,13 @@ impl Exchange {
         };
         self.served = served;
         let last = served.unwrap_or(0);
-        if !via_upstream && host::property(&[streamed::REFUSED_STATE]).is_some() {
+        let refused = if via_upstream {
+            None
+        } else {
+            host::property_text(&[streamed::REFUSED_STATE])
+        };
+        let deadline_spent = refused.as_deref() == Some(Rejection::DeadlineExceeded.code());
+        if refused.is_some() && !deadline_spent {
             // The upstream filter's own error (it logged why): passed on as it is.
             self.add_outcome_headers(attempts, failed_over);
             self.pass_answer(None);
@@ -118,6 +133,10 @@ impl Exchange {
         if !via_upstream {
             // No attempt answered: reset, refused, timed out, or the deadline ran out.
             let (failure, reason) = match details.as_str() {
+                // The upstream filter did not start an attempt after the deadline.
+                // (the last attempt's answer, if it had one, is gone: the client gets 504
+                // deadline_exceeded).
+                _ if deadline_spent => (FailureKind::Timeout, GiveUpReason::BudgetSpent),
                 "response_timeout" => (FailureKind::Timeout, GiveUpReason::BudgetSpent),
                 d if d.starts_with("upstream_per_try_timeout") => {
                     (FailureKind::Timeout, GiveUpReason::Exhausted)
@@ -184,12 +203,27 @@ impl Exchange {
     ) {
         let answer = Answer {
             status: None,
+            source: judge::Source::Envoy {
+                timeout: failure == FailureKind::Timeout,
+            },
             content_type: None,
             retry_after: None,
             body: Vec::new(),
             headers: None,
         };
         self.deliver(answer, Some(failure), attempts, failed_over, budget_spent);
+    }
+
+    /// Tells the operator, once per worker, that streamed failover is missing its clusters.
+    fn warn_clusters_missing(&self, cluster: &str) {
+        if !self.rt.stream_warned.replace(true) {
+            log::warn!(
+                "{} cluster {} is not defined in Envoy: streamed requests fail over through \
+                 callouts until it is (tools/envoy_side.py writes the streamed-failover clusters)",
+                self.tag(),
+                quote(cluster)
+            );
+        }
     }
 
     /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
@@ -201,15 +235,9 @@ impl Exchange {
         )
         .and_then(|v| String::from_utf8(v).ok())
         .unwrap_or_default();
-        if !self.rt.stream_warned.replace(true) {
-            log::warn!(
-                "{} cluster {} is not defined in Envoy: streamed requests fail over through \
-                 callouts until it is (tools/envoy_side.py writes the streamed-failover clusters)",
-                self.tag(),
-                quote(&cluster)
-            );
-        }
         let now = self.now();
+        self.rt.lacks_cluster(&cluster, now);
+        self.warn_clusters_missing(&cluster);
         let (Some(target), Some(left)) = (
             self.chain.as_ref().and_then(|c| c.current_target()),
             self.chain.as_ref().map(|c| c.remaining(now)),
@@ -219,5 +247,46 @@ impl Exchange {
         let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
         let (flow, effect) = self.attempt(target, timeout);
         (flow.action(), effect)
+    }
+}
+
+impl Runtime {
+    /// Whether Envoy has the aggregate cluster `name`, as this worker last found it. Unknown (or
+    /// found over a minute ago), Envoy is asked at once through the aggregate's marker
+    /// (`streamed::ready_name`): a callout to it fails on the spot either way, as a bad argument
+    /// when Envoy has no such cluster, and reaches no one.
+    pub(super) fn has_cluster(&self, name: &str, now: u64) -> bool {
+        let valid = crate::duration::millis(streamed::PROBE_VALID);
+        if let Ok(known) = self.stream_clusters.try_borrow() {
+            let found = known
+                .iter()
+                .find(|(n, _, at)| n == name && now.saturating_sub(*at) < valid);
+            if let Some((_, has, _)) = found {
+                return *has;
+            }
+        }
+        let probe = [
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "llm-failover.probe"),
+        ];
+        let marker = streamed::ready_name(name);
+        let has = !matches!(
+            host::dispatch(&marker, &probe, b"", Duration::from_secs(1)),
+            Err(Status::BadArgument)
+        );
+        if let Ok(mut known) = self.stream_clusters.try_borrow_mut() {
+            known.retain(|(n, _, _)| n != name);
+            known.push((name.to_string(), has, now));
+        }
+        has
+    }
+
+    /// Envoy has just said it has no cluster `name` (removed since it was probed).
+    pub(super) fn lacks_cluster(&self, name: &str, now: u64) {
+        if let Ok(mut known) = self.stream_clusters.try_borrow_mut() {
+            known.retain(|(n, _, _)| n != name);
+            known.push((name.to_string(), false, now));
+        }
     }
 }

@@ -93,6 +93,9 @@ impl Attempt {
 
         let previous =
             host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        if previous.is_some() && !handoff.may_start(now) {
+            return Err(Refusal::DeadlineSpent);
+        }
         let first = handoff.plan.first().map_or(target, |t| t.target);
         let record = Record::next(previous, first, target);
         if let Some(previous) = previous {
@@ -191,7 +194,7 @@ impl Attempt {
             Vec::new()
         };
         let failure = failed.map(|s| Failure {
-            kind: FailureKind::Status(s),
+            kind: judge::status_failure(config, s),
             retry_after: retry_after::parse(
                 headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
                 now / 1000,
@@ -249,6 +252,8 @@ impl Attempt {
 enum Refusal {
     Misconfigured(&'static str),
     NoCredential,
+    /// The request's deadline is spent: the chain stops (the filter says so to the client).
+    DeadlineSpent,
 }
 
 /// The decision the attempt after `previous` stands for: logged and counted once, by the
@@ -313,6 +318,7 @@ impl HttpContext for Attempt {
                         Rejection::Misconfigured
                     }
                     Refusal::NoCredential => Rejection::NoCredential,
+                    Refusal::DeadlineSpent => Rejection::DeadlineExceeded,
                 };
                 let reply = rejection.reply(self.shape);
                 host::set_filter_state(streamed::REFUSED_STATE, rejection.code());

@@ -240,6 +240,9 @@ pub enum Ending {
     Status { wait: Option<Duration> },
     /// No answer: unreachable, reset or timed out.
     Transport,
+    /// 401/403: the target refused the gateway's credential; it cools at once for `duration`
+    /// (the same credential would be refused again).
+    Rejected,
 }
 
 /// Why a cooldown started.
@@ -247,6 +250,8 @@ pub enum Ending {
 pub enum Trip {
     /// A 429 asked for a wait.
     RetryAfter,
+    /// The target refused the gateway's credential.
+    CredentialRejected,
     /// `failures` of `attempts` in the window failed.
     FailureRate { failures: u32, attempts: u32 },
     /// Transport failures in a row.
@@ -300,6 +305,10 @@ pub fn after_attempt(
                     Change::Cooled(d, Trip::RetryAfter),
                 )
             }
+            Ending::Rejected => (
+                State::cooled(now_ms, policy.duration),
+                Change::Cooled(policy.duration, Trip::CredentialRejected),
+            ),
             _ => (
                 State::cooled(now_ms, policy.duration),
                 Change::Cooled(policy.duration, Trip::Probe),
@@ -326,6 +335,12 @@ pub fn after_attempt(
             return (
                 State::cooled(now_ms, d),
                 Change::Cooled(d, Trip::RetryAfter),
+            );
+        }
+        Ending::Rejected => {
+            return (
+                State::cooled(now_ms, policy.duration),
+                Change::Cooled(policy.duration, Trip::CredentialRejected),
             );
         }
         Ending::Status { .. } => {
@@ -603,6 +618,14 @@ mod tests {
             T0,
         );
         assert_eq!(change, Change::Counted);
+    }
+
+    #[test]
+    fn a_refused_credential_cools_at_once_for_the_duration() {
+        let p = policy();
+        let (s, change) = after_attempt(State::default(), &p, sent(T0), Ending::Rejected, T0);
+        assert_eq!(change, Change::Cooled(p.duration, Trip::CredentialRejected));
+        assert_eq!(s.phase(T0 + 1), Phase::Cooling);
     }
 
     fn cooling_since(t: u64, d: Duration) -> State {

@@ -42,10 +42,23 @@ pub struct Failure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     Status(u16),
+    /// 401/403: the target refused the gateway's credential for it. Not retried on that target
+    /// (the same credential would be refused again).
+    Rejected(u16),
     /// Connect failure or reset: no HTTP answer from the target.
     Unreachable,
     /// The per-attempt timeout fired.
     Timeout,
+}
+
+impl FailureKind {
+    /// The status of a failure that had one.
+    pub fn status(self) -> Option<u16> {
+        match self {
+            FailureKind::Status(s) | FailureKind::Rejected(s) => Some(s),
+            FailureKind::Unreachable | FailureKind::Timeout => None,
+        }
+    }
 }
 
 /// What happens next, after an attempt.
@@ -276,7 +289,12 @@ impl Chain {
             return (Next::GiveUp(GiveUpReason::Exhausted), None);
         };
         let mut no_retry = None;
-        if let Some(failure) = failure.filter(|_| self.tries_here < hop.max_tries) {
+        // A refused credential is not retried on the same target: it would be refused again.
+        let retriable = |f: &&Failure| !matches!(f.kind, FailureKind::Rejected(_));
+        if let Some(failure) = failure
+            .filter(retriable)
+            .filter(|_| self.tries_here < hop.max_tries)
+        {
             let delay = failure.retry_after.unwrap_or(Duration::ZERO);
             if delay > self.max_retry_wait {
                 no_retry = Some(NoRetry::RetryAfterTooLong);
@@ -396,6 +414,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_rejected_credential_is_not_retried_on_the_same_target() {
+        let rejected = Outcome::Failed(Failure {
+            kind: FailureKind::Rejected(401),
+            retry_after: None,
+        });
+        let mut chain = start(&[(0, 2, 10), (1, 0, 10)], 60);
+        let (next, _) = chain.next_with(&rejected, 0, |_| Availability::Ready);
+        assert!(
+            matches!(next, Next::Failover { from: 0, to: 1, .. }),
+            "{next:?}"
+        );
+        let (next, _) = chain.next_with(&rejected, 0, |_| Availability::Ready);
+        assert_eq!(next, Next::GiveUp(GiveUpReason::Exhausted));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! How an upstream answer is judged: delivered to the client, or a failure that may be retried
-//! or failed over. Envoy's own replies for connect failures, resets and timeouts (to the routed
-//! attempt and to callouts) are recognised as transport failures.
+//! or failed over. An answer that came from the target is judged by its status, whatever its
+//! body or content type (OpenAI's own edge answers a plain-text 503 that reads like Envoy's);
+//! only Envoy's own local replies (connect failure, reset, timeout, no cluster) are transport
+//! failures, told apart by what Envoy reports ([`Source`]), never by the body.
 
 use crate::policy::chain::{Failure, FailureKind, Outcome};
 use serde::Deserialize;
@@ -9,39 +11,81 @@ use serde_json::Value;
 use crate::config::object::Obj;
 use crate::config::Config;
 
-/// Whether an answer with this status needs its body read before it can be judged (a failure
-/// status, something Envoy may have generated, or a possible content-filter refusal).
-pub fn needs_judging(config: &Config, status: Option<u16>) -> bool {
-    match status {
-        None => true,
-        Some(s) => config.is_failure_status(s) || matches!(s, 502..=504),
+/// Who made an answer: the target, or Envoy itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The target's own answer.
+    Upstream,
+    /// A local reply of Envoy's: no answer came from the target.
+    Envoy { timeout: bool },
+}
+
+/// The response code details Envoy gives an answer that came from the upstream.
+pub const VIA_UPSTREAM: &str = "via_upstream";
+
+/// The routed attempt's answer, by its `response.code_details` property (`via_upstream` for the
+/// target's answer; `upstream_reset_before_response_started{...}`, `upstream_per_try_timeout`,
+/// `response_timeout`, `cluster_not_found`... for Envoy's own).
+pub fn routed_source(code_details: &str) -> Source {
+    if code_details == VIA_UPSTREAM {
+        Source::Upstream
+    } else {
+        Source::Envoy {
+            timeout: code_details.contains("timeout"),
+        }
     }
 }
 
-/// Whether judging a held answer with this status reads its body: only Envoy's own
-/// transport-failure replies (502-504) and content-filter refusals (400, when they are not failed
-/// over) are told apart by their bodies. The rest is judged on the status alone, so a held 429 or
-/// 500 is never copied out of Envoy.
-pub fn needs_body(config: &Config, status: Option<u16>) -> bool {
-    match status {
-        Some(502..=504) => true,
-        Some(400) => config.is_failure_status(400) && !config.failover_on_content_filter,
-        _ => false,
+/// The header Envoy's router adds to every answer it received from an upstream (callouts go
+/// through a router that does not suppress it); its local replies never carry it.
+pub const UPSTREAM_SERVICE_TIME: &str = "x-envoy-upstream-service-time";
+
+/// A callout's answer: the target's when the router timed it (`x-envoy-upstream-service-time`);
+/// otherwise Envoy's local reply, whose 504 is the callout's timeout.
+pub fn callout_source(timed_by_router: bool, status: Option<u16>) -> Source {
+    if timed_by_router {
+        Source::Upstream
+    } else {
+        Source::Envoy {
+            timeout: status == Some(504),
+        }
     }
+}
+
+/// Whether an answer must be held until it is judged: a failure status, or Envoy's own reply.
+pub fn needs_judging(config: &Config, status: Option<u16>, source: Source) -> bool {
+    match (source, status) {
+        (Source::Envoy { .. }, _) | (_, None) => true,
+        (Source::Upstream, Some(s)) => config.is_failure_status(s),
+    }
+}
+
+/// Whether judging a held answer with this status reads its body: only a content-filter
+/// refusal (400, when it is not failed over) is told apart by its body. The rest is judged on
+/// the status alone, so a held 429 or 500 is never copied out of Envoy.
+pub fn needs_body(config: &Config, status: Option<u16>) -> bool {
+    status == Some(400)
+        && config.on_status_codes.contains(&400)
+        && !config.failover_on_content_filter
 }
 
 /// What the answer was, for the log and for the client reply of a transport failure.
 pub fn outcome(
     config: &Config,
     status: Option<u16>,
-    content_type: Option<&[u8]>,
+    source: Source,
     body: &[u8],
     retry_after: Option<std::time::Duration>,
 ) -> Outcome {
     let Some(status) = status else {
         return failed(FailureKind::Unreachable, None);
     };
-    if let Some(kind) = envoy_transport_failure(status, content_type, body) {
+    if let Source::Envoy { timeout } = source {
+        let kind = if timeout {
+            FailureKind::Timeout
+        } else {
+            FailureKind::Unreachable
+        };
         return failed(kind, None);
     }
     if !config.is_failure_status(status) {
@@ -50,7 +94,16 @@ pub fn outcome(
     if status == 400 && !config.failover_on_content_filter && is_content_filter(body) {
         return Outcome::Delivered;
     }
-    failed(FailureKind::Status(status), retry_after)
+    failed(status_failure(config, status), retry_after)
+}
+
+/// The failure a failure status is: a rejection of the target's credential, or a status.
+pub fn status_failure(config: &Config, status: u16) -> FailureKind {
+    if config.is_credential_rejection(status) {
+        FailureKind::Rejected(status)
+    } else {
+        FailureKind::Status(status)
+    }
 }
 
 /// The `:status` header's value as a number.
@@ -81,36 +134,6 @@ pub fn describe(status: Option<u16>, failure: Option<FailureKind>) -> String {
 
 fn failed(kind: FailureKind, retry_after: Option<std::time::Duration>) -> Outcome {
     Outcome::Failed(Failure { kind, retry_after })
-}
-
-/// Envoy answers a failed upstream connection with a short text/plain body of its own.
-fn envoy_transport_failure(
-    status: u16,
-    content_type: Option<&[u8]>,
-    body: &[u8],
-) -> Option<FailureKind> {
-    if !matches!(status, 502..=504) {
-        return None;
-    }
-    let plain = content_type.is_none_or(|ct| ct.starts_with(b"text/plain"));
-    if !plain {
-        return None;
-    }
-    if body.starts_with(b"upstream request timeout")
-        || body.starts_with(b"upstream per-try timeout")
-    {
-        return Some(FailureKind::Timeout);
-    }
-    const UNREACHABLE: [&[u8]; 4] = [
-        b"upstream connect error or disconnect/reset before headers",
-        b"no healthy upstream",
-        b"upstream reset",
-        b"no cluster match",
-    ];
-    UNREACHABLE
-        .iter()
-        .any(|p| body.starts_with(p))
-        .then_some(FailureKind::Unreachable)
 }
 
 /// Azure's content filter: `{"error": {"code": "content_filter", ...}}` (also seen with the code
@@ -159,6 +182,8 @@ mod tests {
 
     const CF: &[u8] = br#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter","status":400}}"#;
 
+    const UP: Source = Source::Upstream;
+
     #[test]
     fn a_body_not_read_never_changes_the_judgement() {
         // The filter skips reading a held answer's body when `needs_body` says so: for every
@@ -170,16 +195,16 @@ mod tests {
             CF,
             br#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
         ];
-        let types = [
-            None,
-            Some(&b"text/plain"[..]),
-            Some(&b"application/json"[..]),
-        ];
         let configs = [
             config(json!({})),
             config(json!({"on_status_codes": [400, 429, 500]})),
             config(json!({"on_status_codes": [400], "failover_on_content_filter": true})),
             config(json!({"on_status_codes": [429]})),
+        ];
+        let sources = [
+            UP,
+            Source::Envoy { timeout: true },
+            Source::Envoy { timeout: false },
         ];
         let mut read = 0;
         for c in &configs {
@@ -189,26 +214,25 @@ mod tests {
                     continue;
                 }
                 for body in bodies {
-                    for ct in types {
+                    for source in sources {
                         let ra = Some(Duration::from_secs(2));
                         assert_eq!(
-                            outcome(c, status, ct, body, ra),
-                            outcome(c, status, ct, b"", ra),
-                            "{status:?} {ct:?} {}",
+                            outcome(c, status, source, body, ra),
+                            outcome(c, status, source, b"", ra),
+                            "{status:?} {source:?} {}",
                             String::from_utf8_lossy(body)
                         );
                     }
                 }
             }
         }
-        // 502-504 always, and 400 where a content filter refusal is not failed over.
-        assert_eq!(read, 3 * 4 + 1);
+        // Only 400, where a content filter refusal is not failed over.
+        assert_eq!(read, 1);
     }
 
     #[test]
     fn statuses_are_judged_by_on_status_codes() {
         let c = config(json!({}));
-        let json = Some(&b"application/json"[..]);
         let cases = [
             (Some(200), None),
             (Some(400), None),
@@ -220,56 +244,95 @@ mod tests {
         ];
         for (status, want) in cases {
             assert_eq!(
-                kind(&outcome(&c, status, json, b"{}", None)),
+                kind(&outcome(&c, status, UP, b"{}", None)),
                 want,
                 "{status:?}"
             );
         }
         let only_429 = config(json!({"on_status_codes": [429]}));
+        assert_eq!(kind(&outcome(&only_429, Some(500), UP, b"{}", None)), None);
+    }
+
+    #[test]
+    fn an_upstreams_plain_text_503_is_its_status_not_a_transport_failure() {
+        // OpenAI's edge (an Envoy itself) answers this when its backend resets.
+        let body = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+        let only_429 = config(json!({"on_status_codes": [429]}));
+        assert_eq!(kind(&outcome(&only_429, Some(503), UP, body, None)), None);
+        assert!(!needs_judging(&only_429, Some(503), UP));
+        let all = config(json!({}));
+        let o = outcome(&all, Some(503), UP, body, None);
+        assert_eq!(kind(&o), Some(FailureKind::Status(503)));
+        assert_eq!(status_class(Some(503), kind(&o)), "5xx");
+    }
+
+    #[test]
+    fn envoys_own_replies_are_transport_failures_whatever_the_codes() {
+        let c = config(json!({"on_status_codes": [429]}));
+        let cases = [
+            (
+                "upstream_reset_before_response_started{connection_failure}",
+                Some(503),
+                FailureKind::Unreachable,
+            ),
+            ("upstream_per_try_timeout", Some(504), FailureKind::Timeout),
+            ("upstream_response_timeout", Some(504), FailureKind::Timeout),
+            ("no_healthy_upstream", Some(503), FailureKind::Unreachable),
+            ("cluster_not_found", Some(503), FailureKind::Unreachable),
+        ];
+        for (details, status, want) in cases {
+            let source = routed_source(details);
+            assert!(needs_judging(&c, status, source), "{details}");
+            assert_eq!(
+                kind(&outcome(&c, status, source, b"", None)),
+                Some(want),
+                "{details}"
+            );
+        }
+        assert_eq!(routed_source("via_upstream"), UP);
+        // Callouts: the router's timing header says the target answered.
+        assert_eq!(callout_source(true, Some(503)), UP);
         assert_eq!(
-            kind(&outcome(&only_429, Some(500), json, b"{}", None)),
-            None
+            callout_source(false, Some(504)),
+            Source::Envoy { timeout: true }
+        );
+        assert_eq!(
+            callout_source(false, Some(503)),
+            Source::Envoy { timeout: false }
         );
     }
 
     #[test]
-    fn envoy_generated_replies_are_transport_failures_whatever_the_codes() {
+    fn a_rejected_credential_fails_over_unless_switched_off() {
         let c = config(json!({"on_status_codes": [429]}));
-        let plain = Some(&b"text/plain"[..]);
-        let cases: [(u16, &[u8], FailureKind); 3] = [
-            (504, b"upstream request timeout", FailureKind::Timeout),
-            (503, b"upstream connect error or disconnect/reset before headers. reset reason: connection failure", FailureKind::Unreachable),
-            (503, b"no healthy upstream", FailureKind::Unreachable),
-        ];
-        for (status, body, want) in cases {
-            assert!(needs_judging(&c, Some(status)));
+        for status in [401, 403] {
+            assert!(needs_judging(&c, Some(status), UP));
             assert_eq!(
-                kind(&outcome(&c, Some(status), plain, body, None)),
-                Some(want)
+                kind(&outcome(&c, Some(status), UP, b"{}", None)),
+                Some(FailureKind::Rejected(status))
             );
         }
-        // An upstream's own JSON 503 is not a transport failure.
+        let off = config(json!({"failover_on_credential_rejection": false}));
+        assert!(!needs_judging(&off, Some(401), UP));
+        assert_eq!(kind(&outcome(&off, Some(401), UP, b"{}", None)), None);
+        // Listed in on_status_codes, it is a plain failure status again.
+        let listed =
+            config(json!({"on_status_codes": [401], "failover_on_credential_rejection": false}));
         assert_eq!(
-            kind(&outcome(
-                &c,
-                Some(503),
-                Some(b"application/json"),
-                br#"{"error":{}}"#,
-                None
-            )),
-            None
+            kind(&outcome(&listed, Some(401), UP, b"{}", None)),
+            Some(FailureKind::Status(401))
         );
     }
 
     #[test]
     fn content_filter_refusals_are_not_failed_over_unless_switched_on() {
         let c = config(json!({"on_status_codes": [400, 429]}));
-        assert_eq!(kind(&outcome(&c, Some(400), None, CF, None)), None);
+        assert_eq!(kind(&outcome(&c, Some(400), UP, CF, None)), None);
         assert_eq!(
             kind(&outcome(
                 &c,
                 Some(400),
-                None,
+                UP,
                 b"{\"error\":{\"code\":\"other\"}}",
                 None
             )),
@@ -277,10 +340,10 @@ mod tests {
         );
         let inner =
             br#"{"error":{"code":"x","innererror":{"code":"ResponsibleAIPolicyViolation"}}}"#;
-        assert_eq!(kind(&outcome(&c, Some(400), None, inner, None)), None);
+        assert_eq!(kind(&outcome(&c, Some(400), UP, inner, None)), None);
         let on = config(json!({"on_status_codes": [400, 429], "failover_on_content_filter": true}));
         assert_eq!(
-            kind(&outcome(&on, Some(400), None, CF, None)),
+            kind(&outcome(&on, Some(400), UP, CF, None)),
             Some(FailureKind::Status(400))
         );
     }
@@ -325,7 +388,7 @@ mod tests {
     #[test]
     fn retry_after_travels_with_the_failure() {
         let c = config(json!({}));
-        let o = outcome(&c, Some(429), None, b"{}", Some(Duration::from_secs(2)));
+        let o = outcome(&c, Some(429), UP, b"{}", Some(Duration::from_secs(2)));
         assert_eq!(
             o,
             Outcome::Failed(Failure {

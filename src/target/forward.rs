@@ -128,13 +128,18 @@ pub fn routed<'a>(r: &Routed<'a>, client: ClientHeaders) -> Vec<Edit<'a>> {
         edits.push(Edit::Set(":path", &r.address.path));
     }
     edits.push(Edit::Set(":authority", &r.address.authority));
-    if let Some(ms) = r.timeout_ms {
-        edits.push(Edit::Set("x-envoy-upstream-rq-timeout-ms", ms));
-    }
     if r.operation && client.accept_encoding {
         edits.push(Edit::Remove("accept-encoding"));
     }
     edits.extend(client.controls().map(Edit::Remove));
+    if let Some(ms) = r.timeout_ms {
+        // The attempt's timeout runs to the answer's headers (Envoy ignores a per-try timeout
+        // once the response has started); no timeout over the whole answer, which may stream
+        // as long as it takes (the route's `timeout` would cut it; `stream_idle_timeout`
+        // guards a stalled one).
+        edits.push(Edit::Set("x-envoy-upstream-rq-per-try-timeout-ms", ms));
+        edits.push(Edit::Set("x-envoy-upstream-rq-timeout-ms", "0"));
+    }
     edits
 }
 
@@ -198,11 +203,13 @@ mod tests {
                     "/openai/deployments/d/chat/completions?api-version=v"
                 ),
                 Edit::Set(":authority", "res.openai.azure.com"),
-                Edit::Set("x-envoy-upstream-rq-timeout-ms", "10000"),
                 Edit::Remove("accept-encoding"),
                 // A client may not make Envoy retry its request.
                 Edit::Remove("x-envoy-retry-on"),
                 Edit::Remove("x-envoy-max-retries"),
+                // The timeout to the answer's headers; none over the answer itself.
+                Edit::Set("x-envoy-upstream-rq-per-try-timeout-ms", "10000"),
+                Edit::Set("x-envoy-upstream-rq-timeout-ms", "0"),
             ]
         );
         assert_eq!(control_bit("x-request-id"), 0);

@@ -15,7 +15,8 @@ use crate::duration::millis;
 /// A token is refreshed this long before it expires at the latest (or at half its lifetime when
 /// that is shorter).
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(300);
-/// A token this close to its expiry is not sent any more.
+/// A token this close to its expiry is not sent any more (or a tenth of its lifetime, when that
+/// is shorter: see [`Token::usable`]).
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
 /// The longest wait between two fetches of a failing token endpoint.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -31,6 +32,19 @@ pub struct Token {
     pub expires_ms: u64,
     /// Unix ms from which it is fetched anew.
     pub refresh_ms: u64,
+}
+
+impl Token {
+    /// Whether the token may still be sent at `now_ms`: until [`EXPIRY_MARGIN`] before it
+    /// expires, or a tenth of its lifetime when that is shorter, so a short-lived token serves
+    /// for most of the time between its planned refresh and its expiry (a 3 s token refreshed
+    /// at 1.5 s is sent until 2.7 s, not 2 s: a late refresh leaves no gap).
+    pub fn usable(&self, now_ms: u64) -> bool {
+        // Refreshed at half its life when short: what is left after the refresh is half of it.
+        let tenth = self.expires_ms.saturating_sub(self.refresh_ms) / 5;
+        let margin = millis(EXPIRY_MARGIN).min(tenth);
+        now_ms.saturating_add(margin) < self.expires_ms
+    }
 }
 
 // The token itself never reaches a log line, even through `{:?}`.
@@ -67,9 +81,7 @@ impl State {
 
     /// The token, if it may still be sent.
     pub fn valid(&self, now_ms: u64) -> Option<&Token> {
-        self.token
-            .as_ref()
-            .filter(|t| t.expires_ms > now_ms.saturating_add(millis(EXPIRY_MARGIN)))
+        self.token.as_ref().filter(|t| t.usable(now_ms))
     }
 
     /// Whether a worker should fetch now: the token is missing or due for refresh, no worker
@@ -274,6 +286,28 @@ mod tests {
         assert_eq!(refresh_at(0, Duration::from_secs(300)), 150 * S);
         assert_eq!(refresh_at(1000, Duration::from_secs(3)), 2500);
         assert_eq!(refresh_at(0, Duration::from_secs(600)), 300 * S);
+    }
+
+    #[test]
+    fn a_token_serves_until_shortly_before_its_expiry() {
+        // 3 s, fetched at 10 s: refreshed at 11.5 s, sent until 12.7 s (a tenth of its life).
+        let short = read_answer(br#"{"access_token":"t","expires_in":3}"#, 10 * S).unwrap();
+        assert_eq!(short.refresh_ms, 11_500);
+        assert!(short.usable(12_699) && !short.usable(12_700));
+        // An hour: refreshed 5 minutes ahead, sent until a second before it expires.
+        let long = read_answer(br#"{"access_token":"t","expires_in":3600}"#, 0).unwrap();
+        assert!(long.usable(3599 * S - 1) && !long.usable(3599 * S));
+        // Whatever the lifetime, it is usable well past its planned refresh.
+        for secs in [1u64, 2, 3, 10, 60, 600, 3600, 86_400] {
+            let t = read_answer(
+                format!(r#"{{"access_token":"t","expires_in":{secs}}}"#).as_bytes(),
+                0,
+            )
+            .unwrap();
+            let after_refresh = (t.expires_ms - t.refresh_ms) * 4 / 5;
+            assert!(t.usable(t.refresh_ms + after_refresh - 1), "{secs}s");
+            assert!(!t.usable(t.expires_ms), "{secs}s");
+        }
     }
 
     #[test]

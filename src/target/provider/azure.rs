@@ -17,7 +17,12 @@ pub fn operation_path(
     op: Operation,
     model: Option<&str>,
 ) -> Result<String, Unservable> {
-    if azure.api == AzureApi::V1 && op == Operation::Completions {
+    let unsupported = match op {
+        Operation::Completions => azure.api == AzureApi::V1,
+        Operation::Responses => !azure.serves_responses(),
+        _ => false,
+    };
+    if unsupported {
         return Err(Unservable::Unsupported);
     }
     let deployment = azure

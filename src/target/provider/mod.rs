@@ -199,12 +199,12 @@ mod tests {
                 "api.openai.com",
             ),
             (
-                1,
+                4,
                 Some(Operation::Responses),
-                Some("gpt-4"),
+                None,
                 "/v1/responses?x=1",
-                "/openai/responses?api-version=2024-10-21",
-                "res.openai.azure.com",
+                "/openai/responses?api-version=2025-04-01-preview",
+                "res2.openai.azure.com",
             ),
             (
                 3,
@@ -266,6 +266,37 @@ mod tests {
             ),
             Err(Unservable::NoDeployment)
         );
+    }
+
+    #[test]
+    fn deployments_style_versions_before_2025_03_01_have_no_responses_api() {
+        let t = targets();
+        let responses = |i: usize| {
+            let model = Some("gpt-4o");
+            address(&t[i], Some(Operation::Responses), model, "/v1/responses")
+        };
+        // 2024-10-21 and 2024-06-01: Azure answers 400, so the target is not sent it.
+        assert_eq!(responses(1), Err(Unservable::Unsupported));
+        assert_eq!(responses(2), Err(Unservable::Unsupported));
+        assert!(responses(3).is_ok(), "v1");
+        assert!(responses(4).is_ok(), "2025-04-01-preview");
+        let version = |v: &str| crate::config::AzureSettings {
+            api: crate::config::AzureApi::Deployments,
+            api_version: v.to_string(),
+            deployments: Default::default(),
+            default_deployment: Some("d".to_string()),
+        };
+        let cases = [
+            ("2025-03-01-preview", true),
+            ("2025-02-28-preview", false),
+            ("2024-12-01-preview", false),
+            ("2026-01-01", true),
+            ("preview", true),
+            ("2025-3-1", true),
+        ];
+        for (v, serves) in cases {
+            assert_eq!(version(v).serves_responses(), serves, "{v}");
+        }
     }
 
     #[test]
