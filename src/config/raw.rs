@@ -23,10 +23,10 @@ pub struct RawConfig {
     #[serde(rename = "$schema")]
     pub schema: Option<String>,
     /// "filter" (default): the filter, in a listener's HTTP filter chain. "upstream": the same
-    /// module as the upstream HTTP filter of the streamed-failover clusters
-    /// (`llm_failover.stream.*`, written by tools/envoy_side.py), which addresses each attempt of
-    /// a streamed request for its target. It works from the filter's own configuration (it must
-    /// share the filter's `vm_config`), so nothing else may be set.
+    /// module as an upstream HTTP filter of every target's cluster (`targets[].cluster`), which
+    /// addresses each attempt of a streamed request for its target and lets every other request
+    /// pass. It works from the filter's own configuration (it must share the filter's
+    /// `vm_config`), so nothing else may be set.
     pub role: Option<Role>,
     /// How `"stream": true` requests fail over.
     pub streaming: Option<Obj<RawStreaming>>,

@@ -16,9 +16,8 @@ use crate::request::operation::Operation;
 use crate::streamed::{self, Handoff, Plan, Record, Tries};
 
 impl Exchange {
-    /// Hands the request to the router when it takes the streamed path (true): its plan's
-    /// aggregate cluster, the retries and timeouts for it, and the handoff for the upstream
-    /// filter. The body goes on as the client sent it; each attempt rewrites its own.
+    /// Hands the request to the router when it takes the streamed path (true): its attempts'
+    /// clusters, the retries and timeouts for it, and the handoff for the upstream filter. The body goes on as the client sent it; each attempt rewrites its own.
     pub(super) fn route_streamed(
         &mut self,
         op: Operation,
@@ -33,13 +32,11 @@ impl Exchange {
         if !streamed::may_take_stream_path(self.config(), op, body.stream) {
             return false;
         }
-        let plan: Plan = streamed::bounded(
-            chain
-                .planned(|t| self.availability(t, now))
-                .into_iter()
-                .map(|(target, tries)| Tries { target, tries })
-                .collect(),
-        );
+        let plan: Plan = chain
+            .planned(|t| self.availability(t, now))
+            .into_iter()
+            .map(|(target, tries)| Tries { target, tries })
+            .collect();
         if !streamed::takes_stream_path(self.config(), op, body.stream, &plan) {
             return false;
         }
@@ -92,8 +89,8 @@ impl Exchange {
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {
             log::error!(
-                "{} a streamed request was answered without the upstream filter: its cluster \
-                 needs the llm_failover upstream filter (tools/envoy_side.py writes it)",
+                "{} a streamed request was answered without the upstream filter: every target's \
+                 cluster needs the llm_failover upstream filter (README, streamed failover)",
                 self.tag()
             );
         }
@@ -186,7 +183,8 @@ impl Exchange {
         self.deliver(answer, Some(failure), attempts, failed_over, budget_spent);
     }
 
-    /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
+    /// The route did not take the attempts' clusters from the list (it reads
+    /// `x-llm-failover-cluster` as one cluster name): the request fails over through callouts
     /// (its fallback's answer then arrives whole), and the operator is told once per worker.
     fn stream_clusters_missing(&mut self) -> (Action, Effect) {
         let cluster = host::header(
@@ -198,7 +196,8 @@ impl Exchange {
         if !self.rt.stream_warned.replace(true) {
             log::warn!(
                 "{} cluster {} is not defined in Envoy: streamed requests fail over through \
-                 callouts until it is (tools/envoy_side.py writes the streamed-failover clusters)",
+                 callouts until the route takes each attempt's cluster from that list (README, \
+                 streamed failover)",
                 self.tag(),
                 quote(&cluster)
             );
