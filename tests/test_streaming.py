@@ -342,6 +342,37 @@ def test_a_routes_streamed_failover_sends_each_step_its_model(make_stack, openai
     assert gw.counter("llm_failover.fallbacks.route.test.from.openai.to.azure") == 1
 
 
+def test_a_chain_longer_than_four_targets_streams_from_its_fifth_each_on_its_own_cluster(
+        make_stack, openai_mock, azure_mock, mock_factory):
+    """Five targets, five clusters (three added the way a user adds one: a cluster and a target,
+    nothing else): the first four fail, the fifth's answer streams. Each attempt reached its
+    own target's cluster, addressed for its resource."""
+    extra = [mock_factory("azure", name=f"azure{i}", resource=f"llmf-local-{i}", deployments="gpt-4o-prod",
+                          stream_delay_ms=int(DELAY * 1000)) for i in (2, 3, 4)]
+    targets = [openai_target(retries=0, cooldown=False), azure_target(retries=0, cooldown=False)]
+    targets += [azure_target(name=m.name, resource_name=f"llmf-local-{i}", retries=0, cooldown=False)
+                for i, m in zip((2, 3, 4), extra)]
+    gw = make_stack(plugin_config(targets), clusters={m.name: m.port for m in extra})
+    assert harness.wiring.problems(gw.config) == []
+    openai_mock.script([{"status": 429, "repeat": "forever"}])
+    azure_mock.script([{"status": 503, "repeat": "forever"}])
+    extra[0].script([{"close": True, "repeat": "forever"}])
+    extra[1].script([{"status": 500, "repeat": "forever"}])
+    s = stream_chat(make_client(gw))
+    assert (s.headers["x-llm-failover-target"], s.headers["x-llm-failover-attempts"]) == ("azure4", "5")
+    assert s.text == "Hello from mock azure4 deployment gpt-4o-prod"
+    assert_streamed(s, pieces=len(s.text.split()), first_within=1.2 + 4 * 0.3)
+    tried = [len(m.api_requests()) for m in (openai_mock, azure_mock, *extra)]
+    assert tried == [1, 1, 1, 1, 1], tried
+    for i, m in zip((2, 3, 4), extra):
+        [seen] = m.api_requests()
+        assert seen["headers"]["host"] == f"llmf-local-{i}.openai.azure.com"
+        assert seen["headers"]["api-key"] == AZURE_KEY
+    st = gw.stats()
+    assert [st[f"cluster.{c}.upstream_rq_total"] for c in ("openai", "azure", "azure2", "azure3", "azure4")] \
+        == [1, 1, 1, 1, 1]
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. the Responses API on Azure's v1 API
 

@@ -39,6 +39,7 @@ import yaml
 
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 LUA_FILTER = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 PRIORITY_GROUP = "envoy.router.cluster_specifier_plugin.priority_group"
 UPSTREAM_CODEC = "envoy.filters.http.upstream_codec"
@@ -102,9 +103,6 @@ def streams_through_router(wasm: dict) -> bool:
     return ((plugin(wasm).get("streaming") or {}).get("failover") or "router") == "router"
 
 
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-
-
 def upstream_filter(http_filters: list) -> dict | None:
     """The llm_failover upstream filter (its Wasm `config`) among upstream HTTP filters."""
     for hf in http_filters or []:
@@ -127,6 +125,10 @@ def _lua_source(hf: dict) -> str:
     tc = hf.get("typed_config") or {}
     src = tc.get("default_source_code") or tc.get("inline_code") or {}
     return src.get("inline_string", "") if isinstance(src, dict) else str(src)
+
+
+def _matches_lists_only(route: dict) -> bool:
+    return any(h.get("name") == CLUSTER_HEADER for h in (route.get("match") or {}).get("headers") or [])
 
 
 def _route_problems(where: str, route: dict) -> list[str]:
@@ -179,7 +181,12 @@ def problems(cfg: dict) -> list[str]:
                     out.append(f"{where}: the Lua filter after the llm_failover filter does not use "
                                f"{', '.join(missing)} (README, streamed failover)")
             for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
-                for n, route in enumerate(vh.get("routes") or []):
+                routes = vh.get("routes") or []
+                # A first route for the filter's lists alone (Istio's EnvoyFilter) leaves the others
+                # to their own clusters; otherwise every route carries the filter's requests.
+                if routes and _matches_lists_only(routes[0]):
+                    routes = routes[:1]
+                for n, route in enumerate(routes):
                     out += _route_problems(f"{where}, virtual host {vh.get('name')}, routes[{n}]", route)
             vm = wasm.get("vm_config") or {}
             for router in routers(hcm)[:1] or [{}]:
@@ -236,12 +243,13 @@ def drop_upstream_filter(cfg: dict) -> dict:
 
 
 def strip(cfg: dict) -> dict:
-    """`cfg` without a streamed side: no Lua filter, no upstream filter, every route on
+    """`cfg` without a streamed side: no wiring Lua filter, no upstream filter, every route on
     `cluster_header: x-llm-failover-cluster` (the filter then fails streams over through callouts)."""
     drop_upstream_filter(cfg)
     for _, hcm in _hcms(cfg):
         hcm["http_filters"] = [hf for hf in hcm["http_filters"]
-                               if (hf.get("typed_config") or {}).get("@type") != LUA_FILTER]
+                               if not ((hf.get("typed_config") or {}).get("@type") == LUA_FILTER
+                                       and '"priority_groups"' in _lua_source(hf))]
         for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
             for route in vh.get("routes") or []:
                 action = route.get("route")

@@ -82,9 +82,9 @@ pub enum Role {
 #[cfg_attr(test, schemars(rename = "Streaming"))]
 #[serde(deny_unknown_fields)]
 pub struct RawStreaming {
-    /// "router" (default): a streamed request goes through Envoy's router over the
-    /// streamed-failover clusters, which retries it on the next target before the first byte, so
-    /// the fallback's answer streams. "callout": it fails over through callouts like any other
+    /// "router" (default): a streamed request goes through Envoy's router, which retries it on
+    /// the next target's own cluster before the first byte (README, streamed failover: the Envoy
+    /// side), so the fallback's answer streams. "callout": it fails over through callouts like any other
     /// request, and the fallback's answer arrives in one piece when it is complete.
     pub failover: Option<StreamFailover>,
 }
