@@ -9,7 +9,7 @@
 //! specifier takes attempt *n*'s cluster from it, and its `refresh_cluster_on_retry` makes every
 //! retry choose again. The filter enables the retries for this one request with
 //! `x-envoy-retry-on`, `x-envoy-retriable-status-codes` and `x-envoy-max-retries`. The same
-//! module, as the upstream filter of the target clusters (`{"role": "upstream"}`), addresses each
+//! module, as the router's upstream filter (`{"role": "upstream"}`), addresses each
 //! attempt for its target (the plan's attempt of that number, on the cluster it names): path,
 //! host, credential and body, from the [`Handoff`] the filter left in the request's filter state.
 //! Everything here is pure: the plan, its headers and the records kept between attempts.

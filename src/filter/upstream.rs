@@ -1,4 +1,4 @@
-//! The upstream filter of the target clusters: one context per attempt the router makes; every
+//! The router's upstream filter: one context per attempt the router makes; every
 //! request but a streamed one passes untouched. A streamed attempt is addressed for its target
 //! (the plan's attempt of that number, on the cluster the route chose for it): path, host,
 //! credential, and the body when the target needs its own. It logs and counts the decision the
