@@ -170,16 +170,16 @@ def problems(cfg: dict) -> list[str]:
             if not streams_through_router(wasm):
                 continue
             where = f"listener {listener}"
-            lua = [j for j in range(i + 1, len(filters)) if kinds[j] == LUA_FILTER]
+            end = next((j for j in range(i + 1, len(filters)) if kinds[j] == ROUTER), len(filters))
+            lua = [[n for n in LUA_NEEDS if n not in _lua_source(filters[j])]
+                   for j in range(i + 1, end) if kinds[j] == LUA_FILTER]
             if not lua:
                 out.append(f"{where}: no Lua filter after the llm_failover filter (it turns {CLUSTER_HEADER} "
                            "into the route's priority groups: README, streamed failover)")
-            else:
-                src = _lua_source(filters[lua[0]])
-                missing = [n for n in LUA_NEEDS if n not in src]
-                if missing:
-                    out.append(f"{where}: the Lua filter after the llm_failover filter does not use "
-                               f"{', '.join(missing)} (README, streamed failover)")
+            elif all(lua):
+                missing = min(lua, key=len)
+                out.append(f"{where}: the Lua filter after the llm_failover filter does not use "
+                           f"{', '.join(missing)} (README, streamed failover)")
             for vh in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
                 routes = vh.get("routes") or []
                 # A first route for the filter's lists alone (Istio's EnvoyFilter) leaves the others
