@@ -47,8 +47,8 @@ impl Attempt {
         }
     }
 
-    /// Addresses the attempt of a streamed request; every other request (a routed first
-    /// attempt, a callout) passes untouched. `Err` names why the attempt cannot be sent (the
+    /// Addresses the attempt of a streamed request; every other request the router sends (the
+    /// routed first attempt of one that is not streamed) passes untouched. `Err` names why the attempt cannot be sent (the
     /// client gets a 500: the request must never go on unaddressed or with another target's
     /// credential).
     fn begin(&mut self, end_of_stream: bool) -> Result<Action, Refusal> {
