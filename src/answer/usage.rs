@@ -16,6 +16,14 @@ pub struct Usage {
     pub completion: u64,
 }
 
+/// Whether an answer can carry usage at all: a whole answer and a Responses API stream
+/// (`response.completed`) do; a chat or completions stream only when `stream_options.include_usage`
+/// was asked, by the client or by the target's `override_params`. The chunks of a stream that
+/// cannot are not copied into the filter (the per-chunk cost of a passing stream).
+pub fn in_answer(stream: bool, responses: bool, include_usage: bool, overridden: bool) -> bool {
+    !stream || responses || include_usage || overridden
+}
+
 /// Keeps the last `TAIL` bytes of a body seen chunk by chunk.
 #[derive(Debug, Default)]
 pub struct UsageScanner {
@@ -192,5 +200,20 @@ mod tests {
         assert_eq!(from_body(b""), None);
         assert_eq!(from_body(b"\"usage\""), None);
         assert_eq!(from_body(b"\"usage\": {\"prompt_tokens\": \"x\"}"), None);
+    }
+
+    #[test]
+    fn only_a_chat_stream_without_include_usage_has_none() {
+        // (stream, responses, include_usage, overridden) -> usage may come
+        let cases = [
+            ((false, false, false, false), true),
+            ((true, false, false, false), false),
+            ((true, false, true, false), true),
+            ((true, false, false, true), true),
+            ((true, true, false, false), true),
+        ];
+        for ((stream, responses, include, overridden), want) in cases {
+            assert_eq!(in_answer(stream, responses, include, overridden), want);
+        }
     }
 }

@@ -173,8 +173,11 @@ impl Exchange {
     /// The answer passes through from here on: its usage counted, its response id remembered,
     /// its copy cached.
     pub(super) fn pass_answer(&mut self, status: Option<u16>) {
-        if (200..300).contains(&status.unwrap_or(0)) && self.current_target().is_some() {
-            self.usage = Some(UsageScanner::default());
+        let target = self.current_target();
+        if (200..300).contains(&status.unwrap_or(0)) && target.is_some() {
+            if self.answer_may_carry_usage(target) {
+                self.usage = Some(UsageScanner::default());
+            }
             if self.creates_response() {
                 self.response_head = Some(Vec::new());
             }
@@ -184,6 +187,23 @@ impl Exchange {
             self.cache_body = Some(Vec::new());
         }
         self.phase = Phase::Streaming;
+    }
+
+    /// Whether this request's answer from `target` can hold usage (see `usage::in_answer`).
+    fn answer_may_carry_usage(&self, target: Option<usize>) -> bool {
+        let Some(body) = &self.body else {
+            return true;
+        };
+        let overridden = target
+            .and_then(|t| self.step(t))
+            .and_then(|s| s.override_params.as_ref())
+            .is_some_and(|p| p.contains_key("stream_options"));
+        usage::in_answer(
+            body.stream,
+            self.creates_response(),
+            body.include_usage,
+            overridden,
+        )
     }
 
     /// A Responses API answer passing through: its beginning, until its id is known.

@@ -24,13 +24,15 @@ pub struct Body {
     raw: Vec<u8>,
     pub model: Option<String>,
     pub stream: bool,
+    /// `stream_options.include_usage`: whether a chat stream's last chunk will carry usage.
+    pub include_usage: bool,
     pub previous_response_id: Option<String>,
     /// The members in the client's order (`Keep::Document` only).
     members: Option<Vec<(String, Value)>>,
 }
 
 /// The typed fields; a repeated one is refused (providers would not agree on which counts).
-const TYPED: [&str; 3] = ["model", "stream", "previous_response_id"];
+const TYPED: [&str; 4] = ["model", "stream", "previous_response_id", "stream_options"];
 
 impl Body {
     /// Checks that `bytes` is one JSON object (nesting at most serde_json's limit of 128) and
@@ -100,7 +102,7 @@ impl<'de> Visitor<'de> for BodyVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
         let mut members = (self.keep == Keep::Document).then(Vec::new);
-        let mut typed: [Option<Value>; 3] = [None, None, None];
+        let mut typed: [Option<Value>; 4] = [None, None, None, None];
         while let Some(Key(key)) = map.next_key()? {
             let Some(slot) = TYPED
                 .iter()
@@ -122,7 +124,7 @@ impl<'de> Visitor<'de> for BodyVisitor {
             }
             *slot = Some(value);
         }
-        let [model, stream, previous_response_id] = typed;
+        let [model, stream, previous_response_id, stream_options] = typed;
         Ok(Body {
             raw: Vec::new(),
             model: string(model, "model").map_err(de::Error::custom)?,
@@ -133,6 +135,12 @@ impl<'de> Visitor<'de> for BodyVisitor {
             },
             previous_response_id: string(previous_response_id, "previous_response_id")
                 .map_err(de::Error::custom)?,
+            // Not checked further: whether the options are valid is the provider's to say.
+            include_usage: stream_options
+                .as_ref()
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             members,
         })
     }

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""The workload LLM gateways carry: long SSE streams of small chunks, many open at once.
+
+Variants on `envoy/local.yaml` (one Envoy worker, the same layout for all): plain Envoy, the no-op
+Wasm filter in llm-failover's places, and llm-failover with and without
+`stream_options.include_usage`. (Envoy's Lua filter is not among them: the Lua failover of
+`bench/lua` answers from an `httpCall`, which buffers a stream whole, so it has no per-chunk
+path to compare.) The upstream is an asyncio server of this script that answers
+every request with `--chunks` chat chunks of about 220 bytes, `--gap-ms` apart, ending in
+`data: [DONE]` (with a usage chunk when the request asked for it); its CPU is reported so that it
+is seen not to be the bottleneck. Measured, per variant, rounds interleaved:
+
+* Envoy CPU per chunk and per stream, with `--streams` streams open at once;
+* time to the first chunk at one connection (median of `--ttfc` sequential requests);
+* memory per open stream: Envoy's RSS with `--open` streams held open (their first chunk read),
+  minus its RSS before, divided by `--open`.
+
+Loopback only; every loop is bounded by counts and by time.
+
+    .venv/bin/python bench/streams.py [--rounds 3] [--append BENCHMARKS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import footprint  # noqa: E402  (render, cpu_seconds, status_kib, the wasm paths)
+
+ROOT = footprint.ROOT
+CHUNK_TEXT = "lorem ipsum dolor sit amet "  # content of each chunk's delta
+
+
+# ---- upstream: an asyncio SSE server in a process of its own ----------------------------------
+
+def chunk(i: int) -> bytes:
+    body = {
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1733222400,
+        "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "delta": {"content": CHUNK_TEXT}, "logprobs": None, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage_chunk() -> bytes:
+    body = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1733222400,
+            "model": "gpt-4o-2024-08-06", "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 300, "total_tokens": 309}}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def hexlen(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunks: int, gap: float) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            body = await reader.readexactly(length) if length else b""
+            usage = b"include_usage" in body
+            try:
+                count = int(json.loads(body).get("max_tokens") or chunks)
+            except (ValueError, AttributeError):
+                count = chunks
+            if b'"hold"' in body:
+                # A stream held open: its first chunk, then nothing for up to 20 s.
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n" + hexlen(chunk(0)))
+                await writer.drain()
+                await asyncio.sleep(20)
+                writer.write(hexlen(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                         b"transfer-encoding: chunked\r\nx-request-id: bench\r\n\r\n")
+            for i in range(count):
+                writer.write(hexlen(chunk(i)))
+                await writer.drain()
+                if gap:
+                    await asyncio.sleep(gap)
+            if usage:
+                writer.write(hexlen(usage_chunk()))
+            writer.write(hexlen(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def upstream_main(port: int, chunks: int, gap_ms: float) -> None:
+    async def run() -> None:
+        server = await asyncio.start_server(lambda r, w: serve_one(r, w, chunks, gap_ms / 1000),
+                                            "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(run())
+
+
+# ---- client ------------------------------------------------------------------------------------
+
+def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: int | None = None) -> bytes:
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    if chunks is not None:
+        body["max_tokens"] = chunks  # the upstream sends this many chunks
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    if hold:
+        body["user"] = "hold"
+    data = json.dumps(body).encode()
+    # The cluster header lets plain Envoy and the no-op filter route like the filter does (the
+    # filter overwrites it; the route removes it).
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+            f"x-llm-failover-cluster: openai\r\ncontent-length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def held_stream(port: int, req: bytes, first: asyncio.Event, release: asyncio.Event) -> None:
+    """A stream whose first chunk is read, then held open until `release`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(req)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readuntil(b"\n\n")
+        first.set()
+        await release.wait()
+    finally:
+        writer.close()
+
+
+async def one_stream(port: int, req: bytes) -> tuple[int, float]:
+    """Sends one streamed request; returns (SSE data events read, seconds to the first one)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(req)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"stream answered {head.splitlines()[0]!r}")
+    events, ttfc, buf = 0, None, b""
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.strip().split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            break
+        data = await reader.readexactly(size + 2)
+        buf += data[:-2]
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if event.startswith(b"data: "):
+                events += 1
+                if ttfc is None:
+                    ttfc = time.monotonic() - started
+    writer.close()
+    return events, ttfc or 0.0
+
+
+# ---- Envoy -------------------------------------------------------------------------------------
+
+def start_envoy(wasm: Path | None, upstream: int, tmp: Path) -> tuple[subprocess.Popen, int, int]:
+    admin, listener = footprint.free_port(), footprint.free_port()
+    cfg = footprint.render(wasm, admin, listener)
+    for d in footprint.walk(cfg):
+        sa = d.get("socket_address")
+        if isinstance(sa, dict) and sa.get("port_value") not in (admin, listener):
+            sa["port_value"] = upstream
+    for lst in cfg["static_resources"]["listeners"]:
+        lst["per_connection_buffer_limit_bytes"] = lst.get("per_connection_buffer_limit_bytes", 4194304)
+    path = tmp / f"streams-{admin}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "envoy"), "-c", str(path), "--concurrency", "1",
+                             "--disable-hot-restart", "-l", "error"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1):
+                return proc, listener, admin
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("envoy not ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def allocated(admin: int) -> int:
+    """Bytes Envoy's allocator has handed out (Wasm linear memory is not among them)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=5) as r:
+        return int(json.load(r)["allocated"])
+
+
+async def measure(envoy: subprocess.Popen, listener: int, admin: int, upstream_pid: int, args,
+                  include_usage: bool) -> dict:
+    req = request_bytes(listener, include_usage)
+    short = request_bytes(listener, include_usage, chunks=3)
+    # Warm-up: the first request down a path pays V8's compilation (docs/performance.md).
+    for _ in range(5):
+        await one_stream(listener, short)
+    # Time to the first chunk at one connection (short streams: the first chunk is what counts).
+    ttfc = [(await one_stream(listener, short))[1] for _ in range(args.ttfc)]
+    # CPU per chunk and per stream.
+    cpu0, up0 = footprint.cpu_seconds(envoy.pid), footprint.cpu_seconds(upstream_pid)
+    wall0 = time.monotonic()
+    results = await asyncio.wait_for(asyncio.gather(*(one_stream(listener, req) for _ in range(args.streams))),
+                                     timeout=120)
+    wall = time.monotonic() - wall0
+    cpu, up = footprint.cpu_seconds(envoy.pid) - cpu0, footprint.cpu_seconds(upstream_pid) - up0
+    events = sum(e for e, _ in results)
+    # Memory per open stream.
+    held = request_bytes(listener, include_usage, hold=True)
+    rss0, alloc0 = footprint.status_kib(envoy.pid).get("VmRSS", 0), allocated(admin)
+    release = asyncio.Event()
+    firsts = [asyncio.Event() for _ in range(args.open)]
+    tasks = [asyncio.create_task(held_stream(listener, held, f, release)) for f in firsts]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), timeout=15)
+        rss1, alloc1 = footprint.status_kib(envoy.pid).get("VmRSS", 0), allocated(admin)
+    finally:
+        release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+    return {
+        "per_chunk_us": cpu / max(events, 1) * 1e6,
+        "per_stream_us": cpu / args.streams * 1e6,
+        "ttfc_us": statistics.median(ttfc) * 1e6,
+        "per_open_kib": (rss1 - rss0) / args.open,
+        "per_open_alloc_kib": (alloc1 - alloc0) / 1024 / args.open,
+        "envoy_core": cpu / wall,
+        "upstream_core": up / wall,
+        "events": events / args.streams,
+    }
+
+
+VARIANTS = [
+    ("plain Envoy", None, False),
+    ("no-op filter", footprint.NOOP_WASM, False),
+    ("llm-failover", footprint.FILTER_WASM, False),
+    ("llm-failover, `include_usage`", footprint.FILTER_WASM, True),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=300)
+    ap.add_argument("--gap-ms", type=float, default=10.0)
+    ap.add_argument("--streams", type=int, default=50, help="streams open at once for the CPU figures")
+    ap.add_argument("--ttfc", type=int, default=30, help="sequential requests for time to first chunk")
+    ap.add_argument("--open", type=int, default=1000, help="streams held open for the memory figure")
+    ap.add_argument("--append", type=Path)
+    args = ap.parse_args()
+    for _, wasm, _ in VARIANTS:
+        if wasm is not None and not wasm.exists():
+            raise SystemExit(f"streams: {wasm} missing (make build; bench/run.py builds the no-op filter)")
+    up_port = footprint.free_port()
+    # The held-open streams must outlast the memory reading: a slow pace for them is the
+    # upstream's normal one (chunks * gap), at least 3 s.
+    upstream = subprocess.Popen([sys.executable, __file__, "--serve", str(up_port), str(args.chunks), str(args.gap_ms)])
+    results: dict[str, list[dict]] = {}
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", up_port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        with tempfile.TemporaryDirectory() as t:
+            for r in range(args.rounds):
+                for name, wasm, usage in VARIANTS:
+                    envoy, listener, admin = start_envoy(wasm, up_port, Path(t))
+                    try:
+                        results.setdefault(name, []).append(
+                            asyncio.run(measure(envoy, listener, admin, upstream.pid, args, usage)))
+                    finally:
+                        stop(envoy)
+                print(f"streams: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        stop(upstream)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[name])
+
+    lines = [
+        f"{args.chunks} chunks of about 220 B per stream, {args.gap_ms:g} ms apart; one Envoy worker; medians of "
+        f"{args.rounds} rounds. CPU with {args.streams} streams at once, time to first chunk at one connection, "
+        f"memory with {args.open} streams open.",
+        "",
+        "| variant | Envoy CPU per chunk | per stream | vs no-op filter (per chunk) | time to first chunk | memory per open stream: RSS | of it Envoy's allocator | Envoy / upstream CPU (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = med("no-op filter", "per_chunk_us")
+    for name, _, _ in VARIANTS:
+        lines.append(
+            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {med(name, 'per_stream_us'):.0f} us "
+            f"| {med(name, 'per_chunk_us') / base:.2f}x | {med(name, 'ttfc_us'):.0f} us "
+            f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'per_open_alloc_kib'):.1f} KiB "
+            f"| {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write("\n## Streams: the LLM-shaped workload (bench/streams.py)\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+        upstream_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        sys.exit(main())
