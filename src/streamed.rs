@@ -160,6 +160,10 @@ pub struct Handoff {
     /// The client's body length: every attempt gets the client's body from the router, and the
     /// headers an earlier attempt rewrote for its own body are shared.
     pub length: u64,
+    /// A Responses follow-up pinned to its previous response's owner (it never probes nor moves
+    /// a cooldown).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 impl Handoff {
@@ -415,6 +419,7 @@ mod tests {
             plan: vec![tries(0, 2), tries(1, 1)],
             per_try_ms: 5000,
             length: 76,
+            pinned: true,
         };
         assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
         assert_eq!(Handoff::from_json(b"{\"root\": 1}"), None);

@@ -21,7 +21,7 @@ use llm_failover::config::Cooldown;
 use llm_failover::config::{
     self, AzureApi, Config, ConfigError, Credential, Env, KeyMatch, Provider,
 };
-use llm_failover::health::cooldown::{self, State};
+use llm_failover::health::cooldown::{self, Attempt, Change, Ending, Phase, Rate, State, Trip};
 use llm_failover::policy::chain::{
     Chain, Failure, FailureKind, GiveUpReason, Hop, Next, NoRetry, Outcome, MIN_ATTEMPT,
 };
@@ -666,7 +666,7 @@ impl ConfigSpec {
             }
             let want_cooldown = match &spec.cooldown {
                 CooldownSpec::Off | CooldownSpec::Disabled => None,
-                CooldownSpec::Absent | CooldownSpec::On => Some((3, 30_000, 300_000)),
+                CooldownSpec::Absent | CooldownSpec::On => Some((0, 30_000, 300_000)),
                 CooldownSpec::Custom {
                     after,
                     duration,
@@ -674,7 +674,7 @@ impl ConfigSpec {
                 } => {
                     let d = duration.as_ref().map_or(30_000, |d| d.1.as_millis() as u64);
                     let max = cooldown_max_ms(duration, *extra_ms).unwrap_or(d.max(300_000));
-                    Some((after.unwrap_or(3), d, max))
+                    Some((after.unwrap_or(0), d, max))
                 }
             };
             let got = t.cooldown.as_ref().map(|c| {
@@ -1796,100 +1796,185 @@ proptest! {
 // ---- cooldowns -----------------------------------------------------------------------------
 
 fn arb_policy() -> impl Strategy<Value = Cooldown> {
-    (0u32..10, 0..=DAY_MS, 0..=DAY_MS).prop_map(|(after_failures, d, extra)| Cooldown {
-        after_failures,
-        duration: Duration::from_millis(d),
-        max_duration: Duration::from_millis((d + extra).min(DAY_MS)),
-    })
+    (
+        0u16..=10_000,
+        1u32..20,
+        1_000u64..60_000,
+        0u32..5,
+        0u32..5,
+        0..=DAY_MS,
+        0..=DAY_MS,
+    )
+        .prop_map(|(rate, min, window, transport, any, d, extra)| Cooldown {
+            failure_rate: Rate::from_per_10000(rate),
+            min_attempts: min,
+            window: Duration::from_millis(window),
+            after_transport_failures: transport,
+            after_failures: any,
+            duration: Duration::from_millis(d),
+            max_duration: Duration::from_millis((d + extra).min(DAY_MS)),
+        })
 }
 
-#[derive(Debug, Clone)]
-enum CooldownEvent {
-    Failure(Option<Duration>),
-    Success,
+fn arb_ending(waits: BoxedStrategy<Duration>) -> impl Strategy<Value = Ending> {
+    prop_oneof![
+        3 => Just(Ending::Answered),
+        2 => Just(Ending::Status { wait: None }),
+        1 => proptest::option::of(waits).prop_map(|wait| Ending::Status { wait }),
+        1 => Just(Ending::Transport),
+    ]
 }
 
-fn arb_cooldown_events(
+/// Attempts reported one after another: (ending, ms since the last report, how long the attempt
+/// took, pinned, whether it claimed the probe first).
+fn arb_reports(
     waits: BoxedStrategy<Duration>,
-) -> impl Strategy<Value = Vec<(CooldownEvent, u64)>> {
+) -> impl Strategy<Value = Vec<(Ending, u64, u64, bool, bool)>> {
     prop::collection::vec(
         (
-            prop_oneof![
-                3 => proptest::option::of(waits).prop_map(CooldownEvent::Failure),
-                1 => Just(CooldownEvent::Success),
-            ],
-            0u64..100_000,
+            arb_ending(waits),
+            0u64..20_000,
+            0u64..40_000,
+            prop::bool::weighted(0.1),
+            any::<bool>(),
         ),
-        0..30,
+        0..60,
     )
 }
 
-/// Applies `events` from `start`, checking that cooldowns only ever grow and start as asked.
-fn run_cooldown(
-    start: State,
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs `reports` from a closed breaker and checks every transition against the rules of
+/// docs/failure-semantics.md (section 5), and the window's counts against a plain list of the
+/// attempts counted.
+fn run_breaker(
     policy: &Cooldown,
     now0: u64,
-    events: &[(CooldownEvent, u64)],
+    reports: &[(Ending, u64, u64, bool, bool)],
 ) -> Result<(), TestCaseError> {
-    let mut s = start;
+    let mut s = State::default();
     let mut now = now0;
-    for (event, advance) in events {
-        now = now.saturating_add(*advance);
-        let before = s;
-        match event {
-            CooldownEvent::Success => match cooldown::after_success(s) {
-                Some(next) => {
-                    prop_assert!(before.failures != 0);
-                    prop_assert_eq!(
-                        next,
-                        State {
-                            until_ms: before.until_ms,
-                            failures: 0
-                        }
-                    );
-                    s = next;
-                }
-                None => prop_assert_eq!(before.failures, 0),
-            },
-            CooldownEvent::Failure(wait) => {
-                let (next, cooled) = cooldown::after_failure(s, policy, *wait, now);
-                prop_assert!(next.until_ms >= before.until_ms, "a cooldown shrank");
-                prop_assert_eq!(
-                    cooled.started().is_some(),
-                    cooled.set().is_some() && !before.cooling(now)
-                );
-                match cooled.set() {
-                    Some(d) => {
-                        prop_assert_eq!(next.failures, 0);
-                        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-                        prop_assert!(next.until_ms >= now.saturating_add(ms));
-                        prop_assert!(d <= policy.max_duration.max(policy.duration));
-                        if !d.is_zero() {
-                            prop_assert!(next.cooling(now));
-                        }
-                    }
-                    None => {
-                        prop_assert_eq!(next.until_ms, before.until_ms);
-                        prop_assert_eq!(next.failures, before.failures.saturating_add(1));
-                        prop_assert!(wait.is_none_or(|w| w.is_zero()));
-                    }
-                }
-                if before.cooling(now) {
-                    prop_assert!(next.cooling(now));
-                }
+    // (time, failed) of every attempt counted since the breaker last closed or cooled.
+    let mut counted: Vec<(u64, bool)> = Vec::new();
+    let bucket = (ms(policy.window) / cooldown::BUCKETS as u64).max(1);
+    for &(ending, advance, took, pinned, claim) in reports {
+        now = now.saturating_add(advance);
+        if claim {
+            if let Some(next) = cooldown::claim_probe(s, now, now.saturating_add(60_000)) {
+                prop_assert_eq!(s.phase(now), Phase::AwaitingProbe);
+                prop_assert_eq!(next.phase(now), Phase::Probing);
                 s = next;
             }
         }
-        prop_assert_eq!(State::decode(&s.encode()), s);
+        let started = now.saturating_sub(took);
+        let attempt = Attempt {
+            started_ms: started,
+            pinned,
+        };
+        let before = s;
+        let (next, change) = cooldown::after_attempt(s, policy, attempt, ending, now);
+        prop_assert_eq!(change == Change::None, next == before);
+        match change {
+            Change::None | Change::Counted => {
+                prop_assert_eq!(
+                    next.until_ms,
+                    before.until_ms,
+                    "only a trip or a probe moves it"
+                );
+            }
+            Change::Cooled(d, trip) => {
+                let expected = match (trip, ending) {
+                    (Trip::RetryAfter, Ending::Status { wait: Some(w) }) => {
+                        w.min(policy.max_duration)
+                    }
+                    (Trip::RetryAfter, _) => return Err(TestCaseError::fail("a wait with no 429")),
+                    _ => policy.duration,
+                };
+                prop_assert_eq!(d, expected);
+                prop_assert!(ending != Ending::Answered);
+                prop_assert!(
+                    !pinned || before.until_ms == 0,
+                    "a pinned follow-up moved a cooldown"
+                );
+                prop_assert_eq!(next.until_ms, now.saturating_add(ms(d)).max(1));
+                prop_assert_eq!(next.since_ms, now);
+                prop_assert_eq!(next.window_counts(policy.window, now), (0, 0));
+            }
+            Change::Recovered => {
+                prop_assert_eq!(ending, Ending::Answered);
+                prop_assert!(!pinned);
+                prop_assert_eq!(next.phase(now), Phase::Closed);
+            }
+        }
+        if before.until_ms != 0 {
+            // Open: only the probe (sent after the cooldown ended, not pinned) speaks.
+            let probe = before.until_ms <= now && started >= before.until_ms && !pinned;
+            if !probe {
+                prop_assert_eq!(change, Change::None);
+            }
+            if before.phase(now) == Phase::Cooling {
+                prop_assert_eq!(next, before, "a cooldown in progress moved");
+            }
+            if !matches!(change, Change::None) {
+                counted.clear();
+            }
+        } else if started < before.since_ms {
+            prop_assert_eq!(
+                change,
+                Change::None,
+                "an attempt in flight when it cooled counted"
+            );
+        } else {
+            if policy.failure_rate.per_10000() > 0 {
+                counted.push((now, ending != Ending::Answered));
+            }
+            let current = now / bucket;
+            let in_window: Vec<bool> = counted
+                .iter()
+                .filter(|(t, _)| current - t / bucket < cooldown::BUCKETS as u64)
+                .map(|&(_, f)| f)
+                .collect();
+            let attempts = in_window.len() as u32;
+            let failures = in_window.iter().filter(|f| **f).count() as u32;
+            match change {
+                Change::Cooled(
+                    _,
+                    Trip::FailureRate {
+                        failures: f,
+                        attempts: a,
+                    },
+                ) => {
+                    prop_assert_eq!((a, f), (attempts, failures));
+                    prop_assert!(a >= policy.min_attempts && policy.failure_rate.reached(f, a));
+                }
+                Change::Cooled(..) => {}
+                _ => {
+                    prop_assert_eq!(next.window_counts(policy.window, now), (attempts, failures));
+                    if ending != Ending::Answered && attempts >= policy.min_attempts {
+                        prop_assert!(
+                            !policy.failure_rate.reached(failures, attempts),
+                            "did not trip"
+                        );
+                    }
+                }
+            }
+            if matches!(change, Change::Cooled(..)) {
+                counted.clear();
+            }
+        }
+        prop_assert_eq!(State::decode(&next.encode()), next);
+        s = next;
     }
     Ok(())
 }
 
 proptest! {
     #[test]
-    fn cooldown_state_decodes_anything(bytes in prop::collection::vec(any::<u8>(), 0..24)) {
+    fn cooldown_state_decodes_anything(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         let s = State::decode(&bytes);
-        if bytes.len() == 12 {
+        if bytes.len() == State::default().encode().len() {
             prop_assert_eq!(&s.encode()[..], &bytes[..]);
         } else {
             prop_assert_eq!(s, State::default());
@@ -1897,28 +1982,24 @@ proptest! {
     }
 
     #[test]
-    fn cooldowns_only_grow(
-        until_ms in any::<u64>(),
-        failures in any::<u32>(),
+    fn the_breaker_follows_its_rules(
         policy in arb_policy(),
-        now in prop_oneof![0u64..=4_000_000_000_000, any::<u64>()],
-        events in arb_cooldown_events((0..=2 * DAY_MS).prop_map(Duration::from_millis).boxed()),
+        now in 0u64..=4_000_000_000_000,
+        reports in arb_reports((0..=2 * DAY_MS).prop_map(Duration::from_millis).boxed()),
     ) {
-        run_cooldown(State { until_ms, failures }, &policy, now, &events)?;
+        run_breaker(&policy, now, &reports)?;
     }
 
     #[test]
-    fn cooldowns_survive_extreme_durations(
-        until_ms in any::<u64>(),
-        failures in any::<u32>(),
-        after_failures in any::<u32>(),
+    fn the_breaker_survives_extreme_durations(
+        policy in arb_policy(),
         duration in arb_extreme_duration(),
         max_duration in arb_extreme_duration(),
         now in any::<u64>(),
-        events in arb_cooldown_events(arb_extreme_duration().boxed()),
+        reports in arb_reports(arb_extreme_duration().boxed()),
     ) {
-        let policy = Cooldown { after_failures, duration, max_duration };
-        run_cooldown(State { until_ms, failures }, &policy, now, &events)?;
+        let policy = Cooldown { duration, max_duration, ..policy };
+        run_breaker(&policy, now, &reports)?;
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use llm_failover::answer::cache::{self, Entry};
 use llm_failover::config::{self, Cooldown, NoEnv};
-use llm_failover::health::cooldown::{self, State};
+use llm_failover::health::cooldown::{self, Attempt, Change, Ending, Rate, State};
 use llm_failover::policy::chain::{Chain, Failure, FailureKind, GiveUpReason, Hop, Next, Outcome};
 use llm_failover::policy::retry_after;
 use llm_failover::request::auth;
@@ -192,12 +192,21 @@ fn a_retry_after_near_the_end_of_time_gives_up_without_panicking() {
 #[test]
 fn a_huge_cooldown_saturates() {
     let policy = Cooldown {
+        failure_rate: Rate::from_per_10000(0),
+        min_attempts: 1,
+        window: Duration::from_secs(10),
+        after_transport_failures: 0,
         after_failures: 1,
         duration: Duration::from_secs(u64::MAX / 1000 + 1),
         max_duration: Duration::MAX,
     };
-    let (s, cooled) = cooldown::after_failure(State::default(), &policy, None, 5);
-    assert!(cooled.set().is_some());
+    let attempt = Attempt {
+        started_ms: 5,
+        pinned: false,
+    };
+    let failed = Ending::Status { wait: None };
+    let (s, change) = cooldown::after_attempt(State::default(), &policy, attempt, failed, 5);
+    assert!(matches!(change, Change::Cooled(..)));
     assert_eq!(s.until_ms, u64::MAX);
 }
 

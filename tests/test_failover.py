@@ -430,7 +430,8 @@ COOLDOWNS = [
     # openai's cooldown setting, the answers that trip it (one request each), how long it then
     # lasts (None: not observed coming back within the test), whether it trips at all
     pytest.param(None, [{"status": 429, "retry_after": "3"}], 3.0, True, id="on-by-default-429-retry-after"),
-    pytest.param(None, [503, 500, 502], None, True, id="on-by-default-3-consecutive-failures"),
+    pytest.param(None, [503, 500, 502, 504, 503] * 2, None, True, id="on-by-default-10-failed-attempts"),
+    pytest.param(None, [{"close": True}] * 3, None, True, id="on-by-default-3-transport-failures"),
     pytest.param({"after_failures": 2, "duration": "3s"}, [503, {"close": True}], 3.0, True,
                  id="per-target-after-failures-and-duration"),
     pytest.param(False, [{"status": 429, "retry_after": "2"}, 503, 503, 503], None, False, id="disabled"),
@@ -439,7 +440,8 @@ COOLDOWNS = [
 
 @pytest.mark.parametrize("cooldown, trip, lasts, trips", COOLDOWNS)
 def test_cooldown_shared_by_all_workers(gateway, mocks, cooldown, trip, lasts, trips):
-    """After a 429 with Retry-After, or N consecutive failures, requests on every worker go straight
+    """After a 429 with Retry-After, enough failed attempts (10 by default), transport failures in a
+    row (3) or `after_failures` failures in a row, requests on every worker go straight
     to the next target (no request reaches the cooling one) until the cooldown ends."""
     openai_cfg = {} if cooldown is None else {"cooldown": cooldown}
     stack = gateway([target("openai", **openai_cfg), target("azure")], concurrency=2)
@@ -475,8 +477,8 @@ def test_cooldown_shared_by_all_workers(gateway, mocks, cooldown, trip, lasts, t
 
 def test_a_success_resets_the_consecutive_failures(gateway, mocks):
     """`after_failures` counts failures in a row: a success in between starts the count again, so
-    2 failures, a success and 2 more failures (default after_failures 3) start no cooldown."""
-    stack = gateway([target("openai"), target("azure")])
+    2 failures, a success and 2 more failures (after_failures 3) start no cooldown."""
+    stack = gateway([target("openai", cooldown={"after_failures": 3}), target("azure")])
     for _ in range(2):
         script(mocks, {"openai": [503, 503]})
         for _ in range(2):
@@ -589,7 +591,8 @@ def test_client_disconnect_while_pending_leaves_nothing_behind(gateway, mocks):
 def test_every_decision_is_logged_once_with_the_request_id(gateway, mocks):
     """Retry, failover, no-retry, skip for cooldown, exhausted chain and spent budget: each is one
     info line carrying the client's x-request-id and the targets involved; no secret is logged."""
-    stack = gateway([target("openai", retries=1, cooldown={"after_failures": 0}),
+    only_retry_after = {"failure_rate": 0, "after_transport_failures": 0, "after_failures": 0}
+    stack = gateway([target("openai", retries=1, cooldown=only_retry_after),
                      target("azure", cooldown=False)],
                     strategy={"max_retry_wait": "500ms"}, deadline="1500ms")
     scenarios = [

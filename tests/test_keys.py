@@ -367,7 +367,8 @@ def test_no_secret_in_logs_responses_or_stats(gateway, mocks, levels, scope):
     client key shows in the filter's log lines, the responses or the stats. At info level that holds
     for Envoy's whole log; Envoy's own debug/trace logging prints request headers itself."""
     log_level, component = levels
-    targets = [target("openai", retries=1), target("azure-ad"), target("azure", cooldown={"after_failures": 1}),
+    targets = [target("openai", retries=1, cooldown={"after_failures": 3}), target("azure-ad"),
+               target("azure", cooldown={"after_failures": 1}),
                target("dead")]
     stack = gateway(targets, APP_KEYS, log_level=log_level, component_log_level=component)
     app, azure_only = bearer(GW_APP), {"api-key": GW_AZURE_ONLY}

@@ -24,7 +24,7 @@ COUNTER_FAMILIES = {
     "llm_failover_requests", "llm_failover_attempts", "llm_failover_retries", "llm_failover_fallbacks",
     "llm_failover_exhausted", "llm_failover_deadline_exceeded", "llm_failover_cache_hits",
     "llm_failover_cache_misses", "llm_failover_cooldown_skips", "llm_failover_cooldowns",
-    "llm_failover_deployment_skips", "llm_failover_rejected", "llm_failover_tokens",
+    "llm_failover_deployment_skips", "llm_failover_rejected", "llm_failover_tokens", "llm_failover_recoveries",
 }
 HISTOGRAM_FAMILY = "llm_failover_attempt_latency_ms"
 

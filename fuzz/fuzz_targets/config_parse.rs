@@ -2,6 +2,8 @@
 //! what is accepted holds the invariants the filter relies on.
 #![no_main]
 
+use std::time::Duration;
+
 use libfuzzer_sys::fuzz_target;
 use llm_failover::config::{self, Credential, Env, KeyMatch};
 
@@ -60,6 +62,9 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(cd) = &t.cooldown {
             assert!(cd.max_duration >= cd.duration);
+            assert!(cd.min_attempts >= 1);
+            assert!(cd.failure_rate.per_10000() <= 10_000);
+            assert!(cd.window >= Duration::from_secs(1) && cd.window <= Duration::from_secs(3600));
         }
     }
     if let Some(keys) = &c.keys {

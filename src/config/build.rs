@@ -23,7 +23,14 @@ use errors::{from_serde, invalid_json};
 use routes::{key, routes};
 use target::target;
 
-const DEFAULT_COOLDOWN_FAILURES: u32 = 3;
+// The breaker's defaults (docs/failure-semantics.md, section 5): at least half of at least 10
+// attempts in 10 s, or 3 transport failures in a row, cool a target for 30 s.
+const DEFAULT_FAILURE_RATE: Rate = Rate::from_per_10000(5_000);
+const DEFAULT_MIN_ATTEMPTS: u32 = 10;
+const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
+const MIN_WINDOW: Duration = Duration::from_secs(1);
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
+const DEFAULT_TRANSPORT_FAILURES: u32 = 3;
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
 const DEFAULT_COOLDOWN_MAX: Duration = Duration::from_secs(300);
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+pub use crate::health::cooldown::Rate;
 pub use build::{parse, parse_plugin};
 
 /// Environment lookup, injected so tests do not depend on the process environment.
@@ -171,11 +172,20 @@ impl AzureSettings {
     }
 }
 
+/// A target's circuit breaker (`health::cooldown` says how it moves).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cooldown {
-    /// Consecutive failures that put the target in cooldown (0: never by count).
+    /// Failed share of the window's attempts that starts a cooldown (0: never by rate).
+    pub failure_rate: Rate,
+    /// Attempts the window must hold before its rate is judged.
+    pub min_attempts: u32,
+    /// The sliding window the rate is judged over.
+    pub window: Duration,
+    /// Transport failures in a row that start a cooldown (0: never by them).
+    pub after_transport_failures: u32,
+    /// Failures of any kind in a row that start a cooldown (0: never by them).
     pub after_failures: u32,
-    /// How long a target stays out after `after_failures` failures.
+    /// How long a tripped target stays out before its probe (and after a failed probe).
     pub duration: Duration,
     /// Cap on a cooldown asked for by a 429's Retry-After.
     pub max_duration: Duration,

@@ -215,9 +215,22 @@ pub enum RawCooldownSwitch {
 pub struct RawCooldown {
     /// false turns the cooldown off.
     pub enabled: Option<bool>,
-    /// Consecutive failures that start a cooldown (default 3; 0: only Retry-After cooldowns).
+    /// Share of the window's attempts that, once failed, starts a cooldown: a number from 0 to
+    /// 1 (default 0.5; 0: never by rate). A brownout below it keeps the target in use.
+    pub failure_rate: Option<f64>,
+    /// Attempts the window must hold before its failure rate is judged (default 10, at least 1).
+    pub min_attempts: Option<u32>,
+    /// The sliding window the failure rate is judged over (default "10s", from "1s" to "1h").
+    pub window: Option<Deferred<Dur>>,
+    /// Transport failures in a row (no answer: connection refused or reset, timeout) that start
+    /// a cooldown (default 3; 0: never by them). Unlike failure statuses, they say the target
+    /// cannot be reached, and each can cost a whole timeout, so a short streak is enough.
+    pub after_transport_failures: Option<u32>,
+    /// Failures of any kind in a row (statuses included) that start a cooldown (default 0:
+    /// never by them; a brownout trips this, so prefer failure_rate).
     pub after_failures: Option<u32>,
-    /// How long a target stays out after `after_failures` failures (default "30s").
+    /// How long a tripped target stays out before one probe request tries it again, and again
+    /// after a failed probe (default "30s").
     pub duration: Option<Deferred<Dur>>,
     /// Cap on a cooldown asked for by a 429's Retry-After (default "5m").
     pub max_duration: Option<Deferred<Dur>>,

@@ -280,6 +280,22 @@ fn cache_and_cooldown_switches() {
     let cd = c.targets[1].cooldown.as_ref().unwrap();
     assert_eq!(cd.after_failures, 5);
     assert_eq!(cd.duration, Duration::from_secs(10));
+    // The breaker's defaults: half of at least 10 attempts in 10 s, or 3 transport failures in
+    // a row.
+    assert_eq!(cd.failure_rate.per_10000(), 5_000);
+    assert_eq!((cd.min_attempts, cd.window), (10, Duration::from_secs(10)));
+    assert_eq!(cd.after_transport_failures, 3);
+    let default = c.targets[0].cooldown.clone();
+    assert!(default.is_none());
+    v["targets"][0]["cooldown"] = json!({"failure_rate": 0.25, "min_attempts": 4, "window": "30s",
+                                         "after_transport_failures": 0});
+    let c = parse_value(&v).unwrap();
+    let cd = c.targets[0].cooldown.as_ref().unwrap();
+    assert_eq!(cd.failure_rate.per_10000(), 2_500);
+    assert_eq!((cd.min_attempts, cd.window), (4, Duration::from_secs(30)));
+    assert_eq!((cd.after_transport_failures, cd.after_failures), (0, 0));
+    v["targets"][0]["cooldown"] = json!({"enabled": false, "failure_rate": 7});
+    assert!(parse_value(&v).unwrap().targets[0].cooldown.is_none());
     v["cache"] = json!({"enabled": false});
     assert!(parse_value(&v).unwrap().cache.is_none());
 }
@@ -365,8 +381,28 @@ fn every_kind_of_mistake_is_refused_naming_field_and_problem() {
             Box::new(|v| v["targets"][0]["cooldown"] = json!("off")),
         ),
         (
-            "targets[0].cooldown.after_failure: unknown field (expected one of `enabled`, `after_failures`, `duration`, `max_duration`)",
+            "targets[0].cooldown.after_failure: unknown field (expected one of `enabled`, `failure_rate`, `min_attempts`, `window`, `after_transport_failures`, `after_failures`, `duration`, `max_duration`)",
             Box::new(|v| v["targets"][0]["cooldown"] = json!({"after_failure": 2})),
+        ),
+        (
+            "targets[0].cooldown.failure_rate: must be a number from 0 to 1 (0.5: half of the attempts; 0: off)",
+            Box::new(|v| v["targets"][0]["cooldown"] = json!({"failure_rate": 50})),
+        ),
+        (
+            "targets[1].cooldown.failure_rate: expected a number, got \"50%\"",
+            Box::new(|v| v["targets"][1]["cooldown"] = json!({"failure_rate": "50%"})),
+        ),
+        (
+            "targets[0].cooldown.min_attempts: must be at least 1 (to turn the rate off, set failure_rate to 0)",
+            Box::new(|v| v["targets"][0]["cooldown"] = json!({"min_attempts": 0})),
+        ),
+        (
+            "targets[0].cooldown.window: must be from \"1s\" to \"1h\"",
+            Box::new(|v| v["targets"][0]["cooldown"] = json!({"window": "500ms"})),
+        ),
+        (
+            "targets[0].cooldown.window: must be from \"1s\" to \"1h\"",
+            Box::new(|v| v["targets"][0]["cooldown"] = json!({"window": "2h"})),
         ),
         (
             "strategy.mode: expected \"fallback\" or \"loadbalance\", got \"roundrobin\"",

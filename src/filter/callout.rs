@@ -19,7 +19,8 @@ impl Exchange {
     /// Sends the next attempt to `target` as a callout. A callout the host refuses (e.g. an
     /// unknown cluster) counts as an unreachable target.
     pub(super) fn attempt(&mut self, target: usize, timeout: Duration) -> (Flow, Effect) {
-        self.attempt_started_ms = self.now();
+        let now = self.now();
+        self.begin_attempt(target, timeout, now);
         match self.dispatch(target, timeout) {
             Some(token) => {
                 self.phase = Phase::Callout { token };

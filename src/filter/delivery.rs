@@ -151,6 +151,7 @@ impl Exchange {
     }
 
     pub fn on_log(&mut self) {
+        self.release_probe();
         if let Phase::Callout { .. } | Phase::Waiting { .. } = self.phase {
             log::debug!("{} client went away during failover", self.tag());
         }

@@ -196,9 +196,14 @@ pub struct Exchange {
     pub(super) dispatched: Option<u32>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
-    /// Targets (bit i: target i) whose shared cooldown state this request read and found with no
-    /// failures: a success on them has nothing to reset, so it skips reading the state again.
-    pub(super) clean: Cell<u64>,
+    /// A Responses follow-up pinned to the owner of its previous response: it goes there
+    /// whatever the owner's state, so it never probes nor moves a cooldown.
+    pub(super) pinned: bool,
+    /// Targets (bit i: target i) this request saw with their cooldown over and no probe out:
+    /// an attempt there tries to take the probe.
+    pub(super) awaiting_probe: Cell<u64>,
+    /// The probe this request took and has not reported yet: target and lease end.
+    pub(super) probe: Cell<Option<(usize, u64)>>,
     /// The time, read once per host callback (0: not read yet in this one).
     pub(super) clock: Cell<u64>,
 }
@@ -220,7 +225,9 @@ impl Exchange {
             response_head: None,
             dispatched: None,
             recorded: None,
-            clean: Cell::new(0),
+            pinned: false,
+            awaiting_probe: Cell::new(0),
+            probe: Cell::new(None),
             clock: Cell::new(0),
         }
     }

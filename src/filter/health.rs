@@ -1,20 +1,25 @@
 //! What a request knows of its targets' health, shared by all workers: the cooldowns (circuit
-//! breakers) and the spill-overs (a target about to be rate-limited), read before an attempt and
-//! updated after it.
+//! breakers, `health::cooldown`) and the spill-overs (a target about to be rate-limited), read
+//! before an attempt and updated after it.
+
+use std::time::Duration;
 
 use super::exchange::Exchange;
 use super::host::Headers;
 use super::shared;
 use crate::duration::millis;
-use crate::health::cooldown;
+use crate::health::cooldown::{self, Change, Ending, Phase, Trip};
 use crate::health::spillover;
 use crate::policy::chain::{Availability, Failure, FailureKind};
 
+/// A probe's lease outlives its attempt's timeout by this much: its failure is reported first.
+const PROBE_GRACE_MS: u64 = 1000;
+
 impl Exchange {
-    /// Whether target `target` may take an attempt now: cooling targets are skipped, spilled
-    /// ones avoided.
+    /// Whether target `target` may take an attempt now: cooling targets (and those whose probe
+    /// is out) are skipped, spilled ones avoided.
     pub(super) fn availability(&self, target: usize, now: u64) -> Availability {
-        if self.is_cooling(target, now) {
+        if self.breaker(target, now).skipped() {
             Availability::Skip
         } else if self.is_spilled(target, now) {
             Availability::Avoid
@@ -55,7 +60,7 @@ impl Exchange {
 
     /// Logs and counts a target passed over, with why.
     pub(super) fn note_skip(&self, target: usize, now: u64) {
-        if self.is_cooling(target, now) {
+        if self.breaker(target, now).skipped() {
             self.note_cooldown_skip(target);
         } else {
             self.rt.metrics.spillover_skip(target);
@@ -67,45 +72,103 @@ impl Exchange {
         }
     }
 
-    /// Whether target `target` is cooling down (and so skipped).
-    pub(super) fn is_cooling(&self, target: usize, now: u64) -> bool {
+    /// Where target `target`'s circuit breaker stands (closed when it has none).
+    pub(super) fn breaker(&self, target: usize, now: u64) -> Phase {
         match self.target(target) {
             Some(t) if t.cooldown.is_some() => {
-                let state = shared::cooldown_state(&t.name);
-                if cooldown::after_success(state).is_none() {
-                    self.clean.set(self.clean.get() | bit(target));
+                let phase = shared::cooldown_state(&t.name).phase(now);
+                if phase == Phase::AwaitingProbe {
+                    self.awaiting_probe
+                        .set(self.awaiting_probe.get() | bit(target));
                 }
-                state.cooling(now)
+                phase
             }
-            _ => false,
+            _ => Phase::Closed,
         }
     }
 
-    /// Records how an attempt on `target` ended (`None`: an answer that is not a failure).
+    /// An attempt goes to `target` now, bounded by `timeout`. When the target's cooldown is over
+    /// and no probe is out, this attempt is its probe: other requests pass the target over
+    /// until it answers (or its lease, the timeout, runs out).
+    pub(super) fn begin_attempt(&mut self, target: usize, timeout: Duration, now: u64) {
+        self.attempt_started_ms = now;
+        if self.pinned || self.awaiting_probe.get() & bit(target) == 0 {
+            return;
+        }
+        let Some(t) = self.target(target) else { return };
+        let lease = now
+            .saturating_add(millis(timeout))
+            .saturating_add(PROBE_GRACE_MS);
+        if shared::claim_probe(&t.name, now, lease) {
+            self.probe.set(Some((target, lease)));
+            log::info!(
+                "{} probe target={} (its cooling time is over)",
+                self.tag(),
+                t.name
+            );
+        }
+    }
+
+    /// Hands back a probe this request took and will not report (its client left), so the next
+    /// request probes instead of waiting for the lease to run out.
+    pub(super) fn release_probe(&self) {
+        if let Some((target, lease)) = self.probe.take() {
+            if let Some(t) = self.target(target) {
+                shared::release_probe(&t.name, lease);
+            }
+        }
+    }
+
+    /// Records how the attempt on `target` ended (`None`: an answer that is not a failure).
     pub(super) fn record_health(&self, target: usize, failure: Option<&Failure>, now: u64) {
+        if self.probe.get().is_some_and(|(t, _)| t == target) {
+            self.probe.set(None);
+        }
         let Some(t) = self.target(target) else { return };
         let Some(policy) = &t.cooldown else { return };
-        match failure {
-            // Read clean earlier in this request: nothing to reset (one shared-data read less
-            // per success). Another worker's failure since then is not reset by this success.
-            None if self.clean.get() & bit(target) != 0 => {}
-            None => shared::record_success(&t.name),
-            Some(f) => {
-                self.clean.set(self.clean.get() & !bit(target));
-                let throttled = match f.kind {
-                    FailureKind::Status(429) => f.retry_after,
-                    _ => None,
+        let ending = match failure {
+            None => Ending::Answered,
+            Some(f) => match f.kind {
+                FailureKind::Status(429) => Ending::Status {
+                    wait: f.retry_after,
+                },
+                FailureKind::Status(_) => Ending::Status { wait: None },
+                FailureKind::Unreachable | FailureKind::Timeout => Ending::Transport,
+            },
+        };
+        let attempt = cooldown::Attempt {
+            started_ms: self.attempt_started_ms,
+            pinned: self.pinned,
+        };
+        match shared::record_attempt(&t.name, policy, attempt, ending, now) {
+            Change::Cooled(d, trip) => {
+                self.rt.metrics.cooldown_started(target);
+                let why = match trip {
+                    Trip::RetryAfter => "the wait a 429 asked for".to_string(),
+                    Trip::FailureRate { failures, attempts } => format!(
+                        "{failures} of {attempts} attempts failed in {}ms",
+                        millis(policy.window)
+                    ),
+                    Trip::TransportStreak(n) => format!("{n} transport failures in a row"),
+                    Trip::Streak(n) => format!("{n} failures in a row"),
+                    Trip::Probe => "its probe failed".to_string(),
                 };
-                if let Some(d) = shared::record_failure(&t.name, policy, throttled, now) {
-                    self.rt.metrics.cooldown_started(target);
-                    log::info!(
-                        "{} cooldown target={} for {}ms",
-                        self.tag(),
-                        t.name,
-                        millis(d)
-                    );
-                }
+                log::info!(
+                    "{} cooldown target={} for {}ms ({why})",
+                    self.tag(),
+                    t.name,
+                    millis(d)
+                );
             }
+            Change::Recovered => {
+                self.rt.metrics.recovered(target);
+                log::info!(
+                    "{} recovered target={} (its probe was answered)",
+                    self.tag(),
+                    t.name
+                );
+            }
+            Change::None | Change::Counted => {}
         }
     }
 
@@ -119,7 +182,8 @@ impl Exchange {
     }
 }
 
-/// Target `target`'s bit in `Exchange::clean` (none past 63: such a target is read every time).
+/// Target `target`'s bit in `Exchange::awaiting_probe` (none past 63: such a target is never
+/// probed by claim, its cooldown ends for every request at once).
 fn bit(target: usize) -> u64 {
     u32::try_from(target)
         .ok()

@@ -26,6 +26,7 @@ struct TargetMetrics {
     retries: Option<u32>,
     cooldown_skips: Option<u32>,
     cooldowns_started: Option<u32>,
+    recoveries: Option<u32>,
     deployment_skips: Option<u32>,
     operation_skips: Option<u32>,
     picks: Option<u32>,
@@ -116,6 +117,7 @@ impl Metrics {
                 retries: counter(&format!("retries.target.{t}")),
                 cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
                 cooldowns_started: counter(&format!("cooldowns.target.{t}")),
+                recoveries: counter(&format!("recoveries.target.{t}")),
                 deployment_skips: counter(&format!("deployment_skips.target.{t}")),
                 operation_skips: counter(&format!("operation_skips.target.{t}")),
                 picks: counter(&format!("picks.target.{t}")),
@@ -248,6 +250,10 @@ impl Metrics {
 
     pub fn cooldown_started(&self, target: usize) {
         self.per_target(target, |m| m.cooldowns_started, 1);
+    }
+
+    pub fn recovered(&self, target: usize) {
+        self.per_target(target, |m| m.recoveries, 1);
     }
 
     pub fn tokens(&self, target: usize, usage: Usage) {

@@ -102,6 +102,7 @@ impl Exchange {
                     quote(previous)
                 );
                 self.rt.metrics.affinity_pin();
+                self.pinned = true;
                 hops = pinned;
             }
         }
@@ -152,7 +153,7 @@ impl Exchange {
             // No failover possible: the body is not needed any more.
             self.body = None;
         }
-        self.attempt_started_ms = now;
+        self.begin_attempt(first.target, first.timeout, now);
         self.phase = Phase::Routed;
         Action::Continue
     }

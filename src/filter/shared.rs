@@ -5,10 +5,9 @@ use super::host;
 use crate::answer::affinity::{self, Owner};
 use crate::answer::cache::{self, Digest, Entry};
 use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
-use crate::health::cooldown::{self, State};
+use crate::health::cooldown::{self, Change, State};
 use crate::health::spillover;
 use crate::target::token::State as TokenState;
-use std::time::Duration;
 
 const CAS_TRIES: usize = 4;
 
@@ -22,36 +21,51 @@ pub fn cooldown_state(target: &str) -> State {
     bytes.map(|b| State::decode(&b)).unwrap_or_default()
 }
 
-/// Records a failure; returns the cooldown it started, if any ([`cooldown::Cooled::started`]).
-pub fn record_failure(
+/// Records how an attempt ended; returns what that did to the breaker.
+pub fn record_attempt(
     target: &str,
     policy: &Cooldown,
-    throttled_for: Option<Duration>,
+    attempt: cooldown::Attempt,
+    ending: cooldown::Ending,
     now_ms: u64,
-) -> Option<Duration> {
+) -> Change {
     let key = cooldown_key(target);
     for _ in 0..CAS_TRIES {
         let (bytes, cas) = host::shared_get(&key);
         let state = bytes.map(|b| State::decode(&b)).unwrap_or_default();
-        let (next, cooled) = cooldown::after_failure(state, policy, throttled_for, now_ms);
-        if host::shared_set(&key, &next.encode(), cas).is_ok() {
-            return cooled.started();
+        let (next, change) = cooldown::after_attempt(state, policy, attempt, ending, now_ms);
+        if change == Change::None || host::shared_set(&key, &next.encode(), cas).is_ok() {
+            return change;
         }
     }
-    None
+    Change::None
 }
 
-pub fn record_success(target: &str) {
+/// Takes a target's probe (true) when its cooldown ended and no probe is out.
+pub fn claim_probe(target: &str, now_ms: u64, lease_until_ms: u64) -> bool {
+    update(target, |s| cooldown::claim_probe(s, now_ms, lease_until_ms))
+}
+
+/// Hands back a probe that will not answer.
+pub fn release_probe(target: &str, lease_until_ms: u64) {
+    update(target, |s| cooldown::release_probe(s, lease_until_ms));
+}
+
+/// Writes `change(state)` with compare-and-swap; false when there was nothing to write (or the
+/// store kept refusing).
+fn update(target: &str, change: impl Fn(State) -> Option<State>) -> bool {
     let key = cooldown_key(target);
     for _ in 0..CAS_TRIES {
         let (bytes, cas) = host::shared_get(&key);
-        let Some(next) = bytes.and_then(|b| cooldown::after_success(State::decode(&b))) else {
-            return;
+        let state = bytes.map(|b| State::decode(&b)).unwrap_or_default();
+        let Some(next) = change(state) else {
+            return false;
         };
         if host::shared_set(&key, &next.encode(), cas).is_ok() {
-            return;
+            return true;
         }
     }
+    false
 }
 
 fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {

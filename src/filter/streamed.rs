@@ -69,6 +69,7 @@ impl Exchange {
             plan,
             per_try_ms: crate::duration::millis(timeout.min(left)),
             length: length as u64,
+            pinned: self.pinned,
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
         self.attempt_started_ms = now;

@@ -6,6 +6,8 @@
 //! cooldowns, the spill-overs and the stats. The request's facts come from the filter's handoff,
 //! never from the headers, which all attempts share and which carry the last attempt's rewrite.
 
+use std::time::Duration;
+
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
@@ -80,6 +82,7 @@ impl Attempt {
         ex.request.route = handoff.route;
         ex.request.kind = Some(Kind::Operation(handoff.op));
         ex.request.client_path = handoff.path.clone();
+        ex.pinned = handoff.pinned;
         let now = ex.now();
 
         let first = handoff.plan.first().map_or(target, |t| t.target);
@@ -114,6 +117,10 @@ impl Attempt {
             set_length(handoff.length);
         }
         host::set_filter_state(streamed::RECORD_STATE, &record.to_json());
+        // Read here (the plan was made by the filter): an attempt on a target whose cooldown
+        // ended takes its probe.
+        ex.breaker(target, now);
+        ex.begin_attempt(target, Duration::from_millis(handoff.per_try_ms), now);
         log::debug!(
             "{} streamed attempt {} to target={}",
             ex.tag(),
@@ -206,6 +213,7 @@ impl Attempt {
         let now = st.ex.now();
         if client_left() {
             log::debug!("{} client went away during a streamed attempt", st.ex.tag());
+            st.ex.release_probe();
             return;
         }
         let ended = streamed::no_answer(now.saturating_sub(st.started_ms), st.handoff.per_try_ms);

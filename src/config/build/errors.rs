@@ -124,6 +124,7 @@ pub(super) fn expected_text(expected: &str, got: &str, out_of_range: bool) -> St
         None => match expected {
             "a sequence" => "an array".to_string(),
             "a map" => "an object".to_string(),
+            "f32" | "f64" => "a number".to_string(),
             other if other.starts_with("enum ") => "a string".to_string(),
             other => other.to_string(),
         },

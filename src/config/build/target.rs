@@ -394,7 +394,11 @@ pub(super) fn cooldown(
     field: &str,
 ) -> Result<Option<Cooldown>, ConfigError> {
     let default = Cooldown {
-        after_failures: DEFAULT_COOLDOWN_FAILURES,
+        failure_rate: DEFAULT_FAILURE_RATE,
+        min_attempts: DEFAULT_MIN_ATTEMPTS,
+        window: DEFAULT_WINDOW,
+        after_transport_failures: DEFAULT_TRANSPORT_FAILURES,
+        after_failures: 0,
         duration: DEFAULT_COOLDOWN,
         max_duration: DEFAULT_COOLDOWN_MAX,
     };
@@ -405,6 +409,29 @@ pub(super) fn cooldown(
     };
     if raw.enabled == Some(false) {
         return Ok(None);
+    }
+    let failure_rate = match raw.failure_rate {
+        None => DEFAULT_FAILURE_RATE,
+        Some(r) => Rate::from_fraction(r).ok_or_else(|| {
+            ConfigError::new(
+                format!("{field}.failure_rate"),
+                "must be a number from 0 to 1 (0.5: half of the attempts; 0: off)",
+            )
+        })?,
+    };
+    let min_attempts = raw.min_attempts.unwrap_or(DEFAULT_MIN_ATTEMPTS);
+    if min_attempts == 0 {
+        return Err(ConfigError::new(
+            format!("{field}.min_attempts"),
+            "must be at least 1 (to turn the rate off, set failure_rate to 0)",
+        ));
+    }
+    let window = deferred(raw.window, &format!("{field}.window"), DEFAULT_WINDOW)?;
+    if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
+        return Err(ConfigError::new(
+            format!("{field}.window"),
+            "must be from \"1s\" to \"1h\"",
+        ));
     }
     let duration_ = deferred(raw.duration, &format!("{field}.duration"), DEFAULT_COOLDOWN)?;
     let max_duration = deferred(
@@ -419,7 +446,13 @@ pub(super) fn cooldown(
         ));
     }
     Ok(Some(Cooldown {
-        after_failures: raw.after_failures.unwrap_or(DEFAULT_COOLDOWN_FAILURES),
+        failure_rate,
+        min_attempts,
+        window,
+        after_transport_failures: raw
+            .after_transport_failures
+            .unwrap_or(DEFAULT_TRANSPORT_FAILURES),
+        after_failures: raw.after_failures.unwrap_or(0),
         duration: duration_,
         max_duration,
     }))
