@@ -11,7 +11,7 @@ WASM      := dist/llm_failover.wasm
 STAMP_VENV := $(VENV)/.installed
 RUSTUP_STAMP := target/.wasm32-target
 
-.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools schema
+.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools client-tools schema
 
 setup: $(STAMP_VENV) $(RUSTUP_STAMP) system-tools
 
@@ -62,7 +62,7 @@ unit:
 schema:
 	UPDATE_SCHEMA=1 cargo test --quiet --lib the_committed_json_schema
 
-integration: setup build
+integration: setup build client-tools
 	$(PY) -m pytest -q tests
 
 lint: $(RUSTUP_STAMP)
@@ -81,6 +81,16 @@ node-tools:
 $(ISTIO_VALIDATOR): tools/validate-istio/package.json tools/validate-istio/package-lock.json | node-tools
 	npm ci --prefix tools/validate-istio --no-audit --no-fund
 	touch $@
+
+# Real client libraries for tests/test_clients.py: openai-node and the Vercel AI SDK, pinned by
+# tests/clients/package-lock.json (Node 20 from Debian; openai-agents comes with the virtualenv).
+CLIENT_LIBS := tests/clients/node_modules/.installed
+
+$(CLIENT_LIBS): tests/clients/package.json tests/clients/package-lock.json | node-tools
+	npm ci --prefix tests/clients --no-audit --no-fund
+	touch $@
+
+client-tools: $(CLIENT_LIBS)
 
 validate: setup build $(ISTIO_VALIDATOR)
 	$(PY) tools/validate.py

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{json, Map, Value};
 
+use llm_failover::answer::affinity;
 use llm_failover::answer::cache::{self, Entry};
 use llm_failover::answer::reply::Rejection;
 use llm_failover::answer::usage::{self, Usage, UsageScanner};
@@ -1286,6 +1287,7 @@ fn arb_outcome(max_wait_ms: u64) -> impl Strategy<Value = Outcome> {
     ]);
     prop_oneof![
         1 => Just(Outcome::Delivered),
+        1 => Just(Outcome::Elsewhere),
         5 => (kind, wait).prop_map(|(kind, retry_after)| Outcome::Failed(Failure { kind, retry_after })),
     ]
 }
@@ -1377,10 +1379,14 @@ fn run_chain(case: &ChainCase) -> Result<Vec<Next>, TestCaseError> {
                 prop_assert_eq!(step, Next::Deliver);
                 break;
             }
-            Outcome::Failed(f) => f,
+            Outcome::Failed(f) => Some(f),
+            // "Not here": never retried on the same target.
+            Outcome::Elsewhere => None,
         };
-        let delay = failure.retry_after.unwrap_or(Duration::ZERO);
-        let tries_left = tries[pos] < hop.max_tries;
+        let delay = failure
+            .and_then(|f| f.retry_after)
+            .unwrap_or(Duration::ZERO);
+        let tries_left = failure.is_some() && tries[pos] < hop.max_tries;
         let wait_fits = delay <= case.max_retry_wait;
         let later_ready = hops[pos + 1..].iter().any(|h| !cooling(h.target));
         let over_budget = delay.checked_add(MIN_ATTEMPT).is_none_or(|d| d > left);
@@ -2100,6 +2106,53 @@ proptest! {
             prop_assert_eq!(v["error"]["code"].as_str(), Some(r.code()));
             prop_assert!(v["error"]["param"].is_null());
             prop_assert_eq!(reply.status, r.status());
+        }
+    }
+}
+
+// ---- Responses API owners ------------------------------------------------------------------
+
+proptest! {
+    #[test]
+    fn an_owner_set_read_from_any_bytes_is_bounded_and_re_encodes_to_itself(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..600),
+            prop::collection::vec(any::<u8>(), 0..600).prop_map(|mut b| { b.insert(0, 0xA2); b }),
+        ],
+    ) {
+        let set = affinity::Set::decode(&bytes);
+        prop_assert_eq!(affinity::Set::decode(&set.encode()), set);
+    }
+
+    #[test]
+    fn a_stored_owner_is_found_until_it_expires_whatever_else_the_set_holds(
+        others in prop::collection::vec((any::<u64>(), "[a-z0-9_-]{1,12}", 0u64..20_000), 0..40),
+        fingerprint in any::<u64>(),
+        target in "[a-z0-9_-]{1,300}",
+        ttl in 1u64..10_000,
+        now in 0u64..10_000,
+    ) {
+        let mut set = affinity::Set::default();
+        for (fp, t, expires) in &others {
+            set.put(*fp, t, *expires, now);
+        }
+        set.put(fingerprint, &target, now + ttl, now);
+        let set = affinity::Set::decode(&set.encode());
+        let stored = target.len() <= 255;
+        prop_assert_eq!(set.owner(fingerprint, now).is_some(), stored);
+        if stored {
+            prop_assert_eq!(set.owner(fingerprint, now), Some(target.as_str()));
+        }
+        prop_assert_eq!(set.owner(fingerprint, now + ttl), None);
+        prop_assert!(affinity::Set::decode(&set.encode()).encode().len() <= 1 + affinity::WAYS * (17 + 255));
+    }
+
+    #[test]
+    fn judging_a_not_found_never_panics(status in proptest::option::of(any::<u16>()),
+                                        body in prop::collection::vec(any::<u8>(), 0..300)) {
+        for naming in [affinity::Naming::FollowUp, affinity::Naming::Path] {
+            let found = affinity::not_here(naming, status, &body);
+            prop_assert!(!found || affinity::may_be_not_here(naming, status));
         }
     }
 }

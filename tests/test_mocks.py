@@ -374,7 +374,8 @@ def test_gzip_when_accepted(openai_mock):
     r = oai_post(openai_mock, headers={"Accept-Encoding": "gzip"}, stream=True)
     assert r.headers["Content-Encoding"] == "gzip"
     raw = r.raw.read(decode_content=False)
-    assert int(r.headers["Content-Length"]) == len(raw)
+    # as recorded: chunked, no Content-Length
+    assert r.headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in r.headers
     assert json.loads(gzip.decompress(raw))["object"] == "chat.completion"
     # errors too
     r = oai_post(openai_mock, key="bad", headers={"Accept-Encoding": "br, gzip;q=0.8"})
@@ -956,7 +957,8 @@ def test_azure_v1_model_must_be_a_deployment(azure_mock):
                      ("embeddings", {"model": "text-embedding-3-small", "input": "x"}),
                      ("responses", {"model": "gpt-4o", "input": "x"})):
         r = az_v1(azure_mock, op, body)
-        assert r.status_code == 404 and r.json()["error"]["code"] == "DeploymentNotFound", (op, r.text)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_model", (op, r.text)
+        assert r.json()["error"]["message"] == f"Unknown model: {body['model']}"
     r = az_v1(azure_mock, body={"messages": V1_CHAT["messages"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = az_v1(azure_mock, body={"model": "gpt-4o-prod"})
@@ -1139,3 +1141,138 @@ def test_azure_responses_scripted_errors(azure_mock):
 def test_control_config_refuses_unknown_settings(openai_mock):
     r = requests.post(openai_mock.url("/__mock/config"), json={"stream_delay": 5}, timeout=T)
     assert r.status_code == 400 and "stream_delay" in r.json()["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes taken from public recordings of the real services (tests/mocks/RECORDINGS.md)
+
+
+def _sse_data(text: str) -> list:
+    """The JSON of every `data:` event ([DONE] as the string)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_recorded_openai_503_reset_is_text_plain(openai_mock):
+    openai_mock.script([{"status": 503, "reset_before_headers": True}])
+    r = oai_post(openai_mock, headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 503
+    assert r.headers["Content-Type"] == "text/plain" and "Content-Encoding" not in r.headers
+    assert r.text == ("upstream connect error or disconnect/reset before headers. reset reason: "
+                      "connection termination")
+    assert int(r.headers["Content-Length"]) == len(r.content)
+    # the official SDK surfaces it as a 503 whose body is no JSON
+    openai_mock.script([{"status": 503, "reset_before_headers": True}])
+    with pytest.raises(openai.InternalServerError) as e:
+        sdk(openai_mock).chat.completions.create(**CHAT)
+    assert e.value.status_code == 503 and "reset reason: connection termination" in e.value.response.text
+
+
+def test_recorded_text_step(azure_mock):
+    azure_mock.script([{"status": 502, "text": "Bad Gateway"}])
+    r = az_post(azure_mock)
+    assert (r.status_code, r.headers["Content-Type"], r.text) == (502, "text/plain", "Bad Gateway")
+
+
+def test_recorded_azure_never_gzips_openai_gzips_chunked(openai_mock, azure_mock):
+    gz = {"Accept-Encoding": "gzip, deflate"}
+    azure_mock.script([{"status": 429, "retry_after": "1"}])
+    for r in (az_post(azure_mock, headers=gz), az_post(azure_mock, headers=gz),
+              az_post(azure_mock, az_path(op="embeddings"), {"input": "x"}, headers=gz),
+              az_post(azure_mock, key="wrong", headers=gz)):
+        assert "Content-Encoding" not in r.headers, r.headers
+        assert int(r.headers["Content-Length"]) == len(r.content)
+    openai_mock.script([{"status": 429}])
+    for path, status in (("/v1/chat/completions", 429), ("/v1/chat/completions", 200), ("/v1/nope", 404)):
+        r = oai_post(openai_mock, path, headers=gz, stream=True)
+        assert r.status_code == status
+        assert r.headers["Content-Encoding"] == "gzip" and r.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in r.headers
+        json.loads(gzip.decompress(r.raw.read(decode_content=False)))
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure"])
+def test_recorded_include_usage_final_chunk(provider, openai_mock, azure_mock):
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    if provider == "openai":
+        openai_mock.configure(stream_delay_ms=1)
+        events = _sse_data(oai_post(openai_mock, body=body).text)
+    else:
+        azure_mock.configure(stream_delay_ms=1)
+        events = _sse_data(az_post(azure_mock, body=body).text)
+    assert events[-1] == "[DONE]"
+    last, chunks = events[-2], events[:-2]
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk"
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"] > 0
+    assert all(c["usage"] is None for c in chunks if c["id"])  # every other chunk says usage: null
+    if provider == "azure":
+        assert set(last["latency_checkpoint"]) >= {"engine_ttft_ms", "service_ttft_ms", "user_visible_ttft_ms"}
+    else:
+        assert "latency_checkpoint" not in last
+
+
+def test_recorded_azure_first_stream_chunk(azure_mock):
+    azure_mock.configure(stream_delay_ms=1)
+    events = _sse_data(az_post(azure_mock, body={**CHAT, "stream": True}).text)
+    first = events[0]
+    assert (first["id"], first["model"], first["object"], first["created"], first["choices"]) == ("", "", "", 0, [])
+    assert first["prompt_filter_results"][0]["prompt_index"] == 0
+    assert events[1]["id"].startswith("chatcmpl-") and events[1]["choices"][0]["delta"]["role"] == "assistant"
+    # the SDK takes it in its stride: the text is whole
+    stream = azure_sdk(azure_mock).chat.completions.create(model="gpt-4o-prod", messages=CHAT["messages"], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+        "Hello from mock azure deployment gpt-4o-prod"
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure"])
+def test_recorded_embeddings_base64_when_asked(provider, openai_mock, azure_mock):
+    import base64
+    import struct
+    body = {"model": "text-embedding-3-small", "input": "hi", "dimensions": 8}
+    post = (lambda b: oai_post(openai_mock, "/v1/embeddings", b)) if provider == "openai" else \
+        (lambda b: az_post(azure_mock, az_path(op="embeddings"), b))
+    floats = post(body).json()["data"][0]["embedding"]
+    b64 = post({**body, "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    assert isinstance(floats, list) and isinstance(b64, str)
+    assert list(struct.unpack("<8f", base64.b64decode(b64))) == pytest.approx(floats, abs=1e-6)
+    # the official SDK asks for base64 and hands back floats
+    client = sdk(openai_mock) if provider == "openai" else azure_sdk(azure_mock)
+    model = "text-embedding-3-small" if provider == "openai" else "gpt-4o-prod"  # azure: a deployment
+    got = client.embeddings.create(model=model, input="hi", dimensions=8).data[0].embedding
+    assert got == pytest.approx(floats, abs=1e-6)
+    mock = openai_mock if provider == "openai" else azure_mock
+    assert mock.last_request()["body"]["encoding_format"] == "base64"
+
+
+def test_recorded_azure_401_reason_phrase(azure_mock):
+    r = az_post(azure_mock, key="wrong-key")
+    assert (r.status_code, r.reason) == (401, "PermissionDenied")
+    assert r.json() == {"error": {"code": "401", "message": (
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for "
+        "an active subscription and use a correct regional API endpoint for your resource.")}}
+    assert "apim-request-id" in r.headers and "x-ratelimit-remaining-requests" not in r.headers
+
+
+def test_recorded_azure_v1_unknown_model(azure_mock):
+    r = az_v1(azure_mock, body={**V1_CHAT, "model": "no-such-deployment"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "unknown_model"
+    # the deployments style keeps its 404 (recorded with a type since 2025)
+    r = az_post(azure_mock, az_path(dep="no-such-deployment"))
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "DeploymentNotFound" and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_recorded_openai_429_headers_contradict(openai_mock):
+    openai_mock.script([{"status": 429, "as_recorded": True}, {"status": 429, "as_recorded": True,
+                                                                "retry_after_ms": 250}])
+    r = oai_post(openai_mock)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (r.headers["Retry-After"], r.headers["retry-after-ms"]) == ("1", "1000")
+    assert int(r.headers["x-ratelimit-remaining-requests"]) > 0  # says the budget is not spent
+    r = oai_post(openai_mock)
+    assert (r.headers["Retry-After"], r.headers["retry-after-ms"]) == ("0", "250")

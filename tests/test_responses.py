@@ -126,10 +126,11 @@ def test_a_follow_up_whose_owner_fails_gets_that_failure_and_goes_nowhere_else(g
 def test_a_follow_up_of_an_unknown_response_goes_down_the_chain(gw, openai_mock, azure_mock):
     with pytest.raises(openai.BadRequestError) as refused:
         raw_create(make_client(gw), previous_response_id="resp_" + "0" * 48)
-    # OpenAI's own answer: a 400 is not a failure, so nothing is failed over.
+    # Not known here: every target is asked; the last one's own "not found" is the answer.
     assert refused.value.code == "previous_response_not_found"
-    assert refused.value.response.headers["x-llm-failover-target"] == "openai"
-    assert azure_mock.api_requests() == []
+    assert refused.value.response.headers["x-llm-failover-target"] == "azure"
+    assert refused.value.response.headers["x-llm-failover-attempts"] == "2"
+    assert [r["body"]["previous_response_id"] for r in azure_mock.api_requests()] == ["resp_" + "0" * 48]
 
 
 def test_stored_responses_are_read_and_deleted_on_the_target_that_has_them(gw, openai_mock, azure_mock):
@@ -149,12 +150,15 @@ def test_stored_responses_are_read_and_deleted_on_the_target_that_has_them(gw, o
                      ("DELETE", f"/openai/v1/responses/{created.id}", {})]
     assert all(r["headers"]["api-key"] == AZURE_KEY for r in azure_mock.api_requests()[1:])
     assert len(openai_mock.api_requests()) == 1
-    # An id nobody here created goes to the first target, which does not know it either.
+    # An id nobody here created is asked of every target, each with its own address and key.
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_unknown1")
     [*_, unknown] = openai_mock.api_requests()
     assert unknown["path"] == "/v1/responses/resp_unknown1"
     assert unknown["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+    [*_, unknown] = azure_mock.api_requests()
+    assert unknown["path"] == "/openai/v1/responses/resp_unknown1"
+    assert unknown["headers"]["api-key"] == AZURE_KEY
 
 
 def test_chat_and_embeddings_reach_a_v1_target_by_its_v1_paths(gw, openai_mock, azure_mock):

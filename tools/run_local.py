@@ -80,6 +80,13 @@ llm-failover is up: Envoy on http://127.0.0.1:10000 (admin http://127.0.0.1:9901
   curl -X POST 127.0.0.1:10000/api/routes/test/chat/completion -H 'Authorization: Bearer my-secret-key' \\
        -H 'Content-Type: application/json' -d '{"messages": [{"role": "system", "content": "hi"}]}'
 """)
+    elif not real and config.name == "ecds.yaml":
+        print("""The plugin configuration comes from envoy/ecds/llm_failover.yaml through ECDS. Change it without a
+restart: edit a copy in the same directory, then rename it over the original, e.g.
+  sed 's/"retries": 1/"retries": 2/' envoy/ecds/llm_failover.yaml > envoy/ecds/.next.yaml
+  mv envoy/ecds/.next.yaml envoy/ecds/llm_failover.yaml
+  curl -s 127.0.0.1:9901/stats | grep extension_config_discovery.http_filter.llm_failover.update_
+""")
     elif not real:
         print("""Try a failover (see README.md, "Try it"):
   curl -s -X POST 127.0.0.1:18001/__mock/script -d '[{"status": 429, "retry_after": "20", "repeat": 1}]'

@@ -8,6 +8,10 @@
   without targets[1].api_version is refused, with the field named in Envoy's output.
 * Streamed failover's wiring (tools/streamed_wiring.py) is complete in every shipped config and in
   the Istio EnvoyFilter, and each missing piece is named; a third target needs only its cluster.
+* The ECDS example (envoy/ecds.yaml and the file it loads the filter's configuration from):
+  the bootstrap validates and has the node id and cluster ECDS needs, the file is a
+  DiscoveryResponse with one TypedExtensionConfig named like the filter, and that filter inline
+  passes `envoy --mode validate` (the plugin loads; validate mode does not subscribe to ECDS).
 * Generated files are up to date (tools/render_configs.py --check).
 * docker-compose.yml against the compose-spec JSON schema (vendored by check-jsonschema), and
   consistent with envoy/local.yaml (mock arguments, ports, mounts, image tag).
@@ -52,6 +56,8 @@ COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
 ROUTES = ROOT / "envoy" / "routes.yaml"
 PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
+ECDS = ROOT / "envoy" / "ecds.yaml"
+TYPED_EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 ISTIO_DIR = ROOT / "deploy" / "istio"
@@ -615,9 +621,62 @@ def wasmplugin_as_envoy_filter(plugin: dict) -> dict:
     return {"name": config["name"], "typed_config": {"@type": WASM_FILTER, "config": config}}
 
 
+def ecds_filters(cfg: dict) -> list[tuple[dict, Path]]:
+    """The http filters of a config that load their configuration through ECDS from a file: (the
+    filter, the file's path)."""
+    found = []
+    for lst in (cfg.get("static_resources") or {}).get("listeners") or []:
+        for chain in lst.get("filter_chains") or []:
+            for f in chain.get("filters") or []:
+                for hf in (f.get("typed_config") or {}).get("http_filters") or []:
+                    source = ((hf.get("config_discovery") or {}).get("config_source") or {})
+                    path = (source.get("path_config_source") or {}).get("path")
+                    if path:
+                        found.append((hf, ROOT / path))
+    return found
+
+
+def ecds_resource(path: Path) -> dict:
+    """The one TypedExtensionConfig of an ECDS file (a DiscoveryResponse)."""
+    doc = load(path)
+    need(isinstance(doc, dict) and isinstance(doc.get("resources"), list) and len(doc["resources"]) == 1,
+         f"{rel(path)}: want a DiscoveryResponse with one resource")
+    [resource] = doc["resources"]
+    need(resource.get("@type") == TYPED_EXTENSION_CONFIG, f"{rel(path)}: the resource is not a TypedExtensionConfig")
+    return resource
+
+
+def check_ecds(report: Report):
+    with report.check(f"envoy --mode validate {rel(ECDS)} (the bootstrap of the ECDS example)"):
+        rc, out = envoy_validate(ECDS)
+        need(rc == 0, f"envoy --mode validate exited {rc}:\n{_important_lines(out)}")
+        need("Deprecated field" not in out, "uses a deprecated field:\n" + _important_lines(out))
+    with report.check(f"{rel(ECDS)}: ECDS wiring (node id and cluster, the filter's file, its type)"):
+        cfg = load(ECDS)
+        node = cfg.get("node") or {}
+        need(node.get("id") and node.get("cluster"), "the bootstrap needs node.id and node.cluster for ECDS")
+        [(hf, path)] = ecds_filters(cfg)
+        need(path.is_file(), f"no file {rel(path)}")
+        need(hf["config_discovery"].get("type_urls") == [WASM_FILTER], "type_urls must be the Wasm filter's")
+        resource = ecds_resource(path)
+        need(resource.get("name") == hf["name"], f"the resource is named {resource.get('name')!r}, "
+             f"the filter {hf['name']!r} (ECDS matches them by name)")
+        need(resource["typed_config"].get("@type") == WASM_FILTER, "the resource is not a Wasm filter")
+    with report.check(f"envoy --mode validate: {rel(ECDS)} with its ECDS file's filter (the plugin loads)"):
+        # validate mode does not subscribe to ECDS: the same filter inline makes Envoy load the
+        # module and run on_configure with the file's plugin configuration.
+        cfg = load(ECDS)
+        [(hf, path)] = ecds_filters(cfg)
+        hf.pop("config_discovery")
+        hf["typed_config"] = ecds_resource(path)["typed_config"]
+        need_envoy_ok(cfg)
+
+
 def shipped_plugin_configs() -> list[tuple[str, dict]]:
     """Every plugin configuration the repository ships, with where it is."""
     found = []
+    for _, path in ecds_filters(load(ECDS)):
+        found.append((rel(path), plugin_config(ecds_resource(path)["typed_config"]["config"])))
     for path in sorted((ROOT / "envoy").glob("*.yaml")):
         for i, wasm in enumerate(wiring.listener_filters(load(path))):
             found.append((f"{rel(path)} filter {i}", plugin_config(wasm)))
@@ -775,6 +834,7 @@ def main() -> int:
                              capture_output=True, text=True, timeout=60)
         need(out.returncode == 0, out.stdout + out.stderr)
     check_envoy_configs(report)
+    check_ecds(report)
     check_plugin_schema(report)
     check_compose(report)
     check_kubernetes(report)

@@ -15,6 +15,8 @@ enum FuzzOutcome {
     Status(u16, Option<u64>),
     Unreachable,
     Timeout,
+    /// The target does not hold the response the request names.
+    NotHere,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -91,6 +93,7 @@ fuzz_target!(|input: Input| {
                 kind: FailureKind::Timeout,
                 retry_after: None,
             }),
+            FuzzOutcome::NotHere => Outcome::Elsewhere,
         };
         let remaining = left(now);
         let (step, _) = chain.next(&outcome, now, cooling(*mask));
@@ -105,6 +108,7 @@ fuzz_target!(|input: Input| {
                 timeout,
             } => {
                 assert_eq!(target, hops[pos].target);
+                assert_ne!(outcome, Outcome::Elsewhere, "retried where the response is not");
                 assert!(tries[pos] < hops[pos].max_tries, "retry beyond max_tries");
                 assert!(delay <= max_retry_wait);
                 assert!(timeout <= hops[pos].timeout && delay + timeout <= remaining);

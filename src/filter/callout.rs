@@ -11,6 +11,7 @@ use crate::policy::judge;
 use crate::policy::retry_after;
 use crate::quote;
 use crate::request::body::Body;
+use crate::request::intake::Kind;
 use crate::target::forward;
 use crate::target::provider;
 use crate::target::rewrite;
@@ -55,6 +56,20 @@ impl Exchange {
     /// The callout to target `i`: its address, credential and body, the client's headers.
     fn dispatch(&self, i: usize, timeout: Duration) -> Option<u32> {
         let t = self.target(i)?;
+        if let Some(Kind::Resource(resource)) = &self.request.kind {
+            // A probe for a stored response: the same request, addressed for this target.
+            let address = provider::resource_address(t, resource, &self.request.client_path);
+            let (name, value) = self.rt.credential(i, self.now())?;
+            let method = resource.action.method();
+            let headers = forward::callout(
+                method,
+                &address,
+                (name, value.as_str()),
+                (method == "POST").then_some("0"),
+                &self.request.forwarded,
+            );
+            return host::dispatch(&t.cluster, &headers, &[], timeout).ok();
+        }
         let op = self.operation()?;
         let step = self.step(i)?;
         let model = self.model_for(i);
@@ -70,9 +85,10 @@ impl Exchange {
         let (name, value) = self.rt.credential(i, self.now())?;
         let length = body.len().to_string();
         let headers = forward::callout(
+            "POST",
             &address,
             (name, value.as_str()),
-            &length,
+            Some(&length),
             &self.request.forwarded,
         );
         host::dispatch(&t.cluster, &headers, body, timeout).ok()

@@ -54,7 +54,7 @@ impl Exchange {
             return Flow::Resume;
         };
         let status = u32::from(answer.status.unwrap_or(502));
-        if failure.is_none() && status == 200 {
+        if failure.is_none() && status == 200 && self.operation().is_some() {
             let content_type = answer
                 .content_type
                 .as_deref()

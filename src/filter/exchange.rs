@@ -24,7 +24,7 @@ use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
 use crate::target::provider;
-use crate::target::token::{Token, EXPIRY_MARGIN};
+use crate::target::token::{self, Token, EXPIRY_MARGIN};
 
 /// The parsed config and what is derived from it once.
 pub struct Runtime {
@@ -34,6 +34,8 @@ pub struct Runtime {
     pub metrics: Metrics,
     /// Credential header of each target, built once.
     pub credentials: Vec<(&'static str, String)>,
+    /// The shared-data key of each `azure_ad` target's token, built once.
+    pub token_keys: Vec<Option<String>>,
     /// Load balancing's random source (one per VM, so per worker).
     pub rng: RefCell<fastrand::Rng>,
     /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
@@ -50,11 +52,20 @@ impl Runtime {
             .iter()
             .map(provider::credential_header)
             .collect();
+        let token_keys = config
+            .targets
+            .iter()
+            .map(|t| match &t.credential {
+                Credential::Entra(source) => Some(token::state_key(&t.name, source)),
+                _ => None,
+            })
+            .collect();
         Runtime {
             root,
             config,
             metrics,
             credentials,
+            token_keys,
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),
@@ -158,6 +169,18 @@ pub(super) struct Answer {
     pub headers: Option<Headers>,
 }
 
+/// A request naming a stored response whose owner is not known here, looking for it down the
+/// chain.
+pub(super) struct OwnerProbe {
+    pub id: String,
+    pub naming: crate::answer::affinity::Naming,
+    /// The routed answer's headers, while it is held (a failure kept for the client needs them).
+    pub routed_headers: Option<Headers>,
+    /// The last failure on the way (target, answer, transport failure): a target that may hold
+    /// the id but failed. The client gets it rather than a later target's "not found".
+    pub failure: Option<(usize, Answer, Option<FailureKind>)>,
+}
+
 /// What the headers said, kept for the phases after them.
 #[derive(Default)]
 pub(super) struct Request {
@@ -185,8 +208,11 @@ pub struct Exchange {
     /// The request body, read once; kept while a further attempt may need it.
     pub(super) body: Option<Body>,
     pub(super) chain: Option<Chain>,
-    /// On the streamed path: the target whose answer the client gets (the router chose it).
+    /// The target whose answer the client gets when it is not the chain's current one: on the
+    /// streamed path (the router chose it), or a probe's kept failure.
     pub(super) served: Option<usize>,
+    /// Looking for the owner of a stored response the request names.
+    pub(super) owner_probe: Option<OwnerProbe>,
     pub(super) attempt_started_ms: u64,
     pub(super) cache_key: Option<Digest>,
     pub(super) cache_body: Option<Vec<u8>>,
@@ -218,6 +244,7 @@ impl Exchange {
             body: None,
             chain: None,
             served: None,
+            owner_probe: None,
             attempt_started_ms: 0,
             cache_key: None,
             cache_body: None,

@@ -4,7 +4,7 @@
 
 use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
 use crate::duration::millis;
-use crate::policy::chain::{GiveUpReason, Next, NoRetry, Outcome};
+use crate::policy::chain::{Availability, GiveUpReason, Next, NoRetry, Outcome};
 use crate::policy::judge;
 
 impl Exchange {
@@ -29,15 +29,17 @@ impl Exchange {
         };
         let now = self.now();
         let current = chain.current_target().unwrap_or(0);
-        let outcome = judge::outcome(
-            self.config(),
-            answer.status,
-            answer.content_type.as_deref(),
-            &answer.body,
-            answer.retry_after,
-        );
+        let outcome = self.probe_outcome(&answer).unwrap_or_else(|| {
+            judge::outcome(
+                self.config(),
+                answer.status,
+                answer.content_type.as_deref(),
+                &answer.body,
+                answer.retry_after,
+            )
+        });
         let failure = match &outcome {
-            Outcome::Delivered => None,
+            Outcome::Delivered | Outcome::Elsewhere => None,
             Outcome::Failed(f) => Some(f.clone()),
         };
         let kind = failure.as_ref().map(|f| f.kind);
@@ -47,13 +49,27 @@ impl Exchange {
             judge::status_class(answer.status, kind),
             now.saturating_sub(self.attempt_started_ms),
         );
+        // A "not found" is an answer: the target is up.
         self.record_health(current, failure.as_ref(), now);
+        self.probe_answered(current, answer.status, &outcome);
 
-        let (step, no_retry) = chain.next_with(&outcome, now, |t| self.availability(t, now));
+        // A probe's chain was ordered by availability when it started, and walks every target
+        // (a cooling one may be the only one that holds the response).
+        let probing = self.owner_probe.is_some();
+        let (step, no_retry) = chain.next_with(&outcome, now, |t| {
+            if probing {
+                Availability::Ready
+            } else {
+                self.availability(t, now)
+            }
+        });
         let attempts = chain.attempts();
         let failed_over = chain.failed_over();
         self.chain = Some(chain);
-        let what = judge::describe(answer.status, kind);
+        let mut what = judge::describe(answer.status, kind);
+        if outcome == Outcome::Elsewhere {
+            what.push_str(" (not found there)");
+        }
         if let Some(why) = no_retry {
             let why = match why {
                 NoRetry::RetryAfterTooLong => "is over max_retry_wait",
@@ -74,6 +90,15 @@ impl Exchange {
             Next::GiveUp(reason) => {
                 self.give_up(reason, attempts, current, &what);
                 let budget_spent = reason == GiveUpReason::BudgetSpent;
+                let (answer, kind) = match self.take_probe_failure() {
+                    // The last target did not hold the response, an earlier one failed: the
+                    // client gets that failure, not the "not found".
+                    Some((target, failed, kind)) if outcome == Outcome::Elsewhere => {
+                        self.served = Some(target);
+                        (failed, kind)
+                    }
+                    _ => (answer, kind),
+                };
                 let flow = self.deliver(answer, kind, attempts, failed_over, budget_spent);
                 (flow, Effect::None)
             }
@@ -82,6 +107,9 @@ impl Exchange {
                 delay,
                 timeout,
             } => {
+                if kind.is_some() {
+                    self.keep_probe_failure(current, answer, kind);
+                }
                 self.rt.metrics.retry(target);
                 log::info!(
                     "{} retry target={} after {what} delay={}ms attempt={attempts}",
@@ -102,6 +130,9 @@ impl Exchange {
                 timeout,
                 skipped,
             } => {
+                if kind.is_some() {
+                    self.keep_probe_failure(current, answer, kind);
+                }
                 for s in skipped {
                     self.note_skip(s, now);
                 }

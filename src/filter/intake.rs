@@ -8,8 +8,9 @@ use proxy_wasm::types::{Action, MapType};
 
 use super::exchange::{Exchange, Phase};
 use super::host;
+use crate::answer::affinity::Naming;
 use crate::answer::reply::Rejection;
-use crate::policy::chain::Chain;
+use crate::policy::chain::{Availability, Chain};
 use crate::policy::plan;
 use crate::request::intake::{self, Kind};
 use crate::request::operation;
@@ -99,8 +100,15 @@ impl Exchange {
                 Action::Pause
             }
             Kind::Resource(resource) => {
-                let owner = self.owner_of(&resource.id, self.now());
-                self.pass_through(owner);
+                let now = self.now();
+                match self.owner_of(&resource.id, now) {
+                    Some(owner) => self.pass_through(Some(owner)),
+                    // Probed only when there is no body to replay on the next target.
+                    None if end_of_stream && self.targets().len() > 1 => {
+                        self.probe_resource(&resource.id, now)
+                    }
+                    None => self.pass_through(None),
+                }
                 Action::Continue
             }
             Kind::Operation(_) | Kind::PassThrough => {
@@ -108,6 +116,25 @@ impl Exchange {
                 Action::Continue
             }
         }
+    }
+
+    /// A request on a stored response whose owner is not known here: down the chain, ready
+    /// targets first, until one has it.
+    fn probe_resource(&mut self, id: &str, now: u64) {
+        self.start_probe(id, Naming::Path);
+        let hops = plan::resource_probe(self.config(), self.targets());
+        let hops = plan::probing(hops, |t| self.availability(t, now));
+        let config = self.config();
+        let started = Chain::start_with(hops, now, config.deadline, config.max_retry_wait, |_| {
+            Availability::Ready
+        });
+        let Some((chain, first)) = started else {
+            return self.pass_through(None);
+        };
+        self.chain = Some(chain);
+        self.address_routed(first.target, Some(first.timeout));
+        self.begin_attempt(first.target, first.timeout, now);
+        self.phase = Phase::Routed;
     }
 
     /// Not an operation the filter rewrites: once to `target` (a stored response's owner) or

@@ -39,7 +39,13 @@ struct TargetMetrics {
     latency_ms: Option<u32>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
+    /// `[PROBE_RESULTS index]`
+    affinity_probes: Vec<Option<u32>>,
 }
+
+/// How a probe for a response's owner ended on one target: it had it (2xx), said it does not,
+/// failed (cannot tell), or gave another answer (the client's, e.g. a 400 about the request).
+pub const PROBE_RESULTS: [&str; 4] = ["found", "not_found", "failed", "answered"];
 
 /// The series of one scope: the plain paths (no `route` label) or one route.
 struct Scoped {
@@ -60,6 +66,7 @@ pub struct Metrics {
     fallbacks: Option<u32>,
     attempts: Option<u32>,
     affinity_pins: Option<u32>,
+    affinity_probes: Option<u32>,
     targets: Vec<TargetMetrics>,
     /// Index 0: the plain paths; 1 + r: route r.
     scopes: Vec<Scoped>,
@@ -136,6 +143,10 @@ impl Metrics {
                 ),
                 prompt_tokens: counter(&format!("tokens.target.{t}.kind.prompt")),
                 completion_tokens: counter(&format!("tokens.target.{t}.kind.completion")),
+                affinity_probes: PROBE_RESULTS
+                    .iter()
+                    .map(|r| counter(&format!("affinity_probes.target.{t}.result.{r}")))
+                    .collect(),
             })
             .collect();
         let mut scopes = vec![Scoped::define("", &names)];
@@ -156,6 +167,7 @@ impl Metrics {
             fallbacks: counter("fallbacks"),
             attempts: counter("attempts"),
             affinity_pins: counter("affinity_pins"),
+            affinity_probes: counter("affinity_probes"),
             targets,
             scopes,
             rejected: REJECTIONS
@@ -210,6 +222,15 @@ impl Metrics {
 
     pub fn affinity_pin(&self) {
         host::increment(self.affinity_pins, 1);
+    }
+
+    /// One attempt of a probe for a response's owner on `target`, by [`PROBE_RESULTS`].
+    pub fn affinity_probe(&self, target: usize, result: &str) {
+        let Some(i) = PROBE_RESULTS.iter().position(|r| *r == result) else {
+            return;
+        };
+        host::increment(self.affinity_probes, 1);
+        self.per_target(target, |m| m.affinity_probes.get(i).copied().flatten(), 1);
     }
 
     pub fn cooldown_skip(&self, target: usize) {

@@ -6,6 +6,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use super::exchange::{Exchange, Phase};
 use super::host;
 use super::shared;
+use crate::answer::affinity::Naming;
 use crate::answer::cache;
 use crate::answer::reply::Rejection;
 use crate::policy::balance;
@@ -87,29 +88,40 @@ impl Exchange {
         if hops.is_empty() && before > 0 {
             return self.reject(&Rejection::NoCredential);
         }
-        let mut pinned = false;
-        if let Some(previous) = body.previous_response_id.as_deref() {
+        let previous = body.previous_response_id.clone();
+        if let Some(previous) = previous.as_deref() {
             let owner_hop = self
                 .owner_of(previous, now)
                 .and_then(|owner| plan::pinned(&hops, owner));
             if let Some(owner_hop) = owner_hop {
-                pinned = true;
-                let pinned = owner_hop;
                 log::info!(
                     "{} pinned to target={} (it holds previous_response_id {})",
                     self.tag(),
-                    self.target_name(pinned.first().map_or(0, |h| h.target)),
+                    self.target_name(owner_hop.first().map_or(0, |h| h.target)),
                     quote(previous)
                 );
                 self.rt.metrics.affinity_pin();
                 self.pinned = true;
-                hops = pinned;
+                hops = owner_hop;
+            } else if hops.len() > 1 {
+                self.start_probe(previous, Naming::FollowUp);
+                hops = plan::probing(hops, |t| self.availability(t, now));
             }
         }
-        if config.loadbalance && !pinned {
+        let config = &self.rt.config;
+        if config.loadbalance && !self.pinned && self.owner_probe.is_none() {
             hops = self.balance(hops, now);
         }
-        let availability = |t: usize| self.availability(t, now);
+        // A pinned request goes to its owner even while it cools (no other target has the
+        // response); a probe's order already put the cooling targets last.
+        let fixed = self.pinned || self.owner_probe.is_some();
+        let availability = |t: usize| {
+            if fixed {
+                Availability::Ready
+            } else {
+                self.availability(t, now)
+            }
+        };
         let started = Chain::start_with(
             hops,
             now,

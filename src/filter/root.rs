@@ -15,6 +15,7 @@ use super::shared;
 use super::timers::Timers;
 use super::tokens;
 use super::upstream::Attempt;
+use crate::answer::affinity;
 use crate::answer::reply::Rejection;
 use crate::config::{self, Plugin, ProcessEnv};
 
@@ -140,8 +141,8 @@ impl Root {
         for (cache, sweep) in caches.zip(self.cache_sweeps.iter_mut()) {
             shared::cache_sweep(&cache.scope, sweep.next(cache.max_entries), now);
         }
-        let slots = rt.config.responses.max_affinity_entries;
-        shared::affinity_sweep(self.affinity_sweep.next(slots), now);
+        let sets = affinity::sets(rt.config.responses.max_affinity_entries);
+        shared::affinity_sweep(self.affinity_sweep.next(sets), now);
     }
 }
 
@@ -230,6 +231,7 @@ impl RootContext for Root {
                     + config.routes.iter().filter(|r| r.cache.is_some()).count();
                 self.cache_sweeps = (0..caches).map(|_| Sweep::default()).collect();
                 let runtime = Rc::new(Runtime::new(*config, self.id));
+                tokens::adopt(&runtime, host::now_ms());
                 register(self.id, &runtime);
                 self.runtime = Some(runtime);
                 host::set_tick_period(TICK);

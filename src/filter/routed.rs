@@ -10,6 +10,7 @@ use super::exchange::{Answer, Effect, Exchange, Phase};
 use super::host;
 use crate::answer::affinity;
 use crate::answer::usage::{self, UsageScanner};
+use crate::policy::chain::Outcome;
 use crate::policy::judge;
 use crate::policy::plan;
 use crate::policy::retry_after;
@@ -75,7 +76,7 @@ impl Exchange {
         let spills = self
             .current_target()
             .filter(|&t| self.target(t).is_some_and(|t| t.spillover.is_some()));
-        if !judge::needs_judging(self.config(), status) {
+        if !judge::needs_judging(self.config(), status) && !self.probe_holds(status) {
             if let Some(target) = spills {
                 let headers = host::headers(MapType::HttpResponseHeaders);
                 self.record_limits(target, &headers, self.now());
@@ -97,6 +98,9 @@ impl Exchange {
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
             self.now() / 1000,
         );
+        if let Some(probe) = &mut self.owner_probe {
+            probe.routed_headers = Some(headers);
+        }
         if end_of_stream {
             let answer = Answer {
                 status,
@@ -138,7 +142,10 @@ impl Exchange {
                     retry_after: *retry_after,
                     // Judged on its status unless the body decides; the held body stays in
                     // Envoy for the client.
-                    body: if judge::needs_body(&self.rt.config, status) {
+                    // A probe reads it: it may be a "not found", or a failure kept for the client.
+                    body: if judge::needs_body(&self.rt.config, status)
+                        || self.owner_probe.is_some()
+                    {
                         host::buffer(BufferType::HttpResponseBody, body_size)
                     } else {
                         Vec::new()
@@ -166,6 +173,7 @@ impl Exchange {
             );
             // Any answer that is not a failure shows the target is up.
             self.record_health(target, None, now);
+            self.probe_answered(target, status, &Outcome::Delivered);
         }
         self.pass_answer(status);
     }
@@ -175,7 +183,8 @@ impl Exchange {
     pub(super) fn pass_answer(&mut self, status: Option<u16>) {
         let target = self.current_target();
         if (200..300).contains(&status.unwrap_or(0)) && target.is_some() {
-            if self.answer_may_carry_usage(target) {
+            // A stored response read back (a resource request) is not new usage.
+            if self.operation().is_some() && self.answer_may_carry_usage(target) {
                 self.usage = Some(UsageScanner::default());
             }
             if self.creates_response() {

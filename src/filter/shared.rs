@@ -2,7 +2,7 @@
 //! owners of Responses API ids. Writers use compare-and-swap.
 
 use super::host;
-use crate::answer::affinity::{self, Owner};
+use crate::answer::affinity::{self, Owner, Set};
 use crate::answer::cache::{self, Digest, Entry};
 use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
 use crate::health::cooldown::{self, Change, State};
@@ -72,13 +72,10 @@ fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {
     cache::slot_key_in(&settings.scope, cache::slot(digest, settings.max_entries))
 }
 
-fn token_key(target: &str) -> String {
-    format!("llm_failover.token.{target}")
-}
-
-/// A target's Entra ID token state, and its compare-and-swap value.
-pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
-    let (bytes, cas) = host::shared_get(&token_key(target));
+/// A target's Entra ID token state at `key` ([`crate::target::token::state_key`]), and its
+/// compare-and-swap value.
+pub fn token_state(key: &str) -> (TokenState, Option<u32>) {
+    let (bytes, cas) = host::shared_get(key);
     (
         bytes.map(|b| TokenState::decode(&b)).unwrap_or_default(),
         cas,
@@ -86,8 +83,8 @@ pub fn token_state(target: &str) -> (TokenState, Option<u32>) {
 }
 
 /// Writes a token state unless another worker wrote it since `cas` was read.
-pub fn set_token_state(target: &str, state: &TokenState, cas: Option<u32>) -> bool {
-    host::shared_set(&token_key(target), &state.encode(), cas).is_ok()
+pub fn set_token_state(key: &str, state: &TokenState, cas: Option<u32>) -> bool {
+    host::shared_set(key, &state.encode(), cas).is_ok()
 }
 
 fn spill_key(target: &str) -> String {
@@ -138,22 +135,39 @@ pub fn cache_sweep(scope: &str, range: std::ops::Range<u32>, now_ms: u64) {
 
 /// The target that created response `id`, if known and not expired.
 pub fn affinity_get(settings: &ResponsesSettings, id: &str, now_ms: u64) -> Option<String> {
-    let key = affinity::slot_key(affinity::slot(id, settings.max_affinity_entries));
-    let (bytes, _) = host::shared_get(&key);
-    affinity::lookup(&bytes?, id, now_ms)
+    let (set, fingerprint) = affinity::place(id, settings.max_affinity_entries);
+    let (bytes, _) = host::shared_get(&affinity::set_key(set));
+    Set::decode(&bytes?)
+        .owner(fingerprint, now_ms)
+        .map(str::to_string)
 }
 
-/// Remembers that `target` created response `id` (the newest id wins its slot).
-pub fn affinity_put(settings: &ResponsesSettings, owner: &Owner) {
-    let key = affinity::slot_key(affinity::slot(&owner.id, settings.max_affinity_entries));
-    let (_, cas) = host::shared_get(&key);
-    let _ = host::shared_set(&key, &owner.encode(), cas);
+/// Remembers that `owner.target` created `owner.id`, in the id's set (compare-and-swap: another
+/// worker's write to the same set is read again, not overwritten).
+pub fn affinity_put(settings: &ResponsesSettings, owner: &Owner, now_ms: u64) {
+    let (set, fingerprint) = affinity::place(&owner.id, settings.max_affinity_entries);
+    let key = affinity::set_key(set);
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(&key);
+        let mut owners = bytes.map(|b| Set::decode(&b)).unwrap_or_default();
+        owners.put(fingerprint, &owner.target, owner.expires_ms, now_ms);
+        if host::shared_set(&key, &owners.encode(), cas).is_ok() {
+            return;
+        }
+    }
 }
 
-/// Empties expired affinity slots in `range`.
+/// Drops the expired owners of the sets in `range`.
 pub fn affinity_sweep(range: std::ops::Range<u32>, now_ms: u64) {
-    for slot in range {
-        expire(&affinity::slot_key(slot), now_ms, Owner::expiry);
+    for set in range {
+        let key = affinity::set_key(set);
+        let (Some(bytes), cas) = host::shared_get(&key) else {
+            continue;
+        };
+        let mut owners = Set::decode(&bytes);
+        if owners.sweep(now_ms) {
+            let _ = host::shared_set(&key, &owners.encode(), cas);
+        }
     }
 }
 

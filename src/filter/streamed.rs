@@ -28,6 +28,10 @@ impl Exchange {
         let (Some(chain), Some(body)) = (&self.chain, &self.body) else {
             return false;
         };
+        // A probe judges each answer itself (a "not found" is no failure to the router).
+        if self.owner_probe.is_some() {
+            return false;
+        }
         // Cheap checks first: most requests do not stream.
         if !streamed::may_take_stream_path(self.config(), op, body.stream) {
             return false;

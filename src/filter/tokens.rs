@@ -17,22 +17,34 @@ use crate::target::token::{self, State, FETCH_TIMEOUT};
 /// A token request in flight: (callout token, target).
 pub type Pending = (u32, usize);
 
+/// Takes this worker's copies of the tokens shared data already holds (a configuration change
+/// that keeps the `vm_id` keeps them), so the first requests after it need not wait for a tick.
+pub fn adopt(rt: &Runtime, now: u64) {
+    for (i, key) in rt.token_keys.iter().enumerate() {
+        if let Some(key) = key {
+            let (state, _) = shared::token_state(key);
+            rt.set_token(i, state.valid(now).cloned());
+        }
+    }
+}
+
 /// Reads every token state, updates this worker's copies and the gauges, and starts the fetches
 /// that are due (when this worker wins the lease). Returns the callouts it dispatched.
 pub fn tick(rt: &Runtime, pending: &[Pending], now: u64) -> Vec<Pending> {
     let mut started = Vec::new();
     for (i, t) in rt.config.targets.iter().enumerate() {
-        let Credential::Entra(source) = &t.credential else {
+        let (Credential::Entra(source), Some(Some(key))) = (&t.credential, rt.token_keys.get(i))
+        else {
             continue;
         };
-        let (state, cas) = shared::token_state(&t.name);
+        let (state, cas) = shared::token_state(key);
         rt.set_token(i, state.valid(now).cloned());
         rt.metrics.token_seconds_left(i, state.seconds_left(now));
         if !state.wants_fetch(now) || pending.iter().any(|&(_, p)| p == i) {
             continue;
         }
         // One worker fetches: the one whose compare-and-swap takes the lease.
-        if !shared::set_token_state(&t.name, &state.leased(now), cas) {
+        if !shared::set_token_state(key, &state.leased(now), cas) {
             continue;
         }
         let Some(request) = token::request(source) else {
@@ -91,7 +103,7 @@ pub fn answered(rt: &Runtime, i: usize, body_size: usize, now: u64) {
             );
             rt.set_token(i, Some(token.clone()));
             rt.metrics.token_fetch(i, true);
-            store(&t.name, |_| State::fetched(token.clone()));
+            store(rt, i, |_| State::fetched(token.clone()));
         }
         Err(why) => failed(rt, i, now, why.as_str()),
     }
@@ -102,7 +114,7 @@ fn failed(rt: &Runtime, i: usize, now: u64, why: &str) {
         return;
     };
     rt.metrics.token_fetch(i, false);
-    let state = store(&t.name, |s| s.failed(now));
+    let state = store(rt, i, |s| s.failed(now));
     log::warn!(
         "token fetch for target={} failed ({why}); next try in {}s{}",
         t.name,
@@ -115,13 +127,17 @@ fn failed(rt: &Runtime, i: usize, now: u64, why: &str) {
     );
 }
 
-/// Writes the state `change` makes of the current one (compare-and-swap, a few tries).
-fn store(target: &str, change: impl Fn(&State) -> State) -> State {
+/// Writes target `i`'s token state `change` makes of the current one (compare-and-swap, a few
+/// tries).
+fn store(rt: &Runtime, i: usize, change: impl Fn(&State) -> State) -> State {
     let mut last = State::default();
+    let Some(Some(key)) = rt.token_keys.get(i) else {
+        return last;
+    };
     for _ in 0..4 {
-        let (state, cas) = shared::token_state(target);
+        let (state, cas) = shared::token_state(key);
         last = change(&state);
-        if shared::set_token_state(target, &last, cas) {
+        if shared::set_token_state(key, &last, cas) {
             break;
         }
     }

@@ -27,6 +27,9 @@ pub enum Outcome {
     Delivered,
     /// A status in `on_status_codes` or a transport failure.
     Failed(Failure),
+    /// The target answered that it does not hold the stored response the request names (a
+    /// probe for its owner): the next target may, so the chain moves on without a retry here.
+    Elsewhere,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,7 +265,8 @@ impl Chain {
     ) -> (Next, Option<NoRetry>) {
         let failure = match outcome {
             Outcome::Delivered => return (Next::Deliver, None),
-            Outcome::Failed(f) => f,
+            Outcome::Failed(f) => Some(f),
+            Outcome::Elsewhere => None,
         };
         let remaining = self.remaining(now_ms);
         if remaining < MIN_ATTEMPT {
@@ -272,7 +276,7 @@ impl Chain {
             return (Next::GiveUp(GiveUpReason::Exhausted), None);
         };
         let mut no_retry = None;
-        if self.tries_here < hop.max_tries {
+        if let Some(failure) = failure.filter(|_| self.tries_here < hop.max_tries) {
             let delay = failure.retry_after.unwrap_or(Duration::ZERO);
             if delay > self.max_retry_wait {
                 no_retry = Some(NoRetry::RetryAfterTooLong);
@@ -593,6 +597,27 @@ mod tests {
         assert_eq!(
             c.next(&status(500), 14_990, none).0,
             Next::GiveUp(GiveUpReason::BudgetSpent)
+        );
+        assert_eq!(c.attempts(), 2);
+    }
+
+    #[test]
+    fn a_target_without_the_named_response_is_passed_at_once() {
+        // Not found on the first target: no retry there (it would say the same), the next
+        // target, whatever its tries; not found on the last: the chain is spent.
+        let mut c = start(&[(0, 2, 10), (1, 2, 10)], 60);
+        assert_eq!(
+            c.next(&Outcome::Elsewhere, 0, none).0,
+            Next::Failover {
+                from: 0,
+                to: 1,
+                timeout: 10 * S,
+                skipped: vec![]
+            }
+        );
+        assert_eq!(
+            c.next(&Outcome::Elsewhere, 0, none).0,
+            Next::GiveUp(GiveUpReason::Exhausted)
         );
         assert_eq!(c.attempts(), 2);
     }

@@ -152,7 +152,7 @@ mod tests {
 
     fn kind(o: &Outcome) -> Option<FailureKind> {
         match o {
-            Outcome::Delivered => None,
+            Outcome::Delivered | Outcome::Elsewhere => None,
             Outcome::Failed(f) => Some(f.kind),
         }
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::config::{CacheSettings, Config, Step};
-use crate::policy::chain::Hop;
+use crate::policy::chain::{Availability, Hop};
 use crate::request::body::{Body, Keep};
 use crate::target::provider::{self, Unservable};
 use crate::target::rewrite::{self, Operation};
@@ -68,6 +68,33 @@ pub fn pinned(hops: &[Hop], owner: usize) -> Option<Vec<Hop>> {
     hops.iter()
         .find(|h| h.target == owner)
         .map(|h| vec![h.clone()])
+}
+
+/// A request naming a stored response whose owner is not known here goes down its chain until
+/// a target has the response: the ready targets first, then the spilled ones, then the cooling
+/// ones (they may be the only ones that hold it), each group in chain order.
+pub fn probing(mut hops: Vec<Hop>, availability: impl Fn(usize) -> Availability) -> Vec<Hop> {
+    hops.sort_by_key(|h| match availability(h.target) {
+        Availability::Ready => 0,
+        Availability::Avoid => 1,
+        Availability::Skip => 2,
+    });
+    hops
+}
+
+/// The probe of a request on a stored response (`/v1/responses/{id}...`) whose owner is not
+/// known here: every target it may use, each asked once (a second ask gets the same answer, and
+/// a `DELETE` is not repeated), with its timeout.
+pub fn resource_probe(config: &Config, targets: &[usize]) -> Vec<Hop> {
+    targets
+        .iter()
+        .filter_map(|&t| config.steps.get(t))
+        .map(|step| Hop {
+            target: step.target,
+            max_tries: 1,
+            timeout: step.timeout,
+        })
+        .collect()
 }
 
 /// A pass-through goes once to the first target, bounded by the request's deadline.
@@ -232,6 +259,26 @@ mod tests {
         };
         assert_eq!(pinned(&[hop(0), hop(1)], 1), Some(vec![hop(1)]));
         assert_eq!(pinned(&[hop(0)], 1), None);
+    }
+
+    #[test]
+    fn a_probe_asks_ready_targets_first_and_cooling_ones_last() {
+        let states = [
+            Availability::Skip,
+            Availability::Ready,
+            Availability::Avoid,
+            Availability::Ready,
+        ];
+        let hop = |target| Hop {
+            target,
+            max_tries: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let order: Vec<usize> = probing((0..4).map(hop).collect(), |t| states[t])
+            .iter()
+            .map(|h| h.target)
+            .collect();
+        assert_eq!(order, vec![1, 3, 2, 0]);
     }
 
     #[test]

@@ -78,6 +78,15 @@ pub enum ResourceAction {
 }
 
 impl ResourceAction {
+    /// The HTTP method of the request.
+    pub fn method(self) -> &'static str {
+        match self {
+            ResourceAction::Retrieve | ResourceAction::InputItems => "GET",
+            ResourceAction::Delete => "DELETE",
+            ResourceAction::Cancel => "POST",
+        }
+    }
+
     /// What follows the id in the path.
     pub fn suffix(self) -> &'static str {
         match self {

@@ -138,19 +138,22 @@ pub fn routed<'a>(r: &Routed<'a>, client: ClientHeaders) -> Vec<Edit<'a>> {
     edits
 }
 
-/// The headers of a callout to a target: pseudo-headers, length, the target's credential, then
-/// the client's forwarded headers.
+/// The headers of a callout to a target: pseudo-headers, length (`None`: a request without a
+/// body, such as a `GET`), the target's credential, then the client's forwarded headers.
 pub fn callout<'a>(
+    method: &'a str,
     address: &'a Address,
     credential: (&'static str, &'a str),
-    content_length: &'a str,
+    content_length: Option<&'a str>,
     forwarded: &'a [(String, String)],
 ) -> Vec<(&'a str, &'a str)> {
     let mut headers = Vec::with_capacity(5 + forwarded.len());
-    headers.push((":method", "POST"));
+    headers.push((":method", method));
     headers.push((":path", address.path.as_str()));
     headers.push((":authority", address.authority.as_str()));
-    headers.push(("content-length", content_length));
+    if let Some(length) = content_length {
+        headers.push(("content-length", length));
+    }
     headers.push(credential);
     headers.extend(forwarded.iter().map(|(n, v)| (n.as_str(), v.as_str())));
     headers
@@ -259,7 +262,7 @@ mod tests {
         let addr = address("/p");
         let forwarded = vec![("x-request-id".to_string(), "r1".to_string())];
         assert_eq!(
-            callout(&addr, ("api-key", "k"), "12", &forwarded),
+            callout("POST", &addr, ("api-key", "k"), Some("12"), &forwarded),
             vec![
                 (":method", "POST"),
                 (":path", "/p"),
@@ -267,6 +270,16 @@ mod tests {
                 ("content-length", "12"),
                 ("api-key", "k"),
                 ("x-request-id", "r1"),
+            ]
+        );
+        // A request on a stored response has no body to announce.
+        assert_eq!(
+            callout("GET", &addr, ("api-key", "k"), None, &[]),
+            vec![
+                (":method", "GET"),
+                (":path", "/p"),
+                (":authority", "res.openai.azure.com"),
+                ("api-key", "k"),
             ]
         );
     }

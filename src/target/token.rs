@@ -174,6 +174,31 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
+/// The shared-data key of a target's token state: its name and the identity the token is for
+/// (token endpoint, resource, tenant and client; not the secret), so that a configuration change
+/// that gives the target another identity does not reuse the old identity's token.
+pub fn state_key(target: &str, source: &EntraSource) -> String {
+    let (tenant, client) = match &source.kind {
+        EntraKind::ClientCredentials {
+            tenant_id,
+            client_id,
+            ..
+        } => (tenant_id.as_str(), client_id.as_str()),
+        EntraKind::ManagedIdentity { client_id } => ("", client_id.as_deref().unwrap_or("")),
+    };
+    let identity = [
+        source.cluster.as_str(),
+        &source.authority,
+        &source.resource,
+        tenant,
+        client,
+    ]
+    .join("\n");
+    let digest = crate::request::auth::sha256(identity.as_bytes());
+    let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("llm_failover.token.{target}.{short}")
+}
+
 /// Client credentials: `POST /<tenant>/oauth2/v2.0/token` with a form body; managed identity:
 /// `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=...` with
 /// `Metadata: true`.
@@ -356,6 +381,36 @@ mod tests {
             "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fcognitiveservices.azure.com&client_id=uai-1"
         );
         assert_eq!(mi.headers, vec![("metadata", "true")]);
+    }
+
+    #[test]
+    fn a_token_is_kept_under_its_identity_not_its_secret() {
+        let source = |tenant: &str, secret: &str| EntraSource {
+            cluster: "entra".into(),
+            authority: "login.microsoftonline.com".into(),
+            resource: "https://cognitiveservices.azure.com".into(),
+            kind: EntraKind::ClientCredentials {
+                tenant_id: tenant.into(),
+                client_id: "app".into(),
+                client_secret: secret.into(),
+            },
+        };
+        let key = state_key("azure", &source("t1", "s1"));
+        assert!(key.starts_with("llm_failover.token.azure."), "{key}");
+        assert_eq!(key, state_key("azure", &source("t1", "another secret")));
+        assert!(!key.contains("s1"));
+        assert_ne!(key, state_key("azure", &source("t2", "s1")));
+        assert_ne!(key, state_key("azure2", &source("t1", "s1")));
+        let mi = |client: Option<&str>| EntraSource {
+            kind: EntraKind::ManagedIdentity {
+                client_id: client.map(str::to_string),
+            },
+            ..source("t1", "s1")
+        };
+        assert_ne!(
+            state_key("azure", &mi(None)),
+            state_key("azure", &mi(Some("uai")))
+        );
     }
 
     #[test]

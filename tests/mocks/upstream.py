@@ -15,6 +15,10 @@ or in-process from pytest::
     server.port          # the bound port
     server.stop()        # stop serving and drop every open connection
 
+Answers are shaped as public recordings of the real services show them: tests/mocks/RECORDINGS.md
+lists each fact and its source (gzip: OpenAI only, chunked; Azure's first stream event and 401
+reason phrase; include_usage chunks; base64 embeddings; v1 unknown_model; ...).
+
 The mocks are as strict as the real services about what a gateway must get right (path,
 host, credential, api-version, deployment, body shape) and record everything they receive,
 so tests can assert exactly what reached "the provider".  A credential sent to the wrong
@@ -31,7 +35,7 @@ API surface
              when given>, older versions 400 ("...enabled only for api-version 2025-03-01-preview and later");
              v1 API: POST /openai/v1/chat/completions, /openai/v1/embeddings, /openai/v1/responses[/{id}...]
              with no api-version (or "preview"/"latest"; any other value 400), the body's model = a
-             deployment (else 404 DeploymentNotFound); no /openai/v1/completions (404).
+             deployment (else 400 unknown_model); no /openai/v1/completions (404).
     Credentials (Azure): api-key: <key>, or Authorization: Bearer <ad_token | a token minted by the
              Entra mock with entra_token_secret, accepted only until it expires, 401 after>; on the
              v1 API also Bearer <api key> (the real v1 API accepts the key that way, as the OpenAI SDK
@@ -54,7 +58,7 @@ Responses API (both providers)
     response.output_item.added, response.content_part.added, one response.output_text.delta per
     word (stream_delay_ms apart), response.output_text.done, response.content_part.done,
     response.output_item.done, response.completed (the full response with usage); sequence_number
-    0, 1, 2, ...; no [DONE]. Scripts, x-mock-status*, fail rates, gzip (not for streams) and
+    0, 1, 2, ...; no [DONE]. Scripts, x-mock-status*, fail rates, gzip (OpenAI only, not for streams) and
     close_after_events apply as for chat.
 
 Request records (GET /__mock/requests) also say what the mock understood: api_style ("openai" |
@@ -75,6 +79,10 @@ Control API (same port, no auth, no host check):
                             {"close": true}                          reset the connection, no answer
                             {"status": 400, "content_filter": true}  Azure content-filter error
                             {"close_after_events": 2}                streaming: 2 SSE events then reset
+                            {"status": 503, "reset_before_headers": true}  OpenAI's text/plain 503 (Envoy reset)
+                            {"status": 502, "text": "..."}           any text/plain body
+                            {"status": 429, "as_recorded": true}     openai: + retry-after, retry-after-ms and
+                                                                     x-ratelimit-remaining-* > 0, as recorded
                             {} or {"status": 200}                    a normal answer
                             optional on any step: "repeat": N | "forever", "delay_ms": N,
                             "headers": {...} (extra response headers), "body": {...} (replaces
@@ -169,6 +177,14 @@ AZURE_RESPONSES_MIN_API_VERSION = "2025-03-01"  # deployments-style Responses: 2
 AZURE_RESPONSES_VERSION_MESSAGE = ("Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview "
                                    "and later")
 DEFAULT_MAX_STORED_RESPONSES = 10000
+
+# OpenAI's own 503 when its edge loses the backend: Envoy's local reply, text/plain (RECORDINGS.md).
+OPENAI_RESET_503_TEXT = ("upstream connect error or disconnect/reset before headers. reset reason: "
+                         "connection termination")
+# Azure's include_usage chunk carries the service's timings next to usage (RECORDINGS.md).
+AZURE_LATENCY_CHECKPOINT = {"engine_tbt_ms": 3, "engine_ttft_ms": 28, "engine_ttlt_ms": 56, "pre_inference_ms": 73,
+                            "service_tbt_ms": 4, "service_ttft_ms": 320, "service_ttlt_ms": 362,
+                            "total_duration_ms": 293, "user_visible_ttft_ms": 248}
 
 # Entra ID access tokens minted by tests/mocks/entra.py and checked here (shared HMAC secret).
 COGNITIVE_RESOURCE = "https://cognitiveservices.azure.com"
@@ -590,24 +606,40 @@ class MockHandler(ScriptedHandler):
             "x-mock-provider": s.name,
         }
 
-    def _send_json(self, status: int, obj, extra_headers: dict | None = None):
+    def _send_json(self, status: int, obj, extra_headers: dict | None = None, phrase: str | None = None,
+                   headers: dict | None = None):
+        """A JSON answer. OpenAI gzips it when the client accepts gzip, and then sends it chunked with no
+        Content-Length; Azure never compresses (tests/mocks/RECORDINGS.md). `headers` replaces the
+        provider's usual headers (an answer recorded with fewer), `phrase` the status line's reason."""
         body = json.dumps(obj, separators=(",", ":")).encode() if not isinstance(obj, bytes) else obj
-        headers = self._base_headers()
+        headers = dict(headers) if headers is not None else self._base_headers()
         headers["Content-Type"] = "application/json"
-        if self._accepts_gzip() and body:
+        gzipped = self.server.provider == OPENAI and self._accepts_gzip() and bool(body)
+        if gzipped:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
+            headers["Transfer-Encoding"] = "chunked"
             headers["Vary"] = "Accept-Encoding"
         if extra_headers:
             headers.update({k: str(v) for k, v in extra_headers.items()})
-        headers["Content-Length"] = str(len(body))
+        if not gzipped:
+            headers["Content-Length"] = str(len(body))
+        self._send_raw(status, headers, body, chunked=gzipped, phrase=phrase)
+
+    def _send_text(self, status: int, text: str, headers: dict, phrase: str | None = None):
+        """A text/plain answer with exactly the given headers (plus Content-Type and Content-Length)."""
+        body = text.encode()
+        headers = {**headers, "Content-Type": "text/plain", "Content-Length": str(len(body))}
+        self._send_raw(status, headers, body, chunked=False, phrase=phrase)
+
+    def _send_raw(self, status: int, headers: dict, body: bytes, chunked: bool, phrase: str | None):
         self._set_status(status)
-        self.send_response(status)
+        self.send_response(status, phrase)
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command != "HEAD" and body:
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
         self.wfile.flush()
 
     def _handle(self, rec, split, body: bytes):
@@ -698,6 +730,19 @@ class MockHandler(ScriptedHandler):
                 headers["x-ms-retry-after-ms"] = str(int(ra_ms))
         if "body" in step:
             return self._send_json(status, step["body"], headers)
+        if step.get("reset_before_headers"):
+            return self._send_text(status, OPENAI_RESET_503_TEXT, {"x-mock-provider": s.name, **headers})
+        if "text" in step:
+            return self._send_text(status, str(step["text"]), {**self._base_headers(), **headers})
+        if step.get("as_recorded") and s.provider == OPENAI and status == 429:
+            # A 429 that also says "retry after" in two units while x-ratelimit-* say the budget is not spent.
+            wait_ms = int(ra_ms) if ra_ms is not None else (int(float(ra) * 1000) if ra is not None else 1000)
+            if ra is None:
+                headers["Retry-After"] = str(max(0, round(wait_ms / 1000)))
+            if ra_ms is None:
+                headers["retry-after-ms"] = str(wait_ms)
+            headers.setdefault("x-ratelimit-remaining-requests", "9999")
+            headers.setdefault("x-ratelimit-remaining-tokens", "29999000")
         secs = ra if ra is not None else (max(1, round(int(ra_ms) / 1000)) if ra_ms is not None else None)
         if step.get("content_filter"):
             if s.provider == AZURE:
@@ -909,15 +954,24 @@ class MockHandler(ScriptedHandler):
                 return kind
             self._az_error(401, "401", AZURE_TOKEN_MESSAGE)
             return None
-        self._az_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. "
-                       "Make sure to provide a valid key for an active subscription and use a correct "
-                       "regional API endpoint for your resource.")
+        # Recorded: reason phrase "PermissionDenied", only Content-Length/Type, Date and apim-request-id.
+        self._send_json(401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key or "
+                                        "wrong API endpoint. Make sure to provide a valid key for an active "
+                                        "subscription and use a correct regional API endpoint for your resource."}},
+                        phrase="PermissionDenied",
+                        headers={"apim-request-id": str(uuid.uuid4()), "x-mock-provider": s.name})
         return None
 
     def _deployment_not_found(self):
-        return self._az_error(404, "DeploymentNotFound", "The API deployment for this resource does not exist. "
-                              "If you created the deployment within the last 5 minutes, please wait a moment "
-                              "and try again.")
+        return self._send_json(404, {"error": {
+            "type": "invalid_request_error", "code": "DeploymentNotFound",
+            "message": "The API deployment for this resource does not exist. If you created the deployment within "
+                       "the last 5 minutes, please wait a moment and try again."}})
+
+    def _unknown_model(self, model: str):
+        """The v1 API names no deployment in its path: a body model that is none answers 400 unknown_model."""
+        return self._send_json(400, {"error": {"code": "unknown_model", "message": f"Unknown model: {model}",
+                                               "details": f"Unknown model: {model}"}})
 
     def _handle_azure(self, rec, path, query, body):
         s = self.server
@@ -978,7 +1032,7 @@ class MockHandler(ScriptedHandler):
         if not isinstance(model, str) or not model:
             return self._invalid(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
         if model not in s.deployments:
-            return self._deployment_not_found()
+            return self._unknown_model(model)
         rec["deployment"] = model
         if not self._validate_op(op, req):
             return
@@ -1045,8 +1099,8 @@ class MockHandler(ScriptedHandler):
                                  "instead.", "model", "invalid_type")
         deployment = None
         if s.provider == AZURE:
-            if model not in s.deployments:
-                return self._deployment_not_found()
+            if model not in s.deployments:  # the v1 API has no deployment in its path
+                return self._unknown_model(model) if rec["api_style"] == "v1" else self._deployment_not_found()
             deployment = rec["deployment"] = model
             resp_model, who = s.deployments[model], f"mock {s.name} deployment {model}"
         else:
@@ -1558,9 +1612,11 @@ class MockHandler(ScriptedHandler):
                 events.append(_sse_json(chunk({"content": p})))
             events.append(_sse_json(chunk({}, "stop")))
             if include_usage:
-                events.append(_sse_json({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                          "model": resp_model, "system_fingerprint": "fp_mock0001", "choices": [],
-                                          "usage": self._usage(req, content)}))
+                last = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": resp_model,
+                        "system_fingerprint": "fp_mock0001", "choices": [], "usage": self._usage(req, content)}
+                if s.provider == AZURE:
+                    last["latency_checkpoint"] = AZURE_LATENCY_CHECKPOINT
+                events.append(_sse_json(last))
         else:
             cid = "cmpl-" + uuid.uuid4().hex[:29]
             for i, p in enumerate(pieces):
