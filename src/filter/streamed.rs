@@ -94,8 +94,8 @@ impl Exchange {
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {
             log::error!(
-                "{} a streamed request was answered without the upstream filter: every target's \
-                 cluster needs the llm_failover upstream filter (README, streamed failover)",
+                "{} a streamed request was answered without the upstream filter: the router needs \
+                 the llm_failover upstream filter (README, streamed failover)",
                 self.tag()
             );
         }
