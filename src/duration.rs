@@ -1,22 +1,23 @@
 //! Durations as people and providers write them: `"250ms"`, `"10s"`, `"1.5s"`, `"2m"`, `"1h"`,
-//! and the compound Go form OpenAI uses in its rate-limit headers (`"6m0s"`, `"1h2m3.5s"`).
+//! `"1d"`, and the compound Go form OpenAI uses in its rate-limit headers (`"6m0s"`, `"1h2m3.5s"`).
 //!
 //! Exact integer arithmetic (no floating point), so `"0.1s"` is 100 ms and never 99.
 
 use std::time::Duration;
 
 /// The units, longest suffix first so that `ms` is not read as `m`.
-const UNITS: [(&str, u128); 6] = [
+const UNITS: [(&str, u128); 7] = [
     ("ns", 1),
     ("us", 1_000),
     ("µs", 1_000),
     ("ms", 1_000_000),
     ("s", 1_000_000_000),
     ("h", 3_600_000_000_000),
+    ("d", 86_400_000_000_000),
 ];
 const MINUTE_NS: u128 = 60_000_000_000;
 
-/// One or more `<decimal><unit>` parts (units `ns`, `us`, `ms`, `s`, `m`, `h`), surrounding white
+/// One or more `<decimal><unit>` parts (units `ns`, `us`, `ms`, `s`, `m`, `h`, `d`), surrounding white
 /// space allowed. `None` for anything else, or a value beyond `Duration::MAX`.
 pub fn parse(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
@@ -99,6 +100,8 @@ mod tests {
             ("1.5ms", Duration::from_micros(1500)),
             ("20us", Duration::from_micros(20)),
             ("7ns", Duration::from_nanos(7)),
+            ("1d", ms(86_400_000)),
+            ("1d12h", ms(129_600_000)),
         ] {
             assert_eq!(parse(text), Some(want), "{text}");
         }
@@ -119,7 +122,7 @@ mod tests {
             "1.2.3s",
             "1 s",
             "1s 2s",
-            "1d",
+            "1day",
             "1sec",
             "1minute",
             ".s",

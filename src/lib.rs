@@ -8,7 +8,8 @@
 //! * `request`: what arrives: the operation (`operation`), the gateway key (`auth`, `intake`),
 //!   the body, parsed once (`body`).
 //! * `policy`: where it goes: the plan (`plan`, `balance`), how an answer ends an attempt
-//!   (`judge`, `retry_after`) and the failover state machine (`chain`).
+//!   (`judge`, `retry_after`), the failover state machine (`chain`) and the limits of keys and
+//!   routes (`limits`).
 //! * `health`: what all workers know about each target: cooldowns and spill-over.
 //! * `target`: one target's request: addressing and credentials (`provider`), its body
 //!   (`rewrite`), its headers (`forward`), Entra ID tokens (`token`).

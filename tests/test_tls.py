@@ -262,9 +262,11 @@ def test_upstream_identity_is_verified(make_stack, mock_factory, pki, case):
     assert r.headers["x-llm-failover-target"] == "azure"
 
 
-def test_kubernetes_sidecar_health_listener_serves_only_ready(make_stack, mock_factory, pki):
+def test_kubernetes_sidecar_health_listener_serves_only_ready_and_the_prometheus_stats(make_stack, mock_factory,
+                                                                                      pki):
     """The --config-yaml overlay of the sidecar's command line, merged as Envoy merges it: the
-    kubelet's probes get Envoy's /ready on the pod IP, nothing else of the admin; the proxy works."""
+    kubelet's probes get Envoy's /ready on the pod IP and Prometheus its /stats/prometheus, nothing
+    else of the admin; the proxy works."""
     deployment = yaml.safe_load((REPO_ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
     [sidecar] = [c for c in deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == "llm-failover"]
     args = sidecar["args"]
@@ -287,9 +289,12 @@ def test_kubernetes_sidecar_health_listener_serves_only_ready(make_stack, mock_f
     stack = production_stack(make_stack, pki, openai, azure, then=add_overlay)
     ready = requests.get(f"http://127.0.0.1:{port}/ready", timeout=10)
     assert ready.status_code == 200 and ready.text.strip() == "LIVE"
-    for path in ("/stats", "/config_dump", "/quitquitquit", "/"):
+    for path in ("/stats", "/stats?format=json", "/config_dump", "/quitquitquit", "/"):
         assert requests.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code == 404, path
     assert stack.chat().status_code == 200
+    scrape = requests.get(f"http://127.0.0.1:{port}/stats/prometheus", timeout=10)
+    assert scrape.status_code == 200
+    assert 'llm_failover_attempts{target="openai",status="2xx"} 1' in scrape.text.splitlines()
 
 
 def test_without_allow_on_headers_stop_iteration_a_chat_request_stalls(make_stack, mock_factory, pki):

@@ -14,6 +14,8 @@
 * envoy/routes.yaml <- envoy/local.yaml with the plugin configuration of envoy/routes.json (the
   named route of BricksLLM's "OpenAI with Azure OpenAI as failover" guide), for
   `make run CONFIG=envoy/routes.yaml`.
+* deploy/observability/llm-failover-prometheusrule.yaml <- deploy/observability/llm-failover-rules.yaml:
+  the same rule groups, verbatim, as a PrometheusRule of the Prometheus Operator.
 
     python tools/render_configs.py           write the files
     python tools/render_configs.py --check   exit 1 when a file differs from what would be written
@@ -41,6 +43,8 @@ K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "envoy-config.yaml"
 PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
 ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
 ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
+ALERT_RULES = ROOT / "deploy" / "observability" / "llm-failover-rules.yaml"
+PROMETHEUS_RULE = ROOT / "deploy" / "observability" / "llm-failover-prometheusrule.yaml"
 
 # envoy/local.yaml cluster -> docker-compose.yml service that serves it
 COMPOSE_SERVICES = {"openai": "mock-openai", "azure": "mock-azure"}
@@ -106,6 +110,26 @@ def render_k8s_configmap() -> str:
     )
 
 
+def render_prometheusrule() -> str:
+    text = ALERT_RULES.read_text()
+    groups = text[text.index("\ngroups:") + 1:]
+    body = "".join(("  " + line) if line.strip() else "\n" for line in groups.splitlines(True))
+    return (
+        "# GENERATED from deploy/observability/llm-failover-rules.yaml by tools/render_configs.py: do not\n"
+        "# edit, edit the rules file and run `python tools/render_configs.py`. `make validate` fails when stale.\n"
+        "# The alerting rules for the Prometheus Operator; its Prometheus picks them up when this object\n"
+        "# matches its ruleSelector (the label below is an example: use your Prometheus' selector).\n"
+        "apiVersion: monitoring.coreos.com/v1\n"
+        "kind: PrometheusRule\n"
+        "metadata:\n"
+        "  name: llm-failover\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: llm-failover\n"
+        "    role: alert-rules\n"
+        "spec:\n" + body
+    )
+
+
 def render_routes_envoy() -> str:
     cfg = yaml.safe_load(LOCAL.read_text())
     plugin = ROUTES_PLUGIN.read_text()
@@ -166,7 +190,8 @@ def render_production_entra() -> str:
 
 def outputs() -> dict[Path, str]:
     return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
-            ROUTES_ENVOY: render_routes_envoy(), PRODUCTION_ENTRA: render_production_entra()}
+            ROUTES_ENVOY: render_routes_envoy(), PRODUCTION_ENTRA: render_production_entra(),
+            PROMETHEUS_RULE: render_prometheusrule()}
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,9 @@
   bundled; plus the wasm ConfigMap and keys Secret the docs' kubectl commands create.
 * Istio resources against Istio's CRD schemas (tools/validate-istio, Node.js), unknown fields
   included, and consistent with each other and with envoy/production.yaml.
+* deploy/observability: the alerting rules pass `promtool check rules`, and their PrometheusRule
+  passes the Prometheus Operator's CRD schema (tools/validate-istio too) with the same groups; the
+  PodMonitor passes it too and scrapes the path the Kubernetes sidecar's health listener serves.
 * Each schema validator is shown a broken document and must refuse it.
 
 Needs the venv (tests/requirements.txt), dist/llm_failover.wasm and tools/validate-istio/node_modules:
@@ -33,6 +36,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +66,9 @@ COMPOSE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 ISTIO_DIR = ROOT / "deploy" / "istio"
 ISTIO_VALIDATOR = ROOT / "tools" / "validate-istio" / "validate.mjs"
+ALERT_RULES = ROOT / "deploy" / "observability" / "llm-failover-rules.yaml"
+PROMETHEUS_RULE = ROOT / "deploy" / "observability" / "llm-failover-prometheusrule.yaml"
+POD_MONITOR = ROOT / "deploy" / "observability" / "llm-failover-podmonitor.yaml"
 CONFIG_SCHEMA = ROOT / "docs" / "config.schema.json"
 
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -823,6 +830,55 @@ def check_istio(report: Report):
         need_envoy_ok(istio_bootstrap(wasmplugin_as_envoy_filter(wasmplugin), egress))
 
 
+# ----------------------------------------------------------------------------------------------
+# Prometheus rules
+
+
+def check_observability(report: Report):
+    with report.check(f"{rel(ALERT_RULES)}: promtool check rules"):
+        need(shutil.which("promtool"), "promtool is missing (Debian package prometheus: `make setup`)")
+        p = subprocess.run(["promtool", "check", "rules", str(ALERT_RULES)], capture_output=True, text=True,
+                           timeout=60)
+        need(p.returncode == 0, p.stdout + p.stderr)
+
+    [rule] = load_all(PROMETHEUS_RULE)
+    with report.check(f"{rel(PROMETHEUS_RULE)}: Prometheus Operator CRD schema (unknown fields included), "
+                      "the rules file's groups"):
+        # The validator of the Istio resources knows the Prometheus Operator's CRDs too.
+        errors = istio_validate([("rule", rule)])["rule"]
+        need(not errors, "\n".join(errors))
+        need(rule["spec"]["groups"] == load(ALERT_RULES)["groups"], "spec.groups differ from the rules file's groups")
+
+    with report.check(f"{rel(POD_MONITOR)}: Prometheus Operator CRD schema, scrapes the sidecar of "
+                      f"{rel(K8S_DIR / 'deployment.yaml')}"):
+        [monitor] = load_all(POD_MONITOR)
+        errors = istio_validate([("monitor", monitor)])["monitor"]
+        need(not errors, "\n".join(errors))
+        [deployment] = load_all(K8S_DIR / "deployment.yaml")
+        spec = pod_spec(deployment)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        need(monitor["spec"]["selector"]["matchLabels"].items() <= labels.items(), "selector != the pod's labels")
+        [sidecar] = [c for c in spec["initContainers"] if c.get("restartPolicy") == "Always"]
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        overlay = yaml.safe_load(flag(sidecar["args"], "--config-yaml"))
+        [health] = overlay["static_resources"]["listeners"]
+        [hcm] = health["filter_chains"][0]["filters"]
+        routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        served = {r["match"].get("path") for r in routes if r.get("route", {}).get("cluster") == "envoy_admin"}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            need(ports.get(endpoint["port"]) == health["address"]["socket_address"]["port_value"],
+                 f"port {endpoint['port']} is not the health listener's")
+            need(endpoint["path"] in served, f"the health listener does not serve {endpoint['path']}")
+
+    with report.check("self-test: the Prometheus Operator schema refuses a broken PrometheusRule"):
+        broken = copy.deepcopy(rule)
+        broken["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+        broken["spec"]["groups"][0]["rules"][1]["fore"] = "5m"
+        errors = istio_validate([("rule", broken)])["rule"]
+        need(any(".for: must match pattern" in e for e in errors) and any("fore: unknown field" in e for e in errors),
+             f"not refused as expected: {errors}")
+
+
 def main() -> int:
     missing = [str(p) for p in (Path(ENVOY), WASM, ISTIO_VALIDATOR.parent / "node_modules") if not p.exists()]
     if missing:
@@ -839,6 +895,7 @@ def main() -> int:
     check_compose(report)
     check_kubernetes(report)
     check_istio(report)
+    check_observability(report)
     return report.summary()
 
 

@@ -29,6 +29,15 @@ pub enum Rejection {
     NoCredential,
     /// The Envoy side of streamed failover disagrees with the filter (see Envoy's log).
     Misconfigured,
+    /// A gateway key's or a route's `limits` are spent (`kind`: "requests" or "tokens"; `by`:
+    /// whose limit, e.g. `gateway key 'app'`).
+    RateLimited {
+        kind: &'static str,
+        by: String,
+        limit: u64,
+        per: String,
+        retry_in: String,
+    },
 }
 
 pub struct LocalReply {
@@ -50,6 +59,7 @@ impl Rejection {
             Rejection::NotConfigured => 503,
             Rejection::NoCredential => 503,
             Rejection::Misconfigured => 500,
+            Rejection::RateLimited { .. } => 429,
         }
     }
 
@@ -67,11 +77,15 @@ impl Rejection {
             Rejection::NotConfigured => "gateway_not_configured",
             Rejection::NoCredential => "credential_unavailable",
             Rejection::Misconfigured => "gateway_misconfigured",
+            Rejection::RateLimited { .. } => "rate_limit_exceeded",
         }
     }
 
+    /// The `type` field.
     fn kind(&self) -> &'static str {
         match self {
+            // As OpenAI's own 429s: the kind of limit that was reached.
+            Rejection::RateLimited { kind, .. } => kind,
             Rejection::Unauthorized
             | Rejection::Forbidden { .. }
             | Rejection::BodyTooLarge { .. }
@@ -105,6 +119,9 @@ impl Rejection {
             Rejection::NotConfigured => "The gateway has no valid configuration; see Envoy's log.".to_string(),
             Rejection::NoCredential => "No target that could serve this request has an Entra ID token yet; see Envoy's log.".to_string(),
             Rejection::Misconfigured => "The gateway's Envoy configuration does not match its filter configuration; see Envoy's log.".to_string(),
+            Rejection::RateLimited { kind, by, limit, per, retry_in } => format!(
+                "Rate limit reached for {by} on {kind}: limit {limit} per {per}. Please try again in {retry_in}."
+            ),
         }
     }
 
@@ -226,6 +243,17 @@ mod tests {
             (Rejection::NotConfigured, 503, "gateway_not_configured"),
             (Rejection::NoCredential, 503, "credential_unavailable"),
             (Rejection::Misconfigured, 500, "gateway_misconfigured"),
+            (
+                Rejection::RateLimited {
+                    kind: "tokens",
+                    by: "gateway key 'app'".into(),
+                    limit: 100,
+                    per: "1m0s".into(),
+                    retry_in: "1.5s".into(),
+                },
+                429,
+                "rate_limit_exceeded",
+            ),
         ];
         for (rejection, status, code) in cases {
             let reply = rejection.reply();

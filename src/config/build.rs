@@ -8,8 +8,8 @@ use serde_path_to_error::Segment;
 
 use super::raw::{
     Deferred, Dur, LongDur, Mode, Obj, RawAzureAd, RawCache, RawConfig, RawCooldown,
-    RawCooldownSwitch, RawKey, RawOperation, RawProvider, RawResponses, RawRoute, RawStep,
-    RawStrategy, RawTarget, Role, StreamFailover, Text,
+    RawCooldownSwitch, RawKey, RawLimit, RawLimits, RawOperation, RawProvider, RawResponses,
+    RawRoute, RawStep, RawStrategy, RawTarget, Role, StreamFailover, Text, Window,
 };
 use super::*;
 use crate::quote;

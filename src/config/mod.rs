@@ -228,6 +228,23 @@ pub struct GatewayKey {
     pub digest: KeyMatch,
     /// Indices into `Config::targets`, in chain order; all targets when the key names none.
     pub targets: Vec<usize>,
+    pub limits: Option<Limits>,
+}
+
+/// At most `count` (requests or tokens) per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// At least 1.
+    pub count: u64,
+    /// One second to 30 days.
+    pub per: Duration,
+}
+
+/// The limits of a gateway key or a route; at least one is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub requests: Option<Limit>,
+    pub tokens: Option<Limit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +295,8 @@ pub struct Route {
     pub cache: Option<CacheSettings>,
     /// Indices into `Config::keys` of the gateway keys that may call it (`None`: every key).
     pub keys: Option<Vec<usize>>,
+    /// Shared by every request on the route, whatever its key.
+    pub limits: Option<Limits>,
 }
 
 /// The Responses API's affinity: which target created each response id.

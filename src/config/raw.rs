@@ -249,6 +249,47 @@ pub struct RawKey {
     pub key_env: Option<String>,
     /// The targets this key may use (default: all).
     pub targets: Option<Vec<String>>,
+    /// How many requests and tokens this key may spend, on every path, per Envoy.
+    pub limits: Option<Obj<RawLimits>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Limits"))]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Requests per window: one more is refused with 429 before it is sent upstream.
+    pub requests: Option<Obj<RawLimit>>,
+    /// Tokens (prompt + completion, from each answer's usage) per window: once spent, requests
+    /// are refused with 429 until enough of the window has passed.
+    pub tokens: Option<Obj<RawLimit>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[cfg_attr(test, schemars(rename = "Limit"))]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    /// How many (at least 1).
+    #[cfg_attr(test, schemars(required))]
+    pub count: Option<u64>,
+    /// Per how long: "1s" to "30d".
+    #[cfg_attr(test, schemars(required))]
+    pub per: Option<Text<Window>>,
+}
+
+/// The window of a limit: one second to 30 days.
+#[derive(Debug, Clone, Copy)]
+pub struct Window(pub Duration);
+
+impl FromText for Window {
+    const EXPECTED: &'static str =
+        "a duration from \"1s\" to \"30d\" such as \"1m\", \"1h\" or \"1d\"";
+    fn from_text(text: &str) -> Option<Window> {
+        crate::duration::parse(text)
+            .filter(|d| *d >= Duration::from_secs(1) && *d <= Duration::from_secs(30 * 24 * 3600))
+            .map(Window)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +390,8 @@ pub struct RawRoute {
     pub cache: Option<Obj<RawCache>>,
     /// Names of the gateway keys that may call this route (default: every key).
     pub keys: Option<Vec<String>>,
+    /// How many requests and tokens this route may spend, all keys together, per Envoy.
+    pub limits: Option<Obj<RawLimits>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -482,8 +525,8 @@ mod schema {
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
             json_schema!({
                 "type": "string",
-                "description": "A duration: one or more <number><unit> parts, units ms, s, m, h (\"500ms\", \"10s\", \"1.5s\", \"2m\", \"1m30s\"); at most one day.",
-                "pattern": "^\\s*([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h)(([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h))*\\s*$"
+                "description": "A duration: one or more <number><unit> parts, units ms, s, m, h, d (\"500ms\", \"10s\", \"1.5s\", \"2m\", \"1m30s\"); at most one day.",
+                "pattern": "^\\s*([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h|d)(([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|µs|ms|s|m|h|d))*\\s*$"
             })
         }
     }
@@ -497,6 +540,21 @@ mod schema {
             schema.insert(
                 "description".into(),
                 "A duration as for Duration, at most 30 days (\"720h\").".into(),
+            );
+            schema
+        }
+    }
+
+    impl JsonSchema for Text<Window> {
+        fn schema_name() -> Cow<'static, str> {
+            "Window".into()
+        }
+        fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+            let mut schema = Text::<Dur>::json_schema(generator);
+            schema.insert(
+                "description".into(),
+                "A duration as for Duration, from one second to 30 days (\"1m\", \"1h\", \"1d\")."
+                    .into(),
             );
             schema
         }

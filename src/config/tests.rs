@@ -713,3 +713,129 @@ fn the_upstream_filter_takes_no_settings_of_its_own() {
     let e = parse_value(&json!({"role": "upstream"})).unwrap_err();
     assert_eq!(e.field, "role");
 }
+
+/// `limits` on keys and routes (SPEC 2d): read into counts and windows, and every mistake
+/// refused naming its field.
+#[test]
+fn limits_of_keys_and_routes_are_checked_naming_the_field() {
+    let with = |mutate: &dyn Fn(&mut Value)| {
+        let mut v = base();
+        v["keys"] = json!([{"name": "app", "key_env": "GW_KEY",
+            "limits": {"requests": {"count": 600, "per": "1m"}, "tokens": {"count": 200000, "per": "1d"}}}]);
+        v["routes"] = json!([{"name": "chat", "path": "/chat", "operation": "chat", "targets": ["openai"],
+            "limits": {"tokens": {"count": 1, "per": "1s"}}}]);
+        mutate(&mut v);
+        parse_value(&v)
+    };
+    let c = with(&|_| {}).unwrap();
+    let key = &c.keys.as_ref().unwrap()[0];
+    let limit = |count, secs| {
+        Some(Limit {
+            count,
+            per: Duration::from_secs(secs),
+        })
+    };
+    assert_eq!(
+        key.limits,
+        Some(Limits {
+            requests: limit(600, 60),
+            tokens: limit(200_000, 86_400),
+        })
+    );
+    assert_eq!(
+        c.routes[0].limits,
+        Some(Limits {
+            requests: None,
+            tokens: limit(1, 1),
+        })
+    );
+    // Huge counts and the longest window are accepted.
+    let huge = with(&|v| {
+        v["keys"][0]["limits"] = json!({"requests": {"count": u64::MAX, "per": "30d"}});
+    })
+    .unwrap();
+    assert_eq!(
+        huge.keys.unwrap()[0].limits.unwrap().requests,
+        limit(u64::MAX, 30 * 86_400)
+    );
+
+    type Case = (&'static str, Box<dyn Fn(&mut Value)>);
+    let window = "expected a duration from \"1s\" to \"30d\" such as \"1m\", \"1h\" or \"1d\"";
+    let cases: Vec<Case> = vec![
+        (
+            "keys[0].limits.requests.count: must be at least 1 (to stop a key, remove it from `keys`)",
+            Box::new(|v| v["keys"][0]["limits"]["requests"]["count"] = json!(0)),
+        ),
+        (
+            "keys[0].limits.requests.count: expected a non-negative integer, got -5",
+            Box::new(|v| v["keys"][0]["limits"]["requests"]["count"] = json!(-5)),
+        ),
+        (
+            "keys[0].limits.requests.count: expected an integer, got \"600\"",
+            Box::new(|v| v["keys"][0]["limits"]["requests"]["count"] = json!("600")),
+        ),
+        (
+            "keys[0].limits.tokens.count: expected an integer, got 1e+30",
+            Box::new(|v| v["keys"][0]["limits"]["tokens"]["count"] = json!(1e30)),
+        ),
+        (
+            "keys[0].limits.requests.count: missing",
+            Box::new(|v| v["keys"][0]["limits"]["requests"] = json!({"per": "1m"})),
+        ),
+        (
+            "keys[0].limits.tokens.per: missing",
+            Box::new(|v| v["keys"][0]["limits"]["tokens"] = json!({"count": 5})),
+        ),
+        (
+            "keys[0].limits: empty (set `requests`, `tokens` or both; omit `limits` for no limit)",
+            Box::new(|v| v["keys"][0]["limits"] = json!({})),
+        ),
+        (
+            "keys[0].limits.request: unknown field (expected `requests` or `tokens`)",
+            Box::new(|v| v["keys"][0]["limits"]["request"] = json!({"count": 1, "per": "1s"})),
+        ),
+        (
+            "keys[0].limits.requests.window: unknown field (expected `count` or `per`)",
+            Box::new(|v| v["keys"][0]["limits"]["requests"]["window"] = json!("1s")),
+        ),
+        (
+            "keys[0].limits: expected an object, got 600",
+            Box::new(|v| v["keys"][0]["limits"] = json!(600)),
+        ),
+        (
+            "routes[0].limits.tokens: expected an object, got an array",
+            Box::new(|v| v["routes"][0]["limits"]["tokens"] = json!([1, "1s"])),
+        ),
+        (
+            "routes[0].limits.tokens.count: must be at least 1 (to stop a key, remove it from `keys`)",
+            Box::new(|v| v["routes"][0]["limits"]["tokens"]["count"] = json!(0)),
+        ),
+    ];
+    for (want, mutate) in cases {
+        match with(&*mutate) {
+            Ok(_) => panic!("accepted: {want}"),
+            Err(e) => assert_eq!(e.to_string(), want),
+        }
+    }
+    for (per, ok) in [
+        ("500ms", false),
+        ("0s", false),
+        ("31d", false),
+        ("1 minute", false),
+        ("1s", true),
+        ("2s", true),
+        ("1h30m", true),
+        ("30d", true),
+        ("720h", true),
+    ] {
+        let got = with(&|v| v["routes"][0]["limits"]["tokens"]["per"] = json!(per));
+        match got {
+            Ok(_) => assert!(ok, "{per} accepted"),
+            Err(e) => {
+                assert!(!ok, "{per} refused: {e}");
+                assert_eq!(e.field, "routes[0].limits.tokens.per");
+                assert_eq!(e.problem, format!("{window}, got \"{per}\""));
+            }
+        }
+    }
+}

@@ -37,10 +37,15 @@ impl Exchange {
         if self.cache_settings().is_some() {
             ours.push((CACHE_HEADER, "miss"));
         }
+        // The filter's replies carry the limits' headers with its own; the routed response gets
+        // them from `label_limits`.
+        let limit_headers = self.limit_headers.clone();
+        let limits = limit_headers.iter().map(|(n, v)| (*n, v.as_str()));
         if let Some(rejection) =
             failure.and_then(|k| Rejection::for_failure(k, budget_spent, &name))
         {
             let reply = rejection.reply();
+            ours.extend(limits);
             ours.push(("content-type", "application/json"));
             self.phase = Phase::Replied;
             host::send_reply(reply.status, &ours, &reply.body);
@@ -51,6 +56,7 @@ impl Exchange {
             for (name, value) in &ours {
                 host::set_header(MapType::HttpResponseHeaders, name, Some(value));
             }
+            self.label_limits();
             return Flow::Resume;
         };
         let status = u32::from(answer.status.unwrap_or(502));
@@ -72,10 +78,11 @@ impl Exchange {
         }
         let mut out: Vec<(&str, &str)> = headers
             .iter()
-            .filter(|(n, _)| forward::copied_to_client(n))
+            .filter(|(n, _)| forward::copied_to_client(n) && !self.replaced_by_limits(n))
             .filter_map(|(n, v)| std::str::from_utf8(v).ok().map(|v| (n.as_str(), v)))
             .collect();
         out.extend(ours.iter().copied());
+        out.extend(limits);
         self.phase = Phase::Replied;
         host::send_reply(status, &out, &answer.body);
         Flow::Replied
@@ -92,6 +99,7 @@ impl Exchange {
             host::set_header(map, TARGET_HEADER, Some(&name));
         }
         host::set_header(map, ATTEMPTS_HEADER, Some(&attempts.to_string()));
+        self.label_limits();
         self.record_state(&name, attempts, failed_over);
         if self.cache_settings().is_some() {
             host::set_header(map, CACHE_HEADER, Some("miss"));
@@ -111,6 +119,7 @@ impl Exchange {
         };
         if let Some(u) = tokens {
             self.rt.metrics.tokens(target, u);
+            self.charge_limits(u.prompt.saturating_add(u.completion));
         }
         let (cached, content_type) = match body {
             Some((b, ct)) => (Some(b.to_vec()), ct.to_string()),

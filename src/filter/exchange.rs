@@ -3,8 +3,8 @@
 //! `intake` (request headers), `request_body` (the body, the cache and the plan), `routed` (the
 //! first attempt, through Envoy's route), `failover` (the next step after a failed attempt),
 //! `callout` (retries and failovers as callouts), `timers` (waiting out a Retry-After),
-//! `delivery` (what the client gets), `health` (cooldowns) and `affinity` (who owns a Responses
-//! API id).
+//! `delivery` (what the client gets), `health` (cooldowns), `affinity` (who owns a Responses
+//! API id) and `limits` (the limits of gateway keys and routes).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use proxy_wasm::types::Action;
 
 use super::host::{self, Headers};
+use super::limits::LimitScopes;
 use super::metrics::Metrics;
 use crate::answer::cache::Digest;
 use crate::answer::reply::Rejection;
@@ -32,6 +33,8 @@ pub struct Runtime {
     pub root: u32,
     pub config: Config,
     pub metrics: Metrics,
+    /// The `limits` of keys and routes, with their shared buckets.
+    pub limits: LimitScopes,
     /// Credential header of each target, built once.
     pub credentials: Vec<(&'static str, String)>,
     /// The shared-data key of each `azure_ad` target's token, built once.
@@ -47,6 +50,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: Config, root: u32) -> Runtime {
         let metrics = Metrics::define(&config);
+        let limits = LimitScopes::new(&config);
         let credentials = config
             .targets
             .iter()
@@ -64,6 +68,7 @@ impl Runtime {
             root,
             config,
             metrics,
+            limits,
             credentials,
             token_keys,
             rng: RefCell::new(fastrand::Rng::new()),
@@ -232,6 +237,9 @@ pub struct Exchange {
     pub(super) probe: Cell<Option<(usize, u64)>>,
     /// The time, read once per host callback (0: not read yet in this one).
     pub(super) clock: Cell<u64>,
+    /// The `x-ratelimit-*` headers of the limits this request was admitted under (none: it is
+    /// under no limit, and the provider's own pass through).
+    pub(super) limit_headers: Vec<(&'static str, String)>,
 }
 
 impl Exchange {
@@ -256,6 +264,7 @@ impl Exchange {
             awaiting_probe: Cell::new(0),
             probe: Cell::new(None),
             clock: Cell::new(0),
+            limit_headers: Vec::new(),
         }
     }
 

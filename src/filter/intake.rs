@@ -77,7 +77,19 @@ impl Exchange {
         }
 
         match access {
-            Ok(access) => self.request.access = Some(access),
+            Ok(access) => {
+                if let Some(key) = access
+                    .key
+                    .and_then(|k| self.rt.config.keys.as_ref()?.get(k))
+                {
+                    // A descriptor source for Envoy's own rate limiting (docs/deployment.md).
+                    host::set_filter_state("llm_failover.key", &key.name);
+                }
+                self.request.access = Some(access);
+                if let Some(refused) = self.check_limits() {
+                    return refused;
+                }
+            }
             Err(rejection @ Rejection::Forbidden { .. }) => {
                 log::info!(
                     "{} rejected: the gateway key may not use this route",

@@ -3,13 +3,19 @@
 //! request on a route is counted in the route's series (`route` label), any other in the series
 //! without one; the unlabelled totals count both.
 
+use std::collections::BTreeMap;
+
 use proxy_wasm::types::MetricType;
 
 use super::host;
 use crate::answer::usage::Usage;
 use crate::config::Config;
 use crate::policy::chain::GiveUpReason;
+use crate::policy::limits::Kind;
 use crate::target::provider::Unservable;
+
+/// The labels of `limited`: key, route, kind.
+type LimitedLabels = (Option<usize>, Option<usize>, &'static str);
 
 pub const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "transport"];
 
@@ -71,6 +77,8 @@ pub struct Metrics {
     /// Index 0: the plain paths; 1 + r: route r.
     scopes: Vec<Scoped>,
     rejected: Vec<Option<u32>>,
+    /// `limited` by (key, route, kind), for every pair of key and route under a limit.
+    limited: BTreeMap<LimitedLabels, Option<u32>>,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -174,6 +182,7 @@ impl Metrics {
                 .iter()
                 .map(|code| counter(&format!("rejected.reason.{code}")))
                 .collect(),
+            limited: limited(config),
         }
     }
 
@@ -310,9 +319,57 @@ impl Metrics {
         );
     }
 
+    /// A request refused by its key's or route's `limits`.
+    pub fn limited(&self, key: Option<usize>, route: Option<usize>, kind: Kind) {
+        let counter = self.limited.get(&(key, route, kind.as_str()));
+        host::increment(counter.copied().flatten(), 1);
+    }
+
     pub fn rejected(&self, code: &str) {
         if let Some(i) = REJECTIONS.iter().position(|c| *c == code) {
             host::increment(self.rejected.get(i).copied().flatten(), 1);
         }
     }
+}
+
+/// `limited.[route.<r>.][key.<k>.]kind.<kind>` for every key (or none, without keys) and route
+/// (or none, off routes) that a request can be refused with: the key or the route has a limit
+/// of that kind, and the key may use the route.
+fn limited(config: &Config) -> BTreeMap<LimitedLabels, Option<u32>> {
+    let keys: Vec<Option<usize>> = match &config.keys {
+        Some(keys) => (0..keys.len()).map(Some).collect(),
+        None => vec![None],
+    };
+    let routes = std::iter::once(None).chain((0..config.routes.len()).map(Some));
+    let mut out = BTreeMap::new();
+    for route in routes {
+        let r = route.and_then(|r| config.routes.get(r));
+        for &key in &keys {
+            let k = key.and_then(|k| config.keys.as_ref()?.get(k));
+            if r.and_then(|r| r.keys.as_ref())
+                .is_some_and(|allowed| !key.is_some_and(|k| allowed.contains(&k)))
+            {
+                continue;
+            }
+            for kind in Kind::ALL {
+                let limited = [k.and_then(|k| k.limits), r.and_then(|r| r.limits)]
+                    .iter()
+                    .flatten()
+                    .any(|l| kind.of(l).is_some());
+                if !limited {
+                    continue;
+                }
+                let mut name = "limited.".to_string();
+                if let Some(r) = r {
+                    name.push_str(&format!("route.{}.", r.name));
+                }
+                if let Some(k) = k {
+                    name.push_str(&format!("key.{}.", k.name));
+                }
+                name.push_str(&format!("kind.{}", kind.as_str()));
+                out.insert((key, route, kind.as_str()), counter(&name));
+            }
+        }
+    }
+    out
 }

@@ -11,6 +11,7 @@ mod health;
 mod host;
 mod http;
 mod intake;
+mod limits;
 mod metrics;
 mod request_body;
 mod root;

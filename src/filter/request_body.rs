@@ -217,12 +217,13 @@ impl Exchange {
         self.rt.metrics.cache_hit(self.request.route);
         log::debug!("{} cache hit target={}", self.tag(), entry.target);
         self.phase = Phase::Replied;
-        let headers = [
+        let mut headers = vec![
             ("content-type", entry.content_type.as_str()),
             (CACHE_HEADER, "hit"),
             (TARGET_HEADER, entry.target.as_str()),
             (ATTEMPTS_HEADER, "0"),
         ];
+        headers.extend(self.limit_headers.iter().map(|(n, v)| (*n, v.as_str())));
         host::send_reply(200, &headers, &entry.body);
         self.record_state(&entry.target, 0, false);
         true

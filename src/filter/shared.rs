@@ -1,12 +1,13 @@
-//! Envoy shared data (one store for every worker of the VM): cooldown state, cache slots and the
-//! owners of Responses API ids. Writers use compare-and-swap.
+//! Envoy shared data (one store for every worker of the VM): cooldown state, cache slots, the
+//! owners of Responses API ids and the buckets of `limits`. Writers use compare-and-swap.
 
 use super::host;
 use crate::answer::affinity::{self, Owner, Set};
 use crate::answer::cache::{self, Digest, Entry};
-use crate::config::{CacheSettings, Cooldown, ResponsesSettings};
+use crate::config::{CacheSettings, Cooldown, Limit, ResponsesSettings};
 use crate::health::cooldown::{self, Change, State};
 use crate::health::spillover;
+use crate::policy::limits::{self, Admission, Bucket, Kind};
 use crate::target::token::State as TokenState;
 
 const CAS_TRIES: usize = 4;
@@ -66,6 +67,60 @@ fn update(target: &str, change: impl Fn(State) -> Option<State>) -> bool {
         }
     }
     false
+}
+
+/// The shared bucket of one limit; `scope` is `key.<name>` or `route.<name>`.
+pub fn limit_key(scope: &str, kind: Kind) -> String {
+    format!("llm_failover.limit.{scope}.{}", kind.as_str())
+}
+
+/// Whether a request fits in the bucket at `key`, spending one request of a request limit.
+/// Should another worker keep winning the compare-and-swap, the request goes on uncounted.
+pub fn limit_admit(key: &str, limit: &Limit, kind: Kind, now_ms: u64) -> Admission {
+    let mut last = None;
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(key);
+        let bucket = bytes.map(|b| Bucket::decode(&b)).unwrap_or_default();
+        let admission = limits::admit(limit, kind, bucket, now_ms);
+        match admission {
+            Admission::Allowed { next, .. } if next != bucket => {
+                if host::shared_set(key, &next.encode(), cas).is_ok() {
+                    return admission;
+                }
+                last = Some(admission);
+            }
+            _ => return admission,
+        }
+    }
+    last.unwrap_or(limits::admit(limit, kind, Bucket::default(), now_ms))
+}
+
+/// Creates a bucket that does not exist yet, so that every later update is a compare-and-swap
+/// (two first writers would otherwise both win).
+pub fn limit_create(key: &str) {
+    if let (None, _) = host::shared_get(key) {
+        let _ = host::shared_set(key, &Bucket::default().encode(), None);
+    }
+}
+
+/// Gives back a request `limit_admit` spent.
+pub fn limit_refund(key: &str, limit: &Limit) {
+    update_bucket(key, |b| limits::refund(limit, b));
+}
+
+/// Charges an answer's tokens.
+pub fn limit_charge(key: &str, limit: &Limit, tokens: u64, now_ms: u64) {
+    update_bucket(key, |b| limits::charge(limit, b, tokens, now_ms));
+}
+
+fn update_bucket(key: &str, update: impl Fn(Bucket) -> Bucket) {
+    for _ in 0..CAS_TRIES {
+        let (bytes, cas) = host::shared_get(key);
+        let bucket = bytes.map(|b| Bucket::decode(&b)).unwrap_or_default();
+        if host::shared_set(key, &update(bucket).encode(), cas).is_ok() {
+            return;
+        }
+    }
 }
 
 fn cache_slot_key(settings: &CacheSettings, digest: &Digest) -> String {

@@ -74,11 +74,13 @@ mod tests {
                 name: "app".into(),
                 digest: KeyMatch::Sha256(sha256(b"gw-app")),
                 targets: vec![0, 1],
+                limits: None,
             },
             GatewayKey {
                 name: "batch".into(),
                 digest: KeyMatch::Sha256(sha256(b"gw-batch")),
                 targets: vec![1],
+                limits: None,
             },
         ]
     }

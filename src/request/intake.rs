@@ -191,6 +191,7 @@ mod tests {
             steps: c.steps.clone(),
             cache: None,
             keys: Some(vec![1]),
+            limits: None,
         });
         let route = c.routes.first();
         assert!(authorize(&c, route, Some(b"Bearer gw-batch"), None).is_ok());

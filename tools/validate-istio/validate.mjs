@@ -1,18 +1,28 @@
-// Offline schema validation of Istio resources (part of `make validate`, driven by tools/validate.py).
+// Offline schema validation of Kubernetes custom resources: Istio's (deploy/istio) and the Prometheus
+// Operator's PrometheusRule and PodMonitor (deploy/observability); part of `make validate`, driven by
+// tools/validate.py.
 //
 // stdin:  JSON [{"id": "...", "doc": {apiVersion, kind, metadata, spec}}, ...]
 // stdout: JSON [{"id": "...", "errors": ["spec.failStrategy: must be equal to one of the allowed values", ...]}]
 //
-// Two checks per resource, both from @kubernetes-models/istio (generated from Istio's CRDs):
+// Two checks per resource, both from the @kubernetes-models package of its API group (generated from
+// the CRDs):
 // * the CRD's OpenAPI schema (types, enums, required fields, patterns), compiled by the package;
 // * unknown fields, which the API server rejects (kubectl's strict field validation) but the CRD
-//   schemas do not forbid: the field tree is read from the package's type declarations (.d.ts).
+//   schemas do not forbid: the field tree is read from the package's type declarations (.d.ts),
+//   following the types a declaration imports from its package.
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 
 const require = createRequire(import.meta.url);
-const PKG_DIR = path.dirname(require.resolve("@kubernetes-models/istio/package.json"));
+// API group -> the package of its models.
+function packageOf(group) {
+  if (group === "monitoring.coreos.com") return "@kubernetes-models/prometheus-operator";
+  if (/(^|\.)istio\.io$/.test(group)) return "@kubernetes-models/istio";
+  return null;
+}
+const packageDir = (pkg) => path.dirname(require.resolve(`${pkg}/package.json`));
 
 // ---- the field tree of a kind, from its .d.ts -------------------------------------------------
 
@@ -36,11 +46,13 @@ function combine(a, b) {
   return a;
 }
 
-function parseInterface(src, name) {
+// resolve(name): the shape of a type the file refers to by name, or null (then anything goes).
+function parseInterface(src, name, resolve = () => null) {
   const toks = tokenize(src);
   let i = toks.findIndex((t, j) => t === "interface" && toks[j + 1] === name);
   if (i < 0) throw new Error(`interface ${name} not found`);
   i += 2;
+  while (toks[i] !== undefined && toks[i] !== "{") i++; // extends TypeMeta
   const peek = () => toks[i];
   const take = (want) => {
     const t = toks[i++];
@@ -78,7 +90,8 @@ function parseInterface(src, name) {
       take(">");
       return t === "Array" ? { arr: args[0] } : args[0];
     }
-    return { free: true }; // string, number, literals, referenced types (IObjectMeta, IIntOrString)
+    // string, number, literals, types of other packages (IObjectMeta, IIntOrString): anything goes
+    return resolve(t) ?? { free: true };
   }
   function type() {
     let shape = primary();
@@ -91,6 +104,32 @@ function parseInterface(src, name) {
     return shape;
   }
   return primary();
+}
+
+// The field tree of interface `name` in the .d.ts `file`, with the types it imports from files of
+// its own package (`import { IRuleGroup } from "./RuleGroup.js"`) resolved in turn.
+const shapes = new Map();
+
+function shapeOf(file, name) {
+  const key = `${file}#${name}`;
+  if (shapes.has(key)) return shapes.get(key);
+  shapes.set(key, { free: true }); // a type that contains itself: anything goes below that point
+  const src = readFileSync(file, "utf8");
+  // `export type { IRuleGroup as IComGithub...RuleGroup }`: the interface behind an exported alias
+  const alias = new RegExp(`\\b(\\w+) as ${name}\\b`).exec(src);
+  const local = src.includes(`interface ${name} `) || !alias ? name : alias[1];
+  const imports = new Map();
+  for (const m of src.matchAll(/import\s*(?:type\s*)?\{([^}]*)\}\s*from\s*"(\.[^"]+)\.js"/g)) {
+    for (const n of m[1].split(",").map((x) => x.trim()).filter(Boolean)) {
+      imports.set(n, path.join(path.dirname(file), `${m[2]}.d.ts`));
+    }
+  }
+  let shape = { free: true };
+  if (src.includes(`interface ${local} `)) {
+    shape = parseInterface(src, local, (t) => (imports.has(t) ? shapeOf(imports.get(t), t) : null));
+  }
+  shapes.set(key, shape);
+  return shape;
 }
 
 function unknownFields(value, shape, where, out) {
@@ -116,15 +155,15 @@ async function model(apiVersion, kind) {
   const key = `${apiVersion}/${kind}`;
   if (!models.has(key)) {
     const [group, version] = String(apiVersion).split("/");
-    if (!group || !version || !/^\w+$/.test(kind ?? "")) throw new Error(`not an Istio resource: ${key}`);
-    const base = path.join(PKG_DIR, group, version, kind);
+    const pkg = packageOf(group);
+    if (!pkg || !version || !/^\w+$/.test(kind ?? "")) throw new Error(`no schema package for ${key}`);
     let mod;
     try {
-      mod = await import(`@kubernetes-models/istio/${group}/${version}/${kind}`);
+      mod = await import(`${pkg}/${group}/${version}/${kind}`);
     } catch {
-      throw new Error(`no schema for ${key} in @kubernetes-models/istio`);
+      throw new Error(`no schema for ${key} in ${pkg}`);
     }
-    const shape = parseInterface(readFileSync(`${base}.d.ts`, "utf8"), `I${kind}`);
+    const shape = shapeOf(path.join(packageDir(pkg), group, version, `${kind}.d.ts`), `I${kind}`);
     models.set(key, { Model: mod[kind], shape });
   }
   return models.get(key);

@@ -80,6 +80,7 @@ pub(super) fn key(
         name,
         digest,
         targets: allowed,
+        limits: limits(raw.limits, &format!("{field}.limits"))?,
     })
 }
 
@@ -211,7 +212,45 @@ pub(super) fn route(
         steps,
         cache,
         keys,
+        limits: limits(raw.limits, &at("limits"))?,
     })
+}
+
+/// `limits` of a key or a route: `None` when absent.
+fn limits(raw: Option<Obj<RawLimits>>, field: &str) -> Result<Option<Limits>, ConfigError> {
+    let Some(Obj(raw)) = raw else {
+        return Ok(None);
+    };
+    if raw.requests.is_none() && raw.tokens.is_none() {
+        return Err(ConfigError::new(
+            field,
+            "empty (set `requests`, `tokens` or both; omit `limits` for no limit)",
+        ));
+    }
+    let one = |raw: Option<Obj<RawLimit>>, name: &str| -> Result<Option<Limit>, ConfigError> {
+        let Some(Obj(raw)) = raw else {
+            return Ok(None);
+        };
+        let at = |part: &str| format!("{field}.{name}.{part}");
+        let count = match raw.count {
+            None => return Err(ConfigError::new(at("count"), "missing")),
+            Some(0) => {
+                return Err(ConfigError::new(
+                    at("count"),
+                    "must be at least 1 (to stop a key, remove it from `keys`)",
+                ))
+            }
+            Some(n) => n,
+        };
+        let Some(Text(Window(per))) = raw.per else {
+            return Err(ConfigError::new(at("per"), "missing"));
+        };
+        Ok(Some(Limit { count, per }))
+    };
+    Ok(Some(Limits {
+        requests: one(raw.requests, "requests")?,
+        tokens: one(raw.tokens, "tokens")?,
+    }))
 }
 
 pub(super) fn step(raw: RawStep, field: &str, targets: &[Target]) -> Result<Step, ConfigError> {
