@@ -125,13 +125,27 @@ def one(envoy: str, wasm: Path | None, concurrency: int, settle: float, tmp: Pat
             "heap_mib": int(mem["heap_size"]) / 2**20,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         path.unlink(missing_ok=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def report(lines: list[str], heading: str, append: Path | None) -> None:
+    """Prints a table, and appends it under `heading` to a report file when asked."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if append:
+        with append.open("a") as f:
+            f.write(f"\n## {heading}\n\n" + table)
 
 
 def main() -> int:
@@ -181,11 +195,7 @@ def main() -> int:
             lines.append(
                 f"* {name}, `--concurrency {c}`: idle RSS {med(name, c, 'rss_mib') - med('no-op filter', c, 'rss_mib'):+.1f} MiB, "
                 f"start-up CPU {med(name, c, 'ready_cpu_s') - med('no-op filter', c, 'ready_cpu_s'):+.2f} s over the no-op filter")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append:
-        with args.append.open("a") as f:
-            f.write("\n## Footprint: start-up and idle memory (bench/footprint.py)\n\n" + table)
+    report(lines, "Footprint: start-up and idle memory (bench/footprint.py)", args.append)
     return 0
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -201,15 +199,6 @@ def start_envoy(wasm: Path | None, upstream: int, tmp: Path) -> tuple[subprocess
     raise RuntimeError("envoy not ready")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def allocated(admin: int) -> int:
     """Bytes Envoy's allocator has handed out (Wasm linear memory is not among them)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=5) as r:
@@ -299,10 +288,10 @@ def main() -> int:
                         results.setdefault(name, []).append(
                             asyncio.run(measure(envoy, listener, admin, upstream.pid, args, usage)))
                     finally:
-                        stop(envoy)
+                        footprint.stop(envoy)
                 print(f"streams: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
-        stop(upstream)
+        footprint.stop(upstream)
 
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name])
@@ -322,11 +311,7 @@ def main() -> int:
             f"| {med(name, 'per_chunk_us') / base:.2f}x | {med(name, 'ttfc_us'):.0f} us "
             f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'per_open_alloc_kib'):.1f} KiB "
             f"| {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append:
-        with args.append.open("a") as f:
-            f.write("\n## Streams: the LLM-shaped workload (bench/streams.py)\n\n" + table)
+    footprint.report(lines, "Streams: the LLM-shaped workload (bench/streams.py)", args.append)
     return 0
 
 
