@@ -131,8 +131,8 @@ def _strip_test_substitutions(cfg: dict) -> dict:
     for lst in cfg["static_resources"]["listeners"]:
         lst.pop("address")
     for cluster in cfg["static_resources"]["clusters"]:
-        if "cluster_type" in cluster:
-            continue  # a streamed-failover aggregate: no endpoints, no TLS of its own
+        if "cluster_type" in cluster or cluster["name"].startswith("llm_failover.ready."):
+            continue  # a streamed-failover aggregate or marker: no endpoints, no TLS of its own
         cluster.pop("load_assignment")
         _tls_context(cluster)["common_tls_context"]["validation_context"].pop("trusted_ca")
     return cfg

@@ -85,6 +85,12 @@ impl Exchange {
                 &host::property_text(&["response", "code_details"]).unwrap_or_default(),
             )
         };
+        if source == judge::Source::Filter {
+            // Not an answer of the target's: passed on as it is, with nothing to record.
+            self.add_outcome_headers(1, false);
+            self.phase = Phase::Passthrough;
+            return (Action::Continue, Effect::None);
+        }
         if !judge::needs_judging(self.config(), status, source) && !self.probe_holds(status) {
             if let Some(target) = spills {
                 let headers = host::headers(MapType::HttpResponseHeaders);

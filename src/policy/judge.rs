@@ -18,6 +18,10 @@ pub enum Source {
     Upstream,
     /// A local reply of Envoy's: no answer came from the target.
     Envoy { timeout: bool },
+    /// A reply another filter of the chain made before the request reached the router (a local
+    /// rate limit, an authorization filter): not the target's answer, and not a failure to reach
+    /// it. It goes to the client as it is.
+    Filter,
 }
 
 /// The response code details Envoy gives an answer that came from the upstream.
@@ -29,11 +33,26 @@ pub const VIA_UPSTREAM: &str = "via_upstream";
 pub fn routed_source(code_details: &str) -> Source {
     if code_details == VIA_UPSTREAM {
         Source::Upstream
-    } else {
+    } else if router_failure(code_details) {
         Source::Envoy {
             timeout: code_details.contains("timeout"),
         }
+    } else {
+        Source::Filter
     }
+}
+
+/// The code details of the router's replies when it got no answer from the upstream (Envoy's
+/// `ResponseCodeDetails`: `upstream_*`, `response_timeout`, `no_healthy_upstream`,
+/// `cluster_not_found`, `maintenance_mode`). Other filters' replies have details of their own
+/// (`local_rate_limited`, `ext_authz_denied`, ...).
+fn router_failure(code_details: &str) -> bool {
+    code_details.starts_with("upstream_")
+        || matches!(
+            code_details,
+            "response_timeout" | "no_healthy_upstream" | "cluster_not_found" | "maintenance_mode"
+        )
+        || code_details.is_empty()
 }
 
 /// The header Envoy's router adds to every answer it received from an upstream (callouts go
@@ -55,6 +74,7 @@ pub fn callout_source(timed_by_router: bool, status: Option<u16>) -> Source {
 /// Whether an answer must be held until it is judged: a failure status, or Envoy's own reply.
 pub fn needs_judging(config: &Config, status: Option<u16>, source: Source) -> bool {
     match (source, status) {
+        (Source::Filter, _) => false,
         (Source::Envoy { .. }, _) | (_, None) => true,
         (Source::Upstream, Some(s)) => config.is_failure_status(s),
     }
@@ -300,6 +320,16 @@ mod tests {
             callout_source(false, Some(503)),
             Source::Envoy { timeout: false }
         );
+    }
+
+    #[test]
+    fn another_filters_reply_goes_to_the_client_as_it_is() {
+        let c = config(json!({}));
+        for details in ["local_rate_limited", "ext_authz_denied", "direct_response"] {
+            let source = routed_source(details);
+            assert_eq!(source, Source::Filter, "{details}");
+            assert!(!needs_judging(&c, Some(429), source), "{details}");
+        }
     }
 
     #[test]
