@@ -16,6 +16,7 @@ then is healthy again.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Iterable
 
 import requests
+import yaml
 
-from harness import (AZURE_KEY, AZURE_RESOURCE, OPENAI_KEY, EnvoyStack, azure_target, openai_target, plugin_config,
+from harness import (wait_for, AZURE_KEY, AZURE_RESOURCE, OPENAI_KEY, EnvoyStack, azure_target, openai_target, plugin_config,
                      start_entra_mock, start_mock)
+import prometheus_server as ps
 from prometheus_server import PrometheusServer
 
 TENANT, CLIENT, SECRET = "11111111-2222-3333-4444-555555555555", "outage-client", "outage~client.secret"
@@ -169,3 +172,18 @@ class OutageLab:
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()
+
+
+def start_with_short_rules() -> OutageLab:
+    """A lab whose Prometheus evaluates the shipped alerts with short windows (10 s, `for: 1s`),
+    started and scraping Envoy."""
+    with tempfile.TemporaryDirectory(prefix="llmf-rules-") as d:
+        rules = Path(d) / "rules.yaml"
+        rules.write_text(yaml.safe_dump(ps.short_rules(ps.load_rules()), sort_keys=False))
+        lab = OutageLab(rule_files=[rules]).start()
+    try:
+        wait_for(lab.prometheus.targets_up, timeout=15, interval=0.5, what="Prometheus scraping Envoy")
+    except BaseException:
+        lab.stop()
+        raise
+    return lab

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -151,15 +150,11 @@ def at(series: list[dict], when: float, target: str) -> float:
 def test_an_outage_of_the_primary_on_every_panel_and_the_failing_over_alert_fires_then_resolves():
     require("prometheus")
     require_envoy()
-    from outage import OutageLab
+    from outage import start_with_short_rules
 
-    with tempfile.TemporaryDirectory(prefix="llmf-rules-") as d:
-        rules = Path(d) / "rules.yaml"
-        rules.write_text(yaml.safe_dump(ps.short_rules(ps.load_rules()), sort_keys=False))
-        lab = OutageLab(rule_files=[rules]).start()
+    lab = start_with_short_rules()
     try:
         prom = lab.prometheus
-        wait_for(prom.targets_up, timeout=15, interval=0.5, what="Prometheus scraping Envoy")
         lab.run_traffic()
         healthy = lab.phase("healthy", 8)
         assert prom.alert_state(FAILING_OVER) == "inactive"

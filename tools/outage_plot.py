@@ -14,7 +14,6 @@ LLMFailoverFailingOver alert fired. About 90 seconds.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,11 +23,9 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
 import prometheus_server as ps  # noqa: E402
-from harness import wait_for  # noqa: E402
-from outage import OutageLab  # noqa: E402
+from outage import start_with_short_rules  # noqa: E402
 
 HEALTHY_S, OUTAGE_S, RECOVERED_S = 20, 30, 25
 ALERT = "LLMFailoverFailingOver"
@@ -54,13 +51,9 @@ def series(result: list[dict], t0: float, label: str) -> dict[str, tuple[list[fl
 
 def record() -> dict:
     dash = ps.load_dashboard()
-    with tempfile.TemporaryDirectory(prefix="llmf-rules-") as d:
-        rules = Path(d) / "rules.yaml"
-        rules.write_text(yaml.safe_dump(ps.short_rules(ps.load_rules()), sort_keys=False))
-        lab = OutageLab(rule_files=[rules]).start()
+    lab = start_with_short_rules()
     try:
         prom = lab.prometheus
-        wait_for(prom.targets_up, timeout=15, interval=0.5, what="Prometheus scraping Envoy")
         lab.run_traffic()
         healthy = lab.phase("healthy", HEALTHY_S)
         outage = lab.outage(OUTAGE_S)
