@@ -6,19 +6,18 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MapType};
+use proxy_wasm::types::{Action, ContextType};
 
 use super::exchange::{Effect, Exchange, Runtime};
 use super::host;
-use super::http::Http;
+use super::http::{self, Http};
 use super::shared;
 use super::timers::Timers;
 use super::tokens;
 use super::upstream::Attempt;
 use crate::answer::affinity;
-use crate::answer::reply::{ErrorShape, Rejection};
+use crate::answer::reply::{Callback, Rejection};
 use crate::config::{self, Plugin, ProcessEnv};
-use crate::request::azure;
 
 const TICK: Duration = Duration::from_millis(25);
 const SWEEP_EVERY_TICKS: u32 = 40;
@@ -107,6 +106,7 @@ impl Root {
                 continue;
             }
             let Ok(mut ex) = exchange.try_borrow_mut() else {
+                http::state_in_use(context_id, Callback::Resumed);
                 continue;
             };
             let effect = ex.fire_retry();
@@ -154,16 +154,7 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let text = |name| {
-            host::header(MapType::HttpRequestHeaders, name)
-                .and_then(|v| String::from_utf8(v).ok())
-                .unwrap_or_default()
-        };
-        let shape = match azure::recognise(&text(":method"), &text(":path")) {
-            Some(_) => ErrorShape::Azure,
-            None => ErrorShape::OpenAi,
-        };
-        let reply = Rejection::NotConfigured.reply(shape);
+        let reply = Rejection::NotConfigured.reply(http::request_error_shape());
         host::send_reply(
             reply.status,
             &[("content-type", "application/json")],
@@ -200,6 +191,7 @@ impl Context for Root {
             return;
         }
         let Ok(mut ex) = exchange.try_borrow_mut() else {
+            http::state_in_use(context_id, Callback::Resumed);
             return;
         };
         let effect = ex.on_callout_response(token_id, body_size);
