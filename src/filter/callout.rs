@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, MapType};
 
-use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
+use super::exchange::{Answer, Exchange, Flow, Phase, Turn};
 use super::host;
 use crate::policy::judge;
 use crate::policy::retry_after;
@@ -19,13 +19,12 @@ use crate::target::rewrite;
 impl Exchange {
     /// Sends the next attempt to `target` as a callout. A callout the host refuses (e.g. an
     /// unknown cluster) counts as an unreachable target.
-    pub(super) fn attempt(&mut self, target: usize, timeout: Duration) -> (Flow, Effect) {
+    pub(super) fn attempt(&mut self, target: usize, timeout: Duration) -> Turn {
         let now = self.now();
         self.begin_attempt(target, timeout, now);
         match self.dispatch(target, timeout) {
             Some(token) => {
                 self.phase = Phase::Callout { token };
-                self.dispatched = Some(token);
                 // So the access log shows the failover even if the client leaves before the end.
                 if let Some((attempts, failed_over)) =
                     self.chain.as_ref().map(|c| (c.attempts(), c.failed_over()))
@@ -33,7 +32,11 @@ impl Exchange {
                     let name = self.target_name(target).to_string();
                     self.record_state(&name, attempts, failed_over);
                 }
-                (Flow::Hold, Effect::None)
+                Turn {
+                    flow: Flow::Hold,
+                    wait: None,
+                    callout: Some(token),
+                }
             }
             None => {
                 log::warn!(
@@ -95,13 +98,13 @@ impl Exchange {
         host::dispatch(&t.cluster, &headers, body, timeout).ok()
     }
 
-    pub fn on_callout_response(&mut self, token: u32, body_size: usize) -> Effect {
+    pub fn on_callout_response(&mut self, token: u32, body_size: usize) -> Turn {
         self.callback();
         match self.phase {
             Phase::Callout { token: t } if t == token => {}
             _ => {
                 log::debug!("{} ignoring answer of unknown callout {token}", self.tag());
-                return Effect::None;
+                return Turn::from(Flow::Hold);
             }
         }
         let headers = host::headers(MapType::HttpCallResponseHeaders);
@@ -130,6 +133,6 @@ impl Exchange {
             body,
             headers: Some(headers),
         };
-        self.decide(answer).1
+        self.decide(answer)
     }
 }

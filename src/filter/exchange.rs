@@ -121,16 +121,31 @@ impl Runtime {
     }
 }
 
-/// What the caller must do after an exchange step beyond the returned action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effect {
-    None,
+/// What one turn of an exchange (a host callback, or a retry's wait ending) leaves to its
+/// caller, as one value: what becomes of the routed stream, a retry to wake up for, and a
+/// callout whose answer must find its way back to this request.
+#[must_use = "a turn's flow, wait and callout must each be followed"]
+pub struct Turn {
+    pub flow: Flow,
     /// Call `fire_retry` at this Unix ms.
-    Wait(u64),
+    pub wait: Option<u64>,
+    /// The token of a callout dispatched in this turn. Its answer comes to the context that
+    /// dispatched it: the request's own, or the root's when a retry's wait ended in its tick.
+    pub callout: Option<u32>,
 }
 
-/// What happens to the routed response after a decision.
-pub(super) enum Flow {
+impl From<Flow> for Turn {
+    fn from(flow: Flow) -> Turn {
+        Turn {
+            flow,
+            wait: None,
+            callout: None,
+        }
+    }
+}
+
+/// What happens to the routed stream (the request or its response) after a decision.
+pub enum Flow {
     /// Let it through.
     Resume,
     /// Keep holding it (a callout or timer will answer).
@@ -140,7 +155,7 @@ pub(super) enum Flow {
 }
 
 impl Flow {
-    pub(super) fn action(self) -> Action {
+    pub fn action(self) -> Action {
         match self {
             Flow::Resume => Action::Continue,
             Flow::Hold | Flow::Replied => Action::Pause,
@@ -250,7 +265,6 @@ pub struct Exchange {
     pub(super) usage: Option<UsageScanner>,
     /// The beginning of a Responses API answer, read until its response id is found.
     pub(super) response_head: Option<Vec<u8>>,
-    pub(super) dispatched: Option<u32>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
     /// A Responses follow-up pinned to the owner of its previous response: it goes there
@@ -284,7 +298,6 @@ impl Exchange {
             cache_body: None,
             usage: None,
             response_head: None,
-            dispatched: None,
             recorded: None,
             pinned: false,
             awaiting_probe: Cell::new(0),
@@ -309,11 +322,6 @@ impl Exchange {
 
     pub(super) fn config(&self) -> &Config {
         &self.rt.config
-    }
-
-    /// The token of a callout dispatched during the last call, if any.
-    pub fn take_dispatched(&mut self) -> Option<u32> {
-        self.dispatched.take()
     }
 
     /// The targets this request may use, in chain order.

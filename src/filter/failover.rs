@@ -2,7 +2,7 @@
 //! line per decision: deliver, retry the same target (now, or after its Retry-After:
 //! `timers`), fail over to the next one (`callout`), or give up (`delivery`).
 
-use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
+use super::exchange::{Answer, Exchange, Flow, Phase, Turn};
 use crate::duration::millis;
 use crate::policy::chain::{Availability, GiveUpReason, Next, NoRetry, Outcome};
 use crate::policy::judge;
@@ -23,9 +23,9 @@ impl Exchange {
     }
 
     /// Judges an answer and takes the chain's next step.
-    pub(super) fn decide(&mut self, answer: Answer) -> (Flow, Effect) {
+    pub(super) fn decide(&mut self, answer: Answer) -> Turn {
         let Some(mut chain) = self.chain.take() else {
-            return (Flow::Resume, Effect::None);
+            return Turn::from(Flow::Resume);
         };
         let now = self.now();
         let current = chain.current_target().unwrap_or(0);
@@ -83,10 +83,7 @@ impl Exchange {
             );
         }
         match step {
-            Next::Deliver => {
-                let flow = self.deliver(answer, None, attempts, failed_over, false);
-                (flow, Effect::None)
-            }
+            Next::Deliver => Turn::from(self.deliver(answer, None, attempts, failed_over, false)),
             Next::GiveUp(reason) => {
                 self.give_up(reason, attempts, current, &what);
                 let budget_spent = reason == GiveUpReason::BudgetSpent;
@@ -99,8 +96,7 @@ impl Exchange {
                     }
                     _ => (answer, kind),
                 };
-                let flow = self.deliver(answer, kind, attempts, failed_over, budget_spent);
-                (flow, Effect::None)
+                Turn::from(self.deliver(answer, kind, attempts, failed_over, budget_spent))
             }
             Next::Retry {
                 target,
@@ -121,7 +117,11 @@ impl Exchange {
                     self.attempt(target, timeout)
                 } else {
                     self.phase = Phase::Waiting { target, timeout };
-                    (Flow::Hold, Effect::Wait(now.saturating_add(millis(delay))))
+                    Turn {
+                        flow: Flow::Hold,
+                        wait: Some(now.saturating_add(millis(delay))),
+                        callout: None,
+                    }
                 }
             }
             Next::Failover {

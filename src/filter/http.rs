@@ -6,7 +6,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use super::exchange::{Effect, Exchange, Runtime};
+use super::exchange::{Exchange, Flow, Runtime, Turn};
 use super::host;
 use super::timers::Timers;
 use crate::answer::reply::{self, Callback, ErrorShape};
@@ -39,12 +39,20 @@ impl Http {
         }
     }
 
-    fn follow(&self, effect: Effect) {
-        if let Effect::Wait(due) = effect {
+    /// Carries out what a turn leaves to the request's context; the host gets its action.
+    fn follow(&self, turn: Turn) -> Action {
+        // A callout dispatched from this context answers to it: nothing to route.
+        let Turn {
+            flow,
+            wait,
+            callout: _,
+        } = turn;
+        if let Some(due) = wait {
             if let Ok(mut timers) = self.timers.try_borrow_mut() {
                 timers.schedule(due, self.context_id, Rc::downgrade(&self.exchange));
             }
         }
+        flow.action()
     }
 }
 
@@ -56,13 +64,13 @@ impl Context for Http {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let effect = self.with(Callback::Resumed, Effect::None, |ex| {
-            let effect = ex.on_callout_response(token_id, body_size);
-            // Callouts dispatched from this context come back to it; nothing to route.
-            let _ = ex.take_dispatched();
-            effect
+        let busy = Turn::from(Flow::Hold);
+        let turn = self.with(Callback::Resumed, busy, |ex| {
+            ex.on_callout_response(token_id, body_size)
         });
-        self.follow(effect);
+        // No action to give back here: the held response was replaced by a reply, or stays held
+        // for the next attempt's answer.
+        self.follow(turn);
     }
 }
 
@@ -87,26 +95,22 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
-        let busy = (Action::Pause, Effect::None);
-        let (action, effect) = self.with(Callback::ResponseHeaders, busy, |ex| {
-            let r = ex.on_response_headers(end_of_stream);
-            let _ = ex.take_dispatched();
-            r
+        let busy = Turn::from(Flow::Hold);
+        let turn = self.with(Callback::ResponseHeaders, busy, |ex| {
+            ex.on_response_headers(end_of_stream)
         });
-        self.follow(effect);
+        let action = self.follow(turn);
         probe::stop(2, t);
         action
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
-        let busy = (Action::Pause, Effect::None);
-        let (action, effect) = self.with(Callback::ResponseBody, busy, |ex| {
-            let r = ex.on_response_body(body_size, end_of_stream);
-            let _ = ex.take_dispatched();
-            r
+        let busy = Turn::from(Flow::Hold);
+        let turn = self.with(Callback::ResponseBody, busy, |ex| {
+            ex.on_response_body(body_size, end_of_stream)
         });
-        self.follow(effect);
+        let action = self.follow(turn);
         probe::stop(3, t);
         action
     }

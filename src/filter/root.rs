@@ -8,7 +8,7 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use super::exchange::{Effect, Exchange, Runtime};
+use super::exchange::{Exchange, Runtime, Turn};
 use super::host;
 use super::http::{self, Http};
 use super::shared;
@@ -109,23 +109,24 @@ impl Root {
                 http::state_in_use(context_id, Callback::Resumed);
                 continue;
             };
-            let effect = ex.fire_retry();
-            self.follow(context_id, &Rc::downgrade(&exchange), &mut ex, effect);
+            let turn = ex.fire_retry();
+            self.follow(context_id, &Rc::downgrade(&exchange), turn);
         }
     }
 
-    /// Records what an exchange did on the root's behalf: a callout to route back, a new timer.
-    fn follow(
-        &mut self,
-        context_id: u32,
-        weak: &Weak<RefCell<Exchange>>,
-        ex: &mut Exchange,
-        effect: Effect,
-    ) {
-        if let Some(token) = ex.take_dispatched() {
+    /// Records what a turn of an exchange taken from the root leaves to it: a callout to route
+    /// back, a new timer. There is no action to give: the held response was replaced by a
+    /// reply, or stays held for the next attempt's answer.
+    fn follow(&mut self, context_id: u32, weak: &Weak<RefCell<Exchange>>, turn: Turn) {
+        let Turn {
+            flow: _,
+            wait,
+            callout,
+        } = turn;
+        if let Some(token) = callout {
             self.callouts.push((token, context_id, weak.clone()));
         }
-        if let Effect::Wait(due) = effect {
+        if let Some(due) = wait {
             if let Ok(mut timers) = self.timers.try_borrow_mut() {
                 timers.schedule(due, context_id, weak.clone());
             }
@@ -194,8 +195,8 @@ impl Context for Root {
             http::state_in_use(context_id, Callback::Resumed);
             return;
         };
-        let effect = ex.on_callout_response(token_id, body_size);
-        self.follow(context_id, &weak, &mut ex, effect);
+        let turn = ex.on_callout_response(token_id, body_size);
+        self.follow(context_id, &weak, turn);
     }
 }
 

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use proxy_wasm::types::{Action, BufferType, MapType};
+use proxy_wasm::types::{BufferType, MapType};
 
-use super::exchange::{Answer, Effect, Exchange, Phase};
+use super::exchange::{Answer, Exchange, Flow, Phase, Turn};
 use super::host;
 use crate::answer::affinity;
 use crate::answer::usage::{self, UsageScanner};
@@ -59,16 +59,16 @@ impl Exchange {
         }
     }
 
-    pub fn on_response_headers(&mut self, end_of_stream: bool) -> (Action, Effect) {
+    pub fn on_response_headers(&mut self, end_of_stream: bool) -> Turn {
         self.callback();
         match self.phase {
             Phase::Routed => {}
             Phase::StreamRouted => return self.on_stream_answer(end_of_stream),
             Phase::Passthrough => {
                 self.add_outcome_headers(1, false);
-                return (Action::Continue, Effect::None);
+                return Turn::from(Flow::Resume);
             }
-            _ => return (Action::Continue, Effect::None),
+            _ => return Turn::from(Flow::Resume),
         }
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
@@ -89,7 +89,7 @@ impl Exchange {
             // Not an answer of the target's: passed on as it is, with nothing to record.
             self.add_outcome_headers(1, false);
             self.phase = Phase::Passthrough;
-            return (Action::Continue, Effect::None);
+            return Turn::from(Flow::Resume);
         }
         if !judge::needs_judging(self.config(), status, source) && !self.probe_holds(status) {
             if let Some(target) = spills {
@@ -98,7 +98,7 @@ impl Exchange {
             }
             self.add_outcome_headers(1, false);
             self.routed_answered(status);
-            return (Action::Continue, Effect::None);
+            return Turn::from(Flow::Resume);
         }
         // A failure candidate: `deliver` labels whatever answer the client finally gets.
         let headers = host::headers(MapType::HttpResponseHeaders);
@@ -121,23 +121,22 @@ impl Exchange {
                 body: Vec::new(),
                 headers: None,
             };
-            let (flow, effect) = self.decide(answer);
-            return (flow.action(), effect);
+            return self.decide(answer);
         }
         self.phase = Phase::HoldingRouted {
             status,
             source,
             retry_after,
         };
-        (Action::Pause, Effect::None)
+        Turn::from(Flow::Hold)
     }
 
-    pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> (Action, Effect) {
+    pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Turn {
         self.callback();
         match &mut self.phase {
             Phase::Streaming => {
                 self.observe_chunk(body_size, end_of_stream);
-                (Action::Continue, Effect::None)
+                Turn::from(Flow::Resume)
             }
             Phase::HoldingRouted {
                 status,
@@ -145,7 +144,7 @@ impl Exchange {
                 retry_after,
             } => {
                 if !end_of_stream {
-                    return (Action::Pause, Effect::None);
+                    return Turn::from(Flow::Hold);
                 }
                 let status = *status;
                 let answer = Answer {
@@ -165,12 +164,11 @@ impl Exchange {
                     },
                     headers: None,
                 };
-                let (flow, effect) = self.decide(answer);
-                (flow.action(), effect)
+                self.decide(answer)
             }
-            Phase::StreamSpent { .. } => (self.on_stream_spent_body(end_of_stream), Effect::None),
-            Phase::Callout { .. } | Phase::Waiting { .. } => (Action::Pause, Effect::None),
-            _ => (Action::Continue, Effect::None),
+            Phase::StreamSpent { .. } => Turn::from(self.on_stream_spent_body(end_of_stream)),
+            Phase::Callout { .. } | Phase::Waiting { .. } => Turn::from(Flow::Hold),
+            _ => Turn::from(Flow::Resume),
         }
     }
 

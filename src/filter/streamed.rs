@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use proxy_wasm::types::{Action, MapType, Status};
+use proxy_wasm::types::{MapType, Status};
 
-use super::exchange::{Answer, Effect, Exchange, Phase, Runtime};
+use super::exchange::{Answer, Exchange, Flow, Phase, Runtime, Turn};
 use super::host;
 use crate::answer::reply::Rejection;
 use crate::policy::chain::{FailureKind, GiveUpReason};
@@ -97,7 +97,7 @@ impl Exchange {
     /// The router's answer to a streamed request: the first answer a target gave that is not a
     /// failure, the last failure when the plan is spent, or its own reply when no attempt
     /// answered.
-    pub(super) fn on_stream_answer(&mut self, end_of_stream: bool) -> (Action, Effect) {
+    pub(super) fn on_stream_answer(&mut self, end_of_stream: bool) -> Turn {
         let details = host::property_text(&["response", "code_details"]).unwrap_or_default();
         if details == "cluster_not_found" {
             return self.stream_clusters_missing();
@@ -128,7 +128,7 @@ impl Exchange {
             // The upstream filter's own error (it logged why): passed on as it is.
             self.add_outcome_headers(attempts, failed_over);
             self.pass_answer(None);
-            return (Action::Continue, Effect::None);
+            return Turn::from(Flow::Resume);
         }
         if !via_upstream {
             // No attempt answered: reset, refused, timed out, or the deadline ran out.
@@ -152,7 +152,7 @@ impl Exchange {
             let budget_spent = reason == GiveUpReason::BudgetSpent;
             if end_of_stream {
                 self.deliver_spent(failure, budget_spent, attempts, failed_over);
-                return (Action::Pause, Effect::None);
+                return Turn::from(Flow::Hold);
             }
             self.phase = Phase::StreamSpent {
                 failure,
@@ -160,7 +160,7 @@ impl Exchange {
                 attempts,
                 failed_over,
             };
-            return (Action::Pause, Effect::None);
+            return Turn::from(Flow::Hold);
         }
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
@@ -174,11 +174,11 @@ impl Exchange {
         }
         self.add_outcome_headers(attempts, failed_over);
         self.pass_answer(status);
-        (Action::Continue, Effect::None)
+        Turn::from(Flow::Resume)
     }
 
     /// The router's own reply, complete: replaced by the filter's error.
-    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool) -> Action {
+    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool) -> Flow {
         let Phase::StreamSpent {
             failure,
             budget_spent,
@@ -186,12 +186,12 @@ impl Exchange {
             failed_over,
         } = self.phase
         else {
-            return Action::Continue;
+            return Flow::Resume;
         };
         if end_of_stream {
             self.deliver_spent(failure, budget_spent, attempts, failed_over);
         }
-        Action::Pause
+        Flow::Hold
     }
 
     fn deliver_spent(
@@ -228,7 +228,7 @@ impl Exchange {
 
     /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
     /// (its fallback's answer then arrives whole), and the operator is told once per worker.
-    fn stream_clusters_missing(&mut self) -> (Action, Effect) {
+    fn stream_clusters_missing(&mut self) -> Turn {
         let cluster = host::header(
             MapType::HttpRequestHeaders,
             crate::target::forward::CLUSTER_HEADER,
@@ -242,11 +242,10 @@ impl Exchange {
             self.chain.as_ref().and_then(|c| c.current_target()),
             self.chain.as_ref().map(|c| c.remaining(now)),
         ) else {
-            return (Action::Continue, Effect::None);
+            return Turn::from(Flow::Resume);
         };
         let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
-        let (flow, effect) = self.attempt(target, timeout);
-        (flow.action(), effect)
+        self.attempt(target, timeout)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 
-use super::exchange::{Effect, Exchange, Phase};
+use super::exchange::{Exchange, Flow, Phase, Turn};
 
 /// Requests waiting for their retry: (due Unix ms, context id, the request).
 #[derive(Default)]
@@ -38,11 +38,11 @@ impl Timers {
 
 impl Exchange {
     /// The Retry-After wait is over: send the retry.
-    pub fn fire_retry(&mut self) -> Effect {
+    pub fn fire_retry(&mut self) -> Turn {
         self.callback();
         let Phase::Waiting { target, timeout } = self.phase else {
-            return Effect::None;
+            return Turn::from(Flow::Hold);
         };
-        self.attempt(target, timeout).1
+        self.attempt(target, timeout)
     }
 }
