@@ -5,6 +5,12 @@
 //! `callout` (retries and failovers as callouts), `timers` (waiting out a Retry-After),
 //! `delivery` (what the client gets), `health` (cooldowns), `affinity` (who owns a Responses
 //! API id) and `limits` (the limits of gateway keys and routes).
+//!
+//! What a request holds in one phase only lives in that phase's variant (the chain of targets
+//! from the first attempt to the answer, what is read from an answer passing through). Each
+//! entry point gets the callback's `host::Now` and returns what the caller must do next: an
+//! `Action` on the request's side, a `Turn` (the flow, a retry's wait, a dispatched callout)
+//! once an attempt is out.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -163,22 +169,27 @@ impl Flow {
     }
 }
 
+/// Where a request is, with what it holds there: the chain of targets exists from the first
+/// attempt until a target's answer (or the filter's) is the client's.
 pub(super) enum Phase {
     /// Request headers not seen yet.
     Start,
     /// An operation's headers are held until its body is complete.
     ReadingBody,
-    /// A path the filter does not rewrite: routed to the first target, no failover.
-    Passthrough,
+    /// A path the filter does not rewrite: routed once to `target` (none: no target allowed),
+    /// no failover.
+    Passthrough { target: Option<usize> },
     /// The first attempt is in flight through Envoy's route.
-    Routed,
-    /// The routed attempt answered and its response is passing through.
-    Streaming,
+    Routed { chain: Chain },
+    /// A target's answer, not a failure, is passing through to the client.
+    Streaming(Passing),
     /// A streamed request is in Envoy's router, which retries it over its plan's targets.
-    StreamRouted,
+    StreamRouted { chain: Chain },
     /// The router gave up on a streamed request with a reply of its own (no target answered);
     /// its body is held until the filter's error replaces it.
     StreamSpent {
+        /// The target of the last attempt.
+        served: Option<usize>,
         failure: FailureKind,
         budget_spent: bool,
         attempts: u32,
@@ -186,16 +197,35 @@ pub(super) enum Phase {
     },
     /// The routed attempt answered with a failure candidate; its body is being collected.
     HoldingRouted {
+        chain: Chain,
         status: Option<u16>,
         source: Source,
         retry_after: Option<Duration>,
     },
     /// A callout is in flight; the routed response (if any) is held.
-    Callout { token: u32 },
+    Callout { chain: Chain, token: u32 },
     /// Waiting for a Retry-After before the next attempt.
-    Waiting { target: usize, timeout: Duration },
+    Waiting {
+        chain: Chain,
+        target: usize,
+        timeout: Duration,
+    },
+    /// The routed answer was judged and let through as it is: nothing left to watch.
+    Delivered,
     /// The filter answered the client itself.
     Replied,
+}
+
+/// A target's answer passing through: what is read from it on the way.
+pub(super) struct Passing {
+    /// The target that answered.
+    pub target: Option<usize>,
+    /// Token usage, counted as the answer passes (a success that can carry it).
+    pub usage: Option<UsageScanner>,
+    /// The answer's copy for the cache (a 200 of a cacheable request, up to the cache's limit).
+    pub cache_body: Option<Vec<u8>>,
+    /// The beginning of a Responses API answer, read until its response id is found.
+    pub response_head: Option<Vec<u8>>,
 }
 
 /// An attempt's answer, as needed to judge and deliver it.
@@ -209,6 +239,15 @@ pub(super) struct Answer {
     pub body: Vec<u8>,
     /// Callout answers carry their headers; the routed answer is still in Envoy.
     pub headers: Option<Headers>,
+}
+
+/// Where a chain stands when the client gets its answer: the outcome headers and filter state.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Tally {
+    pub attempts: u32,
+    pub failed_over: bool,
+    /// The request's deadline ran out (a transport failure is then `deadline_exceeded`).
+    pub budget_spent: bool,
 }
 
 /// A request naming a stored response whose owner is not known here, looking for it down the
@@ -253,18 +292,11 @@ pub struct Exchange {
     pub(super) request: Request,
     /// The request body, read once; kept while a further attempt may need it.
     pub(super) body: Option<Body>,
-    pub(super) chain: Option<Chain>,
-    /// The target whose answer the client gets when it is not the chain's current one: on the
-    /// streamed path (the router chose it), or a probe's kept failure.
-    pub(super) served: Option<usize>,
     /// Looking for the owner of a stored response the request names.
     pub(super) owner_probe: Option<OwnerProbe>,
     pub(super) attempt_started_ms: u64,
+    /// The cache key a success is stored under (a cacheable request the cache missed).
     pub(super) cache_key: Option<Digest>,
-    pub(super) cache_body: Option<Vec<u8>>,
-    pub(super) usage: Option<UsageScanner>,
-    /// The beginning of a Responses API answer, read until its response id is found.
-    pub(super) response_head: Option<Vec<u8>>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
     /// A Responses follow-up pinned to the owner of its previous response: it goes there
@@ -275,8 +307,6 @@ pub struct Exchange {
     pub(super) awaiting_probe: Cell<u64>,
     /// The probe this request took and has not reported yet: target and lease end.
     pub(super) probe: Cell<Option<(usize, u64)>>,
-    /// The time, read once per host callback (0: not read yet in this one).
-    pub(super) clock: Cell<u64>,
     /// The `x-ratelimit-*` headers of the limits this request was admitted under (none: it is
     /// under no limit, and the provider's own pass through).
     pub(super) limit_headers: Vec<(&'static str, String)>,
@@ -290,34 +320,21 @@ impl Exchange {
             phase: Phase::Start,
             request: Request::default(),
             body: None,
-            chain: None,
-            served: None,
             owner_probe: None,
             attempt_started_ms: 0,
             cache_key: None,
-            cache_body: None,
-            usage: None,
-            response_head: None,
             recorded: None,
             pinned: false,
             awaiting_probe: Cell::new(0),
             probe: Cell::new(None),
-            clock: Cell::new(0),
             limit_headers: Vec::new(),
         }
     }
 
-    /// A new host callback: decisions taken in it share one reading of the clock.
-    pub(super) fn callback(&self) {
-        self.clock.set(0);
-    }
-
-    /// Unix ms, read from the host once per callback.
-    pub(super) fn now(&self) -> u64 {
-        if self.clock.get() == 0 {
-            self.clock.set(host::now_ms());
-        }
-        self.clock.get()
+    /// The phase, moved out to be moved on: every caller sets the next one (until then the
+    /// request reads as answered, so nothing else acts on it).
+    pub(super) fn take_phase(&mut self) -> Phase {
+        std::mem::replace(&mut self.phase, Phase::Replied)
     }
 
     pub(super) fn config(&self) -> &Config {
@@ -384,12 +401,6 @@ impl Exchange {
     /// The operation, for a request that is one.
     pub(super) fn operation(&self) -> Option<crate::request::operation::Operation> {
         self.request.kind.as_ref().and_then(Kind::operation)
-    }
-
-    /// The target of the attempt in flight (or the last one).
-    pub(super) fn current_target(&self) -> Option<usize> {
-        self.served
-            .or_else(|| self.chain.as_ref().and_then(Chain::current_target))
     }
 
     /// Answers the client with one of the filter's own errors.

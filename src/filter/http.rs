@@ -7,7 +7,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use super::exchange::{Exchange, Flow, Runtime, Turn};
-use super::host;
+use super::host::{self, Now};
 use super::timers::Timers;
 use crate::answer::reply::{self, Callback, ErrorShape};
 use crate::request::azure;
@@ -66,7 +66,7 @@ impl Context for Http {
     ) {
         let busy = Turn::from(Flow::Hold);
         let turn = self.with(Callback::Resumed, busy, |ex| {
-            ex.on_callout_response(token_id, body_size)
+            ex.on_callout_response(token_id, body_size, &Now::default())
         });
         // No action to give back here: the held response was replaced by a reply, or stays held
         // for the next attempt's answer.
@@ -78,7 +78,7 @@ impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
         let a = self.with(Callback::RequestHeaders, Action::Pause, |ex| {
-            ex.on_request_headers(end_of_stream)
+            ex.on_request_headers(end_of_stream, &Now::default())
         });
         probe::stop(0, t);
         a
@@ -87,7 +87,7 @@ impl HttpContext for Http {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
         let a = self.with(Callback::RequestBody, Action::Pause, |ex| {
-            ex.on_request_body(body_size, end_of_stream)
+            ex.on_request_body(body_size, end_of_stream, &Now::default())
         });
         probe::stop(1, t);
         a
@@ -97,7 +97,7 @@ impl HttpContext for Http {
         let t = probe::start();
         let busy = Turn::from(Flow::Hold);
         let turn = self.with(Callback::ResponseHeaders, busy, |ex| {
-            ex.on_response_headers(end_of_stream)
+            ex.on_response_headers(end_of_stream, &Now::default())
         });
         let action = self.follow(turn);
         probe::stop(2, t);
@@ -108,7 +108,7 @@ impl HttpContext for Http {
         let t = probe::start();
         let busy = Turn::from(Flow::Hold);
         let turn = self.with(Callback::ResponseBody, busy, |ex| {
-            ex.on_response_body(body_size, end_of_stream)
+            ex.on_response_body(body_size, end_of_stream, &Now::default())
         });
         let action = self.follow(turn);
         probe::stop(3, t);

@@ -9,7 +9,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use super::exchange::{Exchange, Runtime, Turn};
-use super::host;
+use super::host::{self, Now};
 use super::http::{self, Http};
 use super::shared;
 use super::timers::Timers;
@@ -109,7 +109,7 @@ impl Root {
                 http::state_in_use(context_id, Callback::Resumed);
                 continue;
             };
-            let turn = ex.fire_retry();
+            let turn = ex.fire_retry(&Now::at(now));
             self.follow(context_id, &Rc::downgrade(&exchange), turn);
         }
     }
@@ -195,7 +195,7 @@ impl Context for Root {
             http::state_in_use(context_id, Callback::Resumed);
             return;
         };
-        let turn = ex.on_callout_response(token_id, body_size);
+        let turn = ex.on_callout_response(token_id, body_size, &Now::default());
         self.follow(context_id, &weak, turn);
     }
 }

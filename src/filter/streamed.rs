@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use proxy_wasm::types::{MapType, Status};
 
-use super::exchange::{Answer, Exchange, Flow, Phase, Runtime, Turn};
-use super::host;
+use super::exchange::{Answer, Exchange, Flow, Phase, Runtime, Tally, Turn};
+use super::host::{self, Now};
 use crate::answer::reply::Rejection;
-use crate::policy::chain::{FailureKind, GiveUpReason};
+use crate::policy::chain::{Chain, FailureKind, GiveUpReason};
 use crate::policy::judge;
 use crate::quote;
 use crate::request::operation::Operation;
@@ -23,11 +23,12 @@ impl Exchange {
     pub(super) fn route_streamed(
         &mut self,
         op: Operation,
+        chain: &Chain,
         timeout: Duration,
         now: u64,
         length: usize,
     ) -> bool {
-        let (Some(chain), Some(body)) = (&self.chain, &self.body) else {
+        let Some(body) = &self.body else {
             return false;
         };
         // A probe judges each answer itself (a "not found" is no failure to the router).
@@ -90,20 +91,24 @@ impl Exchange {
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
         self.attempt_started_ms = now;
-        self.phase = Phase::StreamRouted;
         true
     }
 
     /// The router's answer to a streamed request: the first answer a target gave that is not a
     /// failure, the last failure when the plan is spent, or its own reply when no attempt
     /// answered.
-    pub(super) fn on_stream_answer(&mut self, end_of_stream: bool) -> Turn {
+    pub(super) fn on_stream_answer(
+        &mut self,
+        chain: Chain,
+        end_of_stream: bool,
+        now: &Now,
+    ) -> Turn {
         let details = host::property_text(&["response", "code_details"]).unwrap_or_default();
         if details == "cluster_not_found" {
-            return self.stream_clusters_missing();
+            return self.stream_clusters_missing(chain, now.ms());
         }
         let record = host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
-        let first = self.chain.as_ref().and_then(|c| c.current_target());
+        let first = chain.current_target();
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {
             log::error!(
@@ -116,7 +121,6 @@ impl Exchange {
             Some(r) => (Some(r.target), r.attempts, r.failed_over),
             None => (first, 1, false),
         };
-        self.served = served;
         let last = served.unwrap_or(0);
         let refused = if via_upstream {
             None
@@ -126,8 +130,8 @@ impl Exchange {
         let deadline_spent = refused.as_deref() == Some(Rejection::DeadlineExceeded.code());
         if refused.is_some() && !deadline_spent {
             // The upstream filter's own error (it logged why): passed on as it is.
-            self.add_outcome_headers(attempts, failed_over);
-            self.pass_answer(None);
+            self.add_outcome_headers(served, attempts, failed_over);
+            self.pass_answer(served, None);
             return Turn::from(Flow::Resume);
         }
         if !via_upstream {
@@ -149,12 +153,18 @@ impl Exchange {
                 last,
                 &judge::describe(None, Some(failure)),
             );
-            let budget_spent = reason == GiveUpReason::BudgetSpent;
+            let tally = Tally {
+                attempts,
+                failed_over,
+                budget_spent: reason == GiveUpReason::BudgetSpent,
+            };
             if end_of_stream {
-                self.deliver_spent(failure, budget_spent, attempts, failed_over);
+                self.deliver_spent(served, failure, tally, now.ms());
                 return Turn::from(Flow::Hold);
             }
+            let budget_spent = tally.budget_spent;
             self.phase = Phase::StreamSpent {
+                served,
                 failure,
                 budget_spent,
                 attempts,
@@ -172,14 +182,15 @@ impl Exchange {
                 &judge::describe(status, None),
             );
         }
-        self.add_outcome_headers(attempts, failed_over);
-        self.pass_answer(status);
+        self.add_outcome_headers(served, attempts, failed_over);
+        self.pass_answer(served, status);
         Turn::from(Flow::Resume)
     }
 
     /// The router's own reply, complete: replaced by the filter's error.
-    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool) -> Flow {
+    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool, now: &Now) -> Flow {
         let Phase::StreamSpent {
+            served,
             failure,
             budget_spent,
             attempts,
@@ -189,17 +200,22 @@ impl Exchange {
             return Flow::Resume;
         };
         if end_of_stream {
-            self.deliver_spent(failure, budget_spent, attempts, failed_over);
+            let tally = Tally {
+                attempts,
+                failed_over,
+                budget_spent,
+            };
+            self.deliver_spent(served, failure, tally, now.ms());
         }
         Flow::Hold
     }
 
     fn deliver_spent(
         &mut self,
+        served: Option<usize>,
         failure: FailureKind,
-        budget_spent: bool,
-        attempts: u32,
-        failed_over: bool,
+        tally: Tally,
+        now: u64,
     ) {
         let answer = Answer {
             status: None,
@@ -211,7 +227,8 @@ impl Exchange {
             body: Vec::new(),
             headers: None,
         };
-        self.deliver(answer, Some(failure), attempts, failed_over, budget_spent);
+        // A transport failure: always the filter's own reply.
+        self.deliver(answer, served.unwrap_or(0), Some(failure), tally, now);
     }
 
     /// Tells the operator, once per worker, that streamed failover is missing its clusters.
@@ -228,24 +245,22 @@ impl Exchange {
 
     /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
     /// (its fallback's answer then arrives whole), and the operator is told once per worker.
-    fn stream_clusters_missing(&mut self) -> Turn {
+    fn stream_clusters_missing(&mut self, chain: Chain, now: u64) -> Turn {
         let cluster = host::header(
             MapType::HttpRequestHeaders,
             crate::target::forward::CLUSTER_HEADER,
         )
         .and_then(|v| String::from_utf8(v).ok())
         .unwrap_or_default();
-        let now = self.now();
         self.rt.lacks_cluster(&cluster, now);
         self.warn_clusters_missing(&cluster);
-        let (Some(target), Some(left)) = (
-            self.chain.as_ref().and_then(|c| c.current_target()),
-            self.chain.as_ref().map(|c| c.remaining(now)),
-        ) else {
+        let Some(target) = chain.current_target() else {
+            self.phase = Phase::Delivered;
             return Turn::from(Flow::Resume);
         };
+        let left = chain.remaining(now);
         let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
-        self.attempt(target, timeout)
+        self.attempt(chain, target, timeout, now)
     }
 }
 

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 
 use super::exchange::{Exchange, Flow, Phase, Turn};
+use super::host::Now;
 
 /// Requests waiting for their retry: (due Unix ms, context id, the request).
 #[derive(Default)]
@@ -38,11 +39,17 @@ impl Timers {
 
 impl Exchange {
     /// The Retry-After wait is over: send the retry.
-    pub fn fire_retry(&mut self) -> Turn {
-        self.callback();
-        let Phase::Waiting { target, timeout } = self.phase else {
-            return Turn::from(Flow::Hold);
-        };
-        self.attempt(target, timeout)
+    pub fn fire_retry(&mut self, now: &Now) -> Turn {
+        match self.take_phase() {
+            Phase::Waiting {
+                chain,
+                target,
+                timeout,
+            } => self.attempt(chain, target, timeout, now.ms()),
+            phase => {
+                self.phase = phase;
+                Turn::from(Flow::Hold)
+            }
+        }
     }
 }

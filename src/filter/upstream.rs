@@ -11,7 +11,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::exchange::Exchange;
-use super::host;
+use super::host::{self, Now};
 use super::root;
 use crate::answer::reply::{ErrorShape, Rejection};
 use crate::policy::chain::{Failure, FailureKind};
@@ -53,7 +53,7 @@ impl Attempt {
 
     /// Addresses the attempt; `Err` names why it cannot be sent (the client gets a 500: the
     /// request must never go on unaddressed or with another target's credential).
-    fn begin(&mut self, end_of_stream: bool) -> Result<Action, Refusal> {
+    fn begin(&mut self, end_of_stream: bool, now: &Now) -> Result<Action, Refusal> {
         let handoff = host::property(&[streamed::HANDOFF_STATE])
             .and_then(|b| Handoff::from_json(&b))
             .ok_or(Refusal::Misconfigured(
@@ -89,7 +89,7 @@ impl Attempt {
         ex.request.kind = Some(Kind::Operation(handoff.op));
         ex.request.client_path = handoff.path.clone();
         ex.pinned = handoff.pinned;
-        let now = ex.now();
+        let now = now.ms();
 
         let previous =
             host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
@@ -175,11 +175,10 @@ impl Attempt {
     }
 
     /// The attempt's answer: counted, and judged for the target's health.
-    fn answered(&mut self) {
+    fn answered(&mut self, now: &Now) {
         let Some(st) = &mut self.state else { return };
         st.answered = true;
-        st.ex.callback();
-        let now = st.ex.now();
+        let now = now.ms();
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
         let config = &st.ex.rt.config;
@@ -215,13 +214,12 @@ impl Attempt {
     }
 
     /// The attempt ended: one that never answered failed in transport (unless the client left).
-    fn done(&mut self) {
+    fn done(&mut self, now: &Now) {
         let Some(st) = &mut self.state else { return };
         if st.answered {
             return;
         }
-        st.ex.callback();
-        let now = st.ex.now();
+        let now = now.ms();
         if client_left() {
             log::debug!("{} client went away during a streamed attempt", st.ex.tag());
             st.ex.release_probe();
@@ -302,14 +300,14 @@ fn client_left() -> bool {
 
 impl Context for Attempt {
     fn on_done(&mut self) -> bool {
-        self.done();
+        self.done(&Now::default());
         true
     }
 }
 
 impl HttpContext for Attempt {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        match self.begin(end_of_stream) {
+        match self.begin(end_of_stream, &Now::default()) {
             Ok(action) => action,
             Err(refusal) => {
                 let rejection = match refusal {
@@ -344,7 +342,7 @@ impl HttpContext for Attempt {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.answered();
+        self.answered(&Now::default());
         Action::Continue
     }
 }
