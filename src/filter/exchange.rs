@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use proxy_wasm::types::Action;
 
+use super::health::{Attempting, Scope};
 use super::host::{self, Headers};
 use super::limits::LimitScopes;
 use super::metrics::Metrics;
@@ -294,19 +295,12 @@ pub struct Exchange {
     pub(super) body: Option<Body>,
     /// Looking for the owner of a stored response the request names.
     pub(super) owner_probe: Option<OwnerProbe>,
-    pub(super) attempt_started_ms: u64,
     /// The cache key a success is stored under (a cacheable request the cache missed).
     pub(super) cache_key: Option<Digest>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
-    /// A Responses follow-up pinned to the owner of its previous response: it goes there
-    /// whatever the owner's state, so it never probes nor moves a cooldown.
-    pub(super) pinned: bool,
-    /// Targets (bit i: target i) this request saw with their cooldown over and no probe out:
-    /// an attempt there tries to take the probe.
-    pub(super) awaiting_probe: Cell<u64>,
-    /// The probe this request took and has not reported yet: target and lease end.
-    pub(super) probe: Cell<Option<(usize, u64)>>,
+    /// Its attempts as the targets' health sees them (the probe it took, a pinned request).
+    pub(super) attempting: Attempting,
     /// The `x-ratelimit-*` headers of the limits this request was admitted under (none: it is
     /// under no limit, and the provider's own pass through).
     pub(super) limit_headers: Vec<(&'static str, String)>,
@@ -321,12 +315,9 @@ impl Exchange {
             request: Request::default(),
             body: None,
             owner_probe: None,
-            attempt_started_ms: 0,
             cache_key: None,
             recorded: None,
-            pinned: false,
-            awaiting_probe: Cell::new(0),
-            probe: Cell::new(None),
+            attempting: Attempting::default(),
             limit_headers: Vec::new(),
         }
     }
@@ -341,6 +332,16 @@ impl Exchange {
         &self.rt.config
     }
 
+    /// What this request shares with its streamed attempts: the runtime and who it is.
+    pub(super) fn scope(&self) -> Scope<'_> {
+        Scope {
+            rt: &self.rt,
+            context_id: self.context_id,
+            request_id: &self.request.id,
+            route: self.request.route,
+        }
+    }
+
     /// The targets this request may use, in chain order.
     pub(super) fn targets(&self) -> &[usize] {
         match self.request.access {
@@ -350,11 +351,11 @@ impl Exchange {
     }
 
     pub(super) fn target(&self, i: usize) -> Option<&Target> {
-        self.config().targets.get(i)
+        self.scope().target(i)
     }
 
     pub(super) fn target_name(&self, i: usize) -> &str {
-        self.target(i).map_or("?", |t| t.name.as_str())
+        self.scope().target_name(i)
     }
 
     /// The client's model, if the body said one.
@@ -370,11 +371,7 @@ impl Exchange {
 
     /// Target `target` as a step of this request's chain.
     pub(super) fn step(&self, target: usize) -> Option<&Step> {
-        let config = &self.rt.config;
-        match self.request.route.and_then(|r| config.routes.get(r)) {
-            Some(route) => route.steps.iter().find(|s| s.target == target),
-            None => config.steps.get(target),
-        }
+        self.scope().step(target)
     }
 
     /// The model target `target` is asked for: its step's, else the client's.
@@ -394,8 +391,7 @@ impl Exchange {
     }
 
     pub(super) fn route_name(&self) -> Option<&str> {
-        let route = self.rt.config.routes.get(self.request.route?)?;
-        Some(&route.name)
+        self.scope().route_name()
     }
 
     /// The operation, for a request that is one.
@@ -418,16 +414,6 @@ impl Exchange {
 
     /// How every log line of this request starts.
     pub(super) fn tag(&self) -> String {
-        let mut tag = format!("[ctx={}", self.context_id);
-        if !self.request.id.is_empty() {
-            tag.push_str(" req=");
-            tag.push_str(&self.request.id);
-        }
-        if let Some(route) = self.route_name() {
-            tag.push_str(" route=");
-            tag.push_str(route);
-        }
-        tag.push(']');
-        tag
+        self.scope().tag()
     }
 }

@@ -43,7 +43,7 @@ impl Exchange {
             self.request.route,
             current,
             judge::status_class(answer.status, kind),
-            now.saturating_sub(self.attempt_started_ms),
+            now.saturating_sub(self.attempting.started_ms),
         );
         // A "not found" is an answer: the target is up.
         self.record_health(current, failure.as_ref(), now);

@@ -127,7 +127,7 @@ impl Exchange {
                     quote(previous)
                 );
                 self.rt.metrics.affinity_pin();
-                self.pinned = true;
+                self.attempting.pinned = true;
                 hops = owner_hop;
             } else if hops.len() > 1 {
                 self.start_probe(previous, Naming::FollowUp);
@@ -135,12 +135,12 @@ impl Exchange {
             }
         }
         let config = &self.rt.config;
-        if config.loadbalance && !self.pinned && self.owner_probe.is_none() {
+        if config.loadbalance && !self.attempting.pinned && self.owner_probe.is_none() {
             hops = self.balance(hops, now);
         }
         // A pinned request goes to its owner even while it cools (no other target has the
         // response); a probe's order already put the cooling targets last.
-        let fixed = self.pinned || self.owner_probe.is_some();
+        let fixed = self.attempting.pinned || self.owner_probe.is_some();
         let availability = |t: usize| {
             if fixed {
                 Availability::Ready

@@ -201,7 +201,7 @@ impl Exchange {
                 self.request.route,
                 target,
                 judge::status_class(status, None),
-                now.saturating_sub(self.attempt_started_ms),
+                now.saturating_sub(self.attempting.started_ms),
             );
             // Any answer that is not a failure shows the target is up.
             self.record_health(target, None, now);

@@ -87,10 +87,10 @@ impl Exchange {
             deadline_ms: now.saturating_add(crate::duration::millis(left)),
             length: length as u64,
             shape: self.request.shape,
-            pinned: self.pinned,
+            pinned: self.attempting.pinned,
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
-        self.attempt_started_ms = now;
+        self.attempting.started_ms = now;
         true
     }
 

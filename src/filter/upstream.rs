@@ -88,7 +88,7 @@ impl Attempt {
         ex.request.route = handoff.route;
         ex.request.kind = Some(Kind::Operation(handoff.op));
         ex.request.client_path = handoff.path.clone();
-        ex.pinned = handoff.pinned;
+        ex.attempting.pinned = handoff.pinned;
         let now = now.ms();
 
         let previous =
@@ -130,7 +130,7 @@ impl Attempt {
         host::set_filter_state(streamed::RECORD_STATE, &record.to_json());
         // Read here (the plan was made by the filter): an attempt on a target whose cooldown
         // ended takes its probe.
-        ex.breaker(target, now);
+        ex.attempting.breaker(&ex.scope(), target, now);
         ex.begin_attempt(target, Duration::from_millis(handoff.per_try_ms), now);
         log::debug!(
             "{} streamed attempt {} to target={}",
