@@ -125,6 +125,13 @@ impl<'a> Scope<'a> {
 }
 
 impl Attempting {
+    pub fn new(pinned: bool) -> Attempting {
+        Attempting {
+            pinned,
+            ..Attempting::default()
+        }
+    }
+
     /// Whether target `target` may take an attempt now: cooling targets (and those whose probe
     /// is out) are skipped, spilled ones avoided.
     pub fn availability(&self, scope: &Scope, target: usize, now: u64) -> Availability {
