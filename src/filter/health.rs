@@ -7,8 +7,9 @@
 use std::cell::Cell;
 use std::time::Duration;
 
-use super::exchange::{Exchange, Runtime};
+use super::exchange::Exchange;
 use super::host::Headers;
+use super::runtime::Runtime;
 use super::shared;
 use crate::config::{Step, Target};
 use crate::duration::millis;

@@ -6,8 +6,9 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use super::exchange::{Exchange, Flow, Runtime, Turn};
+use super::exchange::{Exchange, Flow, Turn};
 use super::host::{self, Now};
+use super::runtime::Runtime;
 use super::timers::Timers;
 use crate::answer::reply::{self, Callback, ErrorShape};
 use crate::request::azure;

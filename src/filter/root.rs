@@ -8,9 +8,10 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use super::exchange::{Exchange, Runtime, Turn};
+use super::exchange::{Exchange, Turn};
 use super::host::{self, Now};
 use super::http::{self, Http};
+use super::runtime::Runtime;
 use super::shared;
 use super::timers::Timers;
 use super::tokens;

@@ -14,10 +14,10 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
-use super::exchange::Runtime;
 use super::health::{Attempting, Scope};
 use super::host::{self, Now};
 use super::root;
+use super::runtime::Runtime;
 use crate::answer::reply::{ErrorShape, Rejection};
 use crate::policy::chain::{Failure, FailureKind};
 use crate::policy::judge;
