@@ -62,7 +62,8 @@ def render(wasm: Path | None, admin: int, listener: int) -> dict:
         lst["address"]["socket_address"]["port_value"] = listener
     if wasm is None:
         for d in walk(cfg):
-            for key in ("http_filters",):
+            # The filter's places: the HTTP filter chain and the router's upstream filters.
+            for key in ("http_filters", "upstream_http_filters"):
                 if isinstance(d.get(key), list):
                     d[key] = [f for f in d[key] if f.get("typed_config", {}).get("@type") != WASM_FILTER]
         # Clusters whose only purpose is the filter's upstream role go too.

@@ -115,7 +115,8 @@ def upstream_main(port: int, chunks: int, gap_ms: float) -> None:
 
 # ---- client ------------------------------------------------------------------------------------
 
-def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: int | None = None) -> bytes:
+def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: int | None = None,
+                  cluster: str = "openai", extra: str = "") -> bytes:
     body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
     if chunks is not None:
         body["max_tokens"] = chunks  # the upstream sends this many chunks
@@ -127,7 +128,7 @@ def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: in
     # The cluster header lets plain Envoy and the no-op filter route like the filter does (the
     # filter overwrites it; the route removes it).
     return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-            f"x-llm-failover-cluster: openai\r\ncontent-length: {len(data)}\r\n\r\n").encode() + data
+            f"x-llm-failover-cluster: {cluster}\r\n{extra}content-length: {len(data)}\r\n\r\n").encode() + data
 
 
 async def held_stream(port: int, req: bytes, first: asyncio.Event, release: asyncio.Event) -> None:
@@ -174,9 +175,19 @@ async def one_stream(port: int, req: bytes) -> tuple[int, float]:
 
 # ---- Envoy -------------------------------------------------------------------------------------
 
-def start_envoy(wasm: Path | None, upstream: int, tmp: Path) -> tuple[subprocess.Popen, int, int]:
+def start_envoy(wasm: Path | None, upstream: int, tmp: Path,
+                cluster_log: Path | None = None) -> tuple[subprocess.Popen, int, int]:
+    """Envoy on `envoy/local.yaml` with `wasm` in the filter's places (`None`: plain Envoy), every
+    cluster pointed at the upstream; `cluster_log` gets the upstream cluster of every request."""
     admin, listener = footprint.free_port(), footprint.free_port()
     cfg = footprint.render(wasm, admin, listener)
+    if cluster_log is not None:
+        for d in footprint.walk(cfg):
+            if d.get("stat_prefix") and isinstance(d.get("access_log"), list):
+                d["access_log"].append({"name": "envoy.access_loggers.file", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(cluster_log),
+                    "log_format": {"text_format_source": {"inline_string": "%UPSTREAM_CLUSTER%\n"}}}})
     for d in footprint.walk(cfg):
         sa = d.get("socket_address")
         if isinstance(sa, dict) and sa.get("port_value") not in (admin, listener):
@@ -199,6 +210,18 @@ def start_envoy(wasm: Path | None, upstream: int, tmp: Path) -> tuple[subprocess
     raise RuntimeError("envoy not ready")
 
 
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds of CPU all of the process's threads ran (the scheduler's count: clock ticks
+    are too coarse for a few seconds of streams)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
 def allocated(admin: int) -> int:
     """Bytes Envoy's allocator has handed out (Wasm linear memory is not among them)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=5) as r:
@@ -206,24 +229,24 @@ def allocated(admin: int) -> int:
 
 
 async def measure(envoy: subprocess.Popen, listener: int, admin: int, upstream_pid: int, args,
-                  include_usage: bool) -> dict:
-    req = request_bytes(listener, include_usage)
-    short = request_bytes(listener, include_usage, chunks=3)
+                  include_usage: bool, cluster: str) -> dict:
+    req = request_bytes(listener, include_usage, cluster=cluster)
+    short = request_bytes(listener, include_usage, chunks=3, cluster=cluster)
     # Warm-up: the first request down a path pays V8's compilation (docs/performance.md).
     for _ in range(5):
         await one_stream(listener, short)
     # Time to the first chunk at one connection (short streams: the first chunk is what counts).
     ttfc = [(await one_stream(listener, short))[1] for _ in range(args.ttfc)]
     # CPU per chunk and per stream.
-    cpu0, up0 = footprint.cpu_seconds(envoy.pid), footprint.cpu_seconds(upstream_pid)
+    cpu0, up0 = cpu_ns(envoy.pid), cpu_ns(upstream_pid)
     wall0 = time.monotonic()
     results = await asyncio.wait_for(asyncio.gather(*(one_stream(listener, req) for _ in range(args.streams))),
                                      timeout=120)
     wall = time.monotonic() - wall0
-    cpu, up = footprint.cpu_seconds(envoy.pid) - cpu0, footprint.cpu_seconds(upstream_pid) - up0
+    cpu, up = (cpu_ns(envoy.pid) - cpu0) / 1e9, (cpu_ns(upstream_pid) - up0) / 1e9
     events = sum(e for e, _ in results)
     # Memory per open stream.
-    held = request_bytes(listener, include_usage, hold=True)
+    held = request_bytes(listener, include_usage, hold=True, cluster=cluster)
     rss0, alloc0 = footprint.status_kib(envoy.pid).get("VmRSS", 0), allocated(admin)
     release = asyncio.Event()
     firsts = [asyncio.Event() for _ in range(args.open)]
@@ -246,12 +269,75 @@ async def measure(envoy: subprocess.Popen, listener: int, admin: int, upstream_p
     }
 
 
+def streamed_cluster(upstream: int, tmp: Path) -> str:
+    """The cluster llm-failover routes a healthy streamed request to, in the shipped wiring: read
+    from Envoy's access log of one such request, so that the no-op filter's streams take the same
+    path through Envoy (clusters, route, the router's upstream filter) whatever that wiring is."""
+    log = tmp / "clusters.log"
+    envoy, listener, _ = start_envoy(footprint.FILTER_WASM, upstream, tmp, cluster_log=log)
+    try:
+        events, _ = asyncio.run(asyncio.wait_for(
+            one_stream(listener, request_bytes(listener, False, chunks=1)), timeout=30))
+    finally:
+        footprint.stop(envoy)
+    names = log.read_text().split() if log.exists() else []
+    if events < 1 or len(names) != 1 or names[0] == "-":
+        raise RuntimeError(f"streams: no upstream cluster logged for llm-failover's stream ({names})")
+    return names[0]
+
+
+# (name, Wasm, include_usage, the cluster the client names: None is llm-failover's streamed one)
 VARIANTS = [
-    ("plain Envoy", None, False),
-    ("no-op filter", footprint.NOOP_WASM, False),
-    ("llm-failover", footprint.FILTER_WASM, False),
-    ("llm-failover, `include_usage`", footprint.FILTER_WASM, True),
+    ("plain Envoy", None, False, "openai"),
+    ("no-op filter, llm-failover's layout", footprint.NOOP_WASM, False, None),
+    ("llm-failover", footprint.FILTER_WASM, False, "openai"),
+    ("llm-failover, `include_usage`", footprint.FILTER_WASM, True, "openai"),
 ]
+LAYOUT = "no-op filter, llm-failover's layout"
+
+
+# The goals of issue 30 for the streams, same run: per chunk against the no-op filter on
+# llm-failover's layout, time to first chunk over it, memory per open stream over plain Envoy.
+GOAL_PER_CHUNK = 1.05
+GOAL_TTFC_US = 100.0
+GOAL_OPEN_KIB = 8.0
+
+
+def table(results: dict[str, list[dict]], args, streamed: str) -> list[str]:
+    """The report: medians of the rounds per variant, ratios of those medians, and the goals."""
+    def med(name: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[name])
+
+    lines = [
+        f"{args.chunks} chunks of about 220 B per stream, {args.gap_ms:g} ms apart; one Envoy worker; medians of "
+        f"{args.rounds} rounds. CPU with {args.streams} streams at once, time to first chunk at one connection, "
+        f"memory with {args.open} streams open. The no-op filter runs on llm-failover's layout: in both of "
+        f"its places (the HTTP filter and the router's upstream filter), its streams sent to the cluster "
+        f"llm-failover sends a healthy stream to (`{streamed}`, read from Envoy's access log).",
+        "",
+        "| variant | Envoy CPU per chunk | vs no-op filter | vs plain Envoy | per stream | time to first chunk "
+        "| memory per open stream: Envoy's allocator | RSS | Envoy / upstream CPU (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    noop, plain = med(LAYOUT, "per_chunk_us"), med("plain Envoy", "per_chunk_us")
+    for name, _, _, _ in VARIANTS:
+        lines.append(
+            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {med(name, 'per_chunk_us') / noop:.2f}x "
+            f"| {med(name, 'per_chunk_us') / plain:.2f}x | {med(name, 'per_stream_us'):.0f} us "
+            f"| {med(name, 'ttfc_us'):.0f} us | {med(name, 'per_open_alloc_kib'):.1f} KiB "
+            f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
+    lines.append("")
+    for name, _, usage, _ in VARIANTS[2:]:
+        ratio = med(name, "per_chunk_us") / noop
+        ttfc = med(name, "ttfc_us") - med(LAYOUT, "ttfc_us")
+        kib = med(name, "per_open_alloc_kib") - med("plain Envoy", "per_open_alloc_kib")
+        lines.append(
+            f"* {name}: per chunk {ratio:.2f}x the no-op filter (goal <= {GOAL_PER_CHUNK:.2f}x: "
+            f"{'met' if ratio <= GOAL_PER_CHUNK else '**NOT met**'}), time to first chunk {ttfc:+.0f} us over it "
+            f"(goal <= +{GOAL_TTFC_US:.0f} us: {'met' if ttfc <= GOAL_TTFC_US else '**NOT met**'}), memory per "
+            f"open stream {kib:+.1f} KiB over plain Envoy (goal <= +{GOAL_OPEN_KIB:.0f} KiB: "
+            f"{'met' if kib <= GOAL_OPEN_KIB else '**NOT met**'})")
+    return lines
 
 
 def main() -> int:
@@ -264,7 +350,7 @@ def main() -> int:
     ap.add_argument("--open", type=int, default=1000, help="streams held open for the memory figure")
     ap.add_argument("--append", type=Path)
     args = ap.parse_args()
-    for _, wasm, _ in VARIANTS:
+    for _, wasm, _, _ in VARIANTS:
         if wasm is not None and not wasm.exists():
             raise SystemExit(f"streams: {wasm} missing (make build; bench/run.py builds the no-op filter)")
     up_port = footprint.free_port()
@@ -281,36 +367,20 @@ def main() -> int:
             except OSError:
                 time.sleep(0.05)
         with tempfile.TemporaryDirectory() as t:
+            streamed = streamed_cluster(up_port, Path(t))
             for r in range(args.rounds):
-                for name, wasm, usage in VARIANTS:
+                for name, wasm, usage, cluster in VARIANTS:
                     envoy, listener, admin = start_envoy(wasm, up_port, Path(t))
                     try:
-                        results.setdefault(name, []).append(
-                            asyncio.run(measure(envoy, listener, admin, upstream.pid, args, usage)))
+                        results.setdefault(name, []).append(asyncio.run(
+                            measure(envoy, listener, admin, upstream.pid, args, usage, cluster or streamed)))
                     finally:
                         footprint.stop(envoy)
                 print(f"streams: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         footprint.stop(upstream)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in results[name])
-
-    lines = [
-        f"{args.chunks} chunks of about 220 B per stream, {args.gap_ms:g} ms apart; one Envoy worker; medians of "
-        f"{args.rounds} rounds. CPU with {args.streams} streams at once, time to first chunk at one connection, "
-        f"memory with {args.open} streams open.",
-        "",
-        "| variant | Envoy CPU per chunk | per stream | vs no-op filter (per chunk) | time to first chunk | memory per open stream: RSS | of it Envoy's allocator | Envoy / upstream CPU (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    base = med("no-op filter", "per_chunk_us")
-    for name, _, _ in VARIANTS:
-        lines.append(
-            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {med(name, 'per_stream_us'):.0f} us "
-            f"| {med(name, 'per_chunk_us') / base:.2f}x | {med(name, 'ttfc_us'):.0f} us "
-            f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'per_open_alloc_kib'):.1f} KiB "
-            f"| {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
+    lines = table(results, args, streamed)
     footprint.report(lines, "Streams: the LLM-shaped workload (bench/streams.py)", args.append)
     return 0
 
