@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """The workload LLM gateways carry: long SSE streams of small chunks, many open at once.
 
-Variants on `envoy/local.yaml` (one Envoy worker, the same layout for all): plain Envoy, the no-op
-Wasm filter in llm-failover's places, and llm-failover with and without
-`stream_options.include_usage`. (Envoy's Lua filter is not among them: the Lua failover of
+Variants on `envoy/local.yaml` (one Envoy worker): plain Envoy (its Wasm filters removed), the
+no-op Wasm filter on llm-failover's layout, and llm-failover with and without
+`stream_options.include_usage`. The no-op filter takes the module's place everywhere the shipped
+config loads it (the HTTP filter and the upstream filter of the streamed path), and its streams
+name the cluster that llm-failover sends a healthy stream to, read from Envoy's access log of one
+such stream: so both run the same Envoy path (route, clusters, upstream filter) whatever the
+shipped wiring is, and the ratio between them is the filter's own work. (Envoy's Lua filter is not among them: the Lua failover of
 `bench/lua` answers from an `httpCall`, which buffers a stream whole, so it has no per-chunk
 path to compare.) The upstream is an asyncio server of this script that answers
 every request with `--chunks` chat chunks of about 220 bytes, `--gap-ms` apart, ending in
@@ -17,7 +21,7 @@ is seen not to be the bottleneck. Measured, per variant, rounds interleaved:
 
 Loopback only; every loop is bounded by counts and by time.
 
-    .venv/bin/python bench/streams.py [--rounds 3] [--append BENCHMARKS.md]
+    .venv/bin/python bench/streams.py [--rounds 3] [--append BENCHMARKS.md] [--extra NAME=x.wasm]
 """
 from __future__ import annotations
 
@@ -349,7 +353,12 @@ def main() -> int:
     ap.add_argument("--ttfc", type=int, default=30, help="sequential requests for time to first chunk")
     ap.add_argument("--open", type=int, default=1000, help="streams held open for the memory figure")
     ap.add_argument("--append", type=Path)
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=WASM",
+                    help="another build, run as the llm-failover variant (experiments)")
     args = ap.parse_args()
+    for spec in args.extra:
+        name, _, path = spec.partition("=")
+        VARIANTS.append((name, Path(path), False, "openai"))
     for _, wasm, _, _ in VARIANTS:
         if wasm is not None and not wasm.exists():
             raise SystemExit(f"streams: {wasm} missing (make build; bench/run.py builds the no-op filter)")
