@@ -61,16 +61,14 @@ def render(wasm: Path | None, admin: int, listener: int) -> dict:
     for lst in cfg["static_resources"]["listeners"]:
         lst["address"]["socket_address"]["port_value"] = listener
     if wasm is None:
-        for d in walk(cfg):
+        for d in list(walk(cfg)):
             # The filter's places: the HTTP filter chain and the router's upstream filters.
             for key in ("http_filters", "upstream_http_filters"):
                 if isinstance(d.get(key), list):
                     d[key] = [f for f in d[key] if f.get("typed_config", {}).get("@type") != WASM_FILTER]
-        # Clusters whose only purpose is the filter's upstream role go too.
-        sr = cfg["static_resources"]
-        sr["clusters"] = [c for c in sr["clusters"] if not c["name"].startswith("llm_failover.")]
-        for c in sr["clusters"]:
-            c.pop("typed_extension_protocol_options", None)
+            # The router's upstream filters were the filter's upstream role alone.
+            if d.get("upstream_http_filters") is not None and len(d["upstream_http_filters"]) <= 1:
+                del d["upstream_http_filters"]
     else:
         for d in walk(cfg):
             if isinstance(d.get("local"), dict) and "filename" in d["local"]:

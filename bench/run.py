@@ -53,7 +53,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-import envoy_side  # noqa: E402
+import streamed_wiring as wiring  # noqa: E402
 LOCAL_YAML = ROOT / "envoy" / "local.yaml"
 FILTER_WASM = ROOT / "dist" / "llm_failover.wasm"
 NOOP_DIR = ROOT / "bench" / "noop"
@@ -565,17 +565,19 @@ def render_envoy(
         conf = plugin["configuration"]
         conf["value"] = json.dumps(variant.plugin(json.loads(conf["value"])), indent=2)
     sr = cfg["static_resources"]
-    sr["clusters"] = [c for c in sr["clusters"] if not envoy_side.is_generated(c)]
     for cluster in sr["clusters"]:
         name = cluster["name"]
         port = throttled_port if (name == "openai" and variant.openai_throttled) else ok_port
         for group in cluster["load_assignment"]["endpoints"]:
             for ep in group["lb_endpoints"]:
                 ep["endpoint"]["address"]["socket_address"]["port_value"] = port
-    # The streamed-failover clusters, from the variant's plugin config: only this build's filter
-    # has them (other modules would be given an upstream role they do not know).
+    # Streamed failover's wiring (the Lua filter, the route's priority_group, the router's upstream
+    # filter): only this build's filter has it (other modules would be given an upstream role they
+    # do not know, and plain Envoy and the Lua peer route on the cluster header alone).
     if variant.code == "filter" and not variant.wasm:
-        envoy_side.apply(cfg)
+        wiring.share_vm(cfg)
+    else:
+        wiring.strip(cfg)
     return cfg
 
 
@@ -1055,8 +1057,8 @@ def report(results: list[dict], sizes: dict, machine: dict, args, started: float
         lines += [
             "",
             "Streamed requests (10-12, `\"stream\": true`, nginx answering SSE): 10 and 11 go through",
-            "Envoy's router over the `llm_failover.stream.*` clusters with the upstream filter on every",
-            "attempt, so 11's client gets the fallback's SSE as it is sent; 12 fails over through a",
+            "Envoy's router over the targets' own clusters (the route's priority_group specifier), with",
+            "the upstream filter on every attempt, so 11's client gets the fallback's SSE as it is sent; 12 fails over through a",
             "callout, so its client gets the fallback's answer in one piece when it is complete (what a",
             "streamed failover did before). 11 and 12 both answer from `azure` after `openai`'s 429.",
         ]

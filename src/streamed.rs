@@ -2,36 +2,26 @@
 //! router, which retries it on the next target before the first response byte, so the
 //! fallback's answer streams to the client as it is generated.
 //!
-//! The router walks an aggregate cluster (`llm_failover.stream.<target>.<tries>...`) whose
-//! members (`llm_failover.try.<target>.<n>`, copies of the target's cluster whose endpoints name
-//! the target in their metadata) are the request's planned attempts in order; the retry priority
-//! `previous_priorities` moves each retry to the next member. The filter picks the aggregate of
-//! the attempts it plans and enables the retries for this one request with `x-envoy-retry-on`,
-//! `x-envoy-retriable-status-codes` and `x-envoy-max-retries`. The same module, as the upstream
-//! filter of the aggregates (`{"role": "upstream"}`), addresses each attempt for the target its
-//! host names: path, host, credential and body, from the [`Handoff`] the filter left in the
-//! request's filter state. Everything here is pure: names, plans, headers and the records kept
-//! between attempts; `tools/envoy_side.py` writes the clusters from [`envoy_side`].
+//! The request's plan names the cluster of each attempt, in order, in `x-llm-failover-cluster`
+//! (`openai,openai,azure`: the targets' own clusters, one per attempt). Envoy's side is written
+//! by hand once (README, "Streamed failover"): a Lua filter after this one turns that list into
+//! the dynamic metadata `llm_failover.priority_groups`, the route's `priority_group` cluster
+//! specifier takes attempt *n*'s cluster from it, and its `refresh_cluster_on_retry` makes every
+//! retry choose again. The filter enables the retries for this one request with
+//! `x-envoy-retry-on`, `x-envoy-retriable-status-codes` and `x-envoy-max-retries`. The same
+//! module, as the router's upstream filter (`{"role": "upstream"}`), addresses each
+//! attempt for its target (the plan's attempt of that number, on the cluster it names): path,
+//! host, credential and body, from the [`Handoff`] the filter left in the request's filter state.
+//! Everything here is pure: the plan, its headers and the records kept between attempts.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::answer::reply::ErrorShape;
-use crate::config::{Config, Step};
+use crate::config::Config;
 use crate::request::operation::Operation;
 
-/// Prefix of the aggregate clusters.
-pub const STREAM_PREFIX: &str = "llm_failover.stream";
-/// Prefix of their member clusters.
-pub const TRY_PREFIX: &str = "llm_failover.try";
-/// The prefix of an aggregate's marker: a cluster with no endpoints (and no filters) written
-/// with each aggregate, which tells the filter that Envoy has the aggregate (see
-/// [`ready_name`]).
-pub const READY_PREFIX: &str = "llm_failover.ready";
-/// Endpoint metadata namespace (`filter_metadata.llm_failover.target`) naming a member's target.
-pub const METADATA_NAMESPACE: &str = "llm_failover";
 /// Filter state the filter leaves for the upstream filter.
 pub const HANDOFF_STATE: &str = "llm_failover.handoff";
 /// Filter state the upstream filter keeps across attempts, read back by the filter.
@@ -39,15 +29,16 @@ pub const RECORD_STATE: &str = "llm_failover.attempt";
 /// Filter state the upstream filter sets when it refused an attempt with its own error reply
 /// (which the filter then passes on as it is).
 pub const REFUSED_STATE: &str = "llm_failover.refused";
-/// How long a worker trusts what a probe found (clusters come and go with xDS).
-pub const PROBE_VALID: std::time::Duration = std::time::Duration::from_secs(60);
-/// Targets a streamed request's plan holds at most (the rest of its chain is not tried): the
-/// clusters to declare grow with the subsets of a chain.
-pub const MAX_TARGETS: usize = 4;
-/// Retries the aggregates' circuit breaker allows at once (Envoy's default, 3, would turn
-/// failover off under any concurrency).
-pub const MAX_CONCURRENT_RETRIES: u32 = 100_000;
+/// How long a worker keeps streaming without the router's failover after Envoy showed that the
+/// route lacks the streamed wiring: past it one streamed request tries the router again (a route
+/// change may have added the wiring) and, if it still lacks it, is served through a callout.
+pub const UNWIRED_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Whether a worker that last saw the route without the streamed wiring at `seen_ms` (if ever)
+/// still routes streamed requests like any request at `now_ms`.
+pub fn known_unwired(seen_ms: Option<u64>, now_ms: u64) -> bool {
+    seen_ms.is_some_and(|at| now_ms.saturating_sub(at) < crate::duration::millis(UNWIRED_RECHECK))
+}
 /// One target of a streamed request's plan and the attempts it gets (its `retries` + 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Tries {
@@ -65,7 +56,7 @@ pub fn attempts(plan: &[Tries]) -> u32 {
 
 /// Whether a request takes the streamed path: a `"stream": true` request of an operation that
 /// streams, on a config that fails streams over through the router, whose plan can fail over
-/// at all (a single attempt needs no aggregate: it is routed to its target like any other).
+/// at all (a single attempt is routed to its target like any other).
 pub fn takes_stream_path(config: &Config, op: Operation, stream: bool, plan: &[Tries]) -> bool {
     may_take_stream_path(config, op, stream) && attempts(plan) > 1
 }
@@ -81,41 +72,39 @@ pub fn fails_over(config: &Config, status: u16) -> bool {
     config.is_failure_status(status) && (status != 400 || config.failover_on_content_filter)
 }
 
-/// The aggregate cluster of a plan.
-pub fn cluster_name(config: &Config, plan: &[Tries]) -> String {
-    let mut name = String::from(STREAM_PREFIX);
+/// The cluster of each attempt of a plan, in order, comma-separated: the value of
+/// `x-llm-failover-cluster` that the route's `priority_group` specifier walks.
+pub fn cluster_list(config: &Config, plan: &[Tries]) -> String {
+    let mut list = String::new();
     for t in plan {
-        let target = config
+        let cluster = config
             .targets
             .get(t.target)
-            .map_or("?", |t| t.name.as_str());
-        name.push('.');
-        name.push_str(target);
-        name.push('.');
-        name.push_str(&t.tries.to_string());
+            .map_or("", |t| t.cluster.as_str());
+        for _ in 0..t.tries {
+            if !list.is_empty() {
+                list.push(',');
+            }
+            list.push_str(cluster);
+        }
     }
-    name
+    list
 }
 
-/// The marker of an aggregate cluster (`llm_failover.ready.openai.2.azure.2` for
-/// `llm_failover.stream.openai.2.azure.2`). The filter asks Envoy whether it has the marker
-/// before it routes a request to the aggregate: a callout to a cluster Envoy does not have is
-/// refused as a bad argument, one to a cluster with no endpoints fails at once, and neither
-/// sends anything anywhere (a callout to the aggregate itself would start its upstream filter,
-/// in the filter's own VM, inside the filter's call).
-pub fn ready_name(aggregate: &str) -> String {
-    match aggregate.strip_prefix(STREAM_PREFIX) {
-        Some(rest) => format!("{READY_PREFIX}{rest}"),
-        None => format!("{READY_PREFIX}.{aggregate}"),
+/// The target of attempt `n` (1-based) of a plan: Envoy's `priority_group` stays on the last
+/// group once the attempts go past the list, and so does this.
+pub fn attempt_target(plan: &[Tries], n: u32) -> Option<usize> {
+    let mut left = n.max(1);
+    for t in plan {
+        if left <= t.tries {
+            return Some(t.target);
+        }
+        left -= t.tries;
     }
+    plan.last().map(|t| t.target)
 }
 
-/// The member cluster of try `n` (1-based) on a target.
-pub fn member_name(target: &str, n: u32) -> String {
-    format!("{TRY_PREFIX}.{target}.{n}")
-}
-
-/// The headers that hand a streamed request to the router: its aggregate cluster, the retries
+/// The headers that hand a streamed request to the router: its attempts' clusters, the retries
 /// enabled for it alone (every failure status of the config except a 400 that may be a
 /// content-filter refusal, which only the body tells apart; resets, per-try timeouts and
 /// refused connections), one attempt per planned try, and the per-try timeout (to the response
@@ -149,7 +138,7 @@ pub fn router_headers(
     let mut headers = vec![
         (
             crate::target::forward::CLUSTER_HEADER,
-            cluster_name(config, plan),
+            cluster_list(config, plan),
         ),
         ("x-envoy-retry-on", on),
         (
@@ -211,11 +200,6 @@ impl Handoff {
 
     pub fn from_json(bytes: &[u8]) -> Option<Handoff> {
         serde_json::from_slice(bytes).ok()
-    }
-
-    /// Whether target `target` is in the plan (an attempt on any other is refused).
-    pub fn plans(&self, target: usize) -> bool {
-        self.plan.iter().any(|t| t.target == target)
     }
 
     /// Whether a retry or failover may still start at `now_ms` (the first attempt always goes).
@@ -308,138 +292,6 @@ pub fn no_answer(elapsed_ms: u64, per_try_ms: u64) -> Ended {
     }
 }
 
-/// A member cluster: try `n` of target `target`, a copy of the target's `cluster`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Member {
-    pub name: String,
-    pub target: String,
-    pub cluster: String,
-    #[serde(rename = "try")]
-    pub n: u32,
-}
-
-/// An aggregate cluster: a plan's members in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Aggregate {
-    pub name: String,
-    pub members: Vec<String>,
-    /// Its marker cluster ([`ready_name`]).
-    pub ready: String,
-}
-
-/// The Envoy side of streamed failover for a config: every member and aggregate cluster a
-/// request's plan may name. A plan is an order-preserving part of a chain (the top-level one,
-/// or a route's: gateway keys, unservable targets, cooldowns and spill-overs leave targets out,
-/// a Responses API follow-up keeps its owner only), at most [`MAX_TARGETS`] long; under load
-/// balancing any of its targets may come first. Plans of one attempt need no cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EnvoySide {
-    pub members: Vec<Member>,
-    pub aggregates: Vec<Aggregate>,
-}
-
-pub fn envoy_side(config: &Config) -> EnvoySide {
-    if !config.stream_failover {
-        return EnvoySide {
-            members: Vec::new(),
-            aggregates: Vec::new(),
-        };
-    }
-    let chains = std::iter::once(config.steps.as_slice())
-        .chain(config.routes.iter().map(|r| r.steps.as_slice()));
-    let mut plans: BTreeSet<Plan> = BTreeSet::new();
-    for steps in chains {
-        let chain: Plan = steps.iter().map(tries_of).collect();
-        for plan in parts(&chain, config.loadbalance) {
-            if attempts(&plan) > 1 {
-                plans.insert(plan);
-            }
-        }
-    }
-    let mut most: Vec<u32> = vec![0; config.targets.len()];
-    for t in plans.iter().flatten() {
-        if let Some(m) = most.get_mut(t.target) {
-            *m = (*m).max(t.tries);
-        }
-    }
-    let members = config
-        .targets
-        .iter()
-        .zip(&most)
-        .flat_map(|(t, &most)| {
-            (1..=most).map(move |n| Member {
-                name: member_name(&t.name, n),
-                target: t.name.clone(),
-                cluster: t.cluster.clone(),
-                n,
-            })
-        })
-        .collect();
-    let aggregates = plans
-        .iter()
-        .map(|plan| Aggregate {
-            ready: ready_name(&cluster_name(config, plan)),
-            name: cluster_name(config, plan),
-            members: plan
-                .iter()
-                .flat_map(|t| {
-                    let name = config
-                        .targets
-                        .get(t.target)
-                        .map_or("?", |t| t.name.as_str());
-                    (1..=t.tries).map(move |n| member_name(name, n))
-                })
-                .collect(),
-        })
-        .collect();
-    EnvoySide {
-        members,
-        aggregates,
-    }
-}
-
-fn tries_of(step: &Step) -> Tries {
-    Tries {
-        target: step.target,
-        tries: step.retries.saturating_add(1),
-    }
-}
-
-/// Every order-preserving part of `chain` of at most [`MAX_TARGETS`] targets, and under load
-/// balancing each of them with any one of its targets moved to the front.
-fn parts(chain: &[Tries], loadbalance: bool) -> Vec<Plan> {
-    let n = chain.len().min(16);
-    let mut out = Vec::new();
-    for mask in 1u32..(1u32 << n) {
-        if mask.count_ones() as usize > MAX_TARGETS {
-            continue;
-        }
-        let part: Plan = chain
-            .iter()
-            .take(n)
-            .enumerate()
-            .filter(|(i, _)| mask & (1 << i) != 0)
-            .map(|(_, t)| *t)
-            .collect();
-        if loadbalance {
-            for first in 1..part.len() {
-                let mut moved = part.clone();
-                let picked = moved.remove(first);
-                moved.insert(0, picked);
-                out.push(moved);
-            }
-        }
-        out.push(part);
-    }
-    out
-}
-
-/// A plan cut to [`MAX_TARGETS`] targets.
-pub fn bounded(mut plan: Plan) -> Plan {
-    plan.truncate(MAX_TARGETS);
-    plan
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,149 +326,46 @@ mod tests {
     }
 
     #[test]
-    fn each_aggregate_has_a_marker_named_after_it() {
-        assert_eq!(
-            ready_name("llm_failover.stream.openai.2.azure.2"),
-            "llm_failover.ready.openai.2.azure.2"
-        );
-        let c = config(json!({"targets": [target("a", 1), target("b", 0)]}));
-        let side = envoy_side(&c);
-        assert!(!side.aggregates.is_empty());
-        for a in &side.aggregates {
-            assert_eq!(a.ready, ready_name(&a.name));
-        }
+    fn a_route_seen_without_the_wiring_is_tried_again_after_five_minutes() {
+        assert!(!known_unwired(None, 5_000));
+        assert!(known_unwired(Some(1_000), 1_000));
+        assert!(known_unwired(Some(1_000), 300_999));
+        assert!(!known_unwired(Some(1_000), 301_000));
     }
 
     #[test]
-    fn names_say_each_target_and_its_tries() {
+    fn the_cluster_list_names_each_attempts_cluster_in_order() {
         let c = config(json!({"targets": [target("openai", 1), target("azure", 0)]}));
-        let plan = vec![tries(0, 2), tries(1, 1)];
         assert_eq!(
-            cluster_name(&c, &plan),
-            "llm_failover.stream.openai.2.azure.1"
+            cluster_list(&c, &[tries(0, 2), tries(1, 1)]),
+            "c_openai,c_openai,c_azure"
         );
-        assert_eq!(member_name("azure", 1), "llm_failover.try.azure.1");
-    }
-
-    #[test]
-    fn the_envoy_side_has_a_cluster_for_every_plan_that_can_fail_over() {
-        let c = config(json!({"targets": [target("a", 1), target("b", 0), target("c", 0)]}));
-        let side = envoy_side(&c);
-        let names: Vec<&str> = side.aggregates.iter().map(|a| a.name.as_str()).collect();
-        // Every order-preserving part of [a*2, b, c] with two attempts or more ([b] and [c]
-        // alone cannot fail over).
-        let mut want = vec![
-            "llm_failover.stream.a.2",
-            "llm_failover.stream.a.2.b.1",
-            "llm_failover.stream.a.2.c.1",
-            "llm_failover.stream.a.2.b.1.c.1",
-            "llm_failover.stream.b.1.c.1",
-        ];
-        want.sort();
-        let mut got = names.clone();
-        got.sort();
-        assert_eq!(got, want);
-        let abc = side
-            .aggregates
-            .iter()
-            .find(|a| a.name == "llm_failover.stream.a.2.b.1.c.1")
-            .unwrap();
         assert_eq!(
-            abc.members,
-            vec![
-                "llm_failover.try.a.1",
-                "llm_failover.try.a.2",
-                "llm_failover.try.b.1",
-                "llm_failover.try.c.1"
-            ]
+            cluster_list(&c, &[tries(1, 1), tries(0, 1)]),
+            "c_azure,c_openai"
         );
-        let members: Vec<(&str, &str, u32)> = side
-            .members
-            .iter()
-            .map(|m| (m.name.as_str(), m.cluster.as_str(), m.n))
-            .collect();
-        assert_eq!(
-            members,
-            vec![
-                ("llm_failover.try.a.1", "c_a", 1),
-                ("llm_failover.try.a.2", "c_a", 2),
-                ("llm_failover.try.b.1", "c_b", 1),
-                ("llm_failover.try.c.1", "c_c", 1),
-            ]
-        );
-    }
-
-    #[test]
-    fn load_balancing_adds_each_target_first() {
-        let c = config(json!({"strategy": {"mode": "loadbalance"},
-                              "targets": [target("a", 0), target("b", 0)]}));
-        let mut names: Vec<String> = envoy_side(&c)
-            .aggregates
-            .into_iter()
-            .map(|a| a.name)
-            .collect();
-        names.sort();
-        assert_eq!(
-            names,
-            vec!["llm_failover.stream.a.1.b.1", "llm_failover.stream.b.1.a.1"]
-        );
-    }
-
-    #[test]
-    fn routes_add_their_own_chains_and_tries() {
-        let c = config(json!({
-            "targets": [target("a", 0), target("b", 0)],
-            "routes": [{"name": "r", "path": "/r", "operation": "chat",
-                        "targets": [{"target": "b", "retries": 2}, "a"]}]
-        }));
-        let names: Vec<String> = envoy_side(&c)
-            .aggregates
-            .into_iter()
-            .map(|a| a.name)
-            .collect();
-        assert!(
-            names.contains(&"llm_failover.stream.b.3.a.1".to_string()),
-            "{names:?}"
-        );
-        assert!(
-            names.contains(&"llm_failover.stream.b.3".to_string()),
-            "{names:?}"
-        );
-        assert!(
-            names.contains(&"llm_failover.stream.a.1.b.1".to_string()),
-            "{names:?}"
-        );
-        let members: Vec<String> = envoy_side(&c).members.into_iter().map(|m| m.name).collect();
-        assert_eq!(
-            members,
-            vec![
-                "llm_failover.try.a.1",
-                "llm_failover.try.b.1",
-                "llm_failover.try.b.2",
-                "llm_failover.try.b.3"
-            ]
-        );
-    }
-
-    #[test]
-    fn plans_are_at_most_four_targets_long() {
+        // No cap on the plan's length: six targets, six clusters.
         let targets: Vec<_> = (0..6).map(|i| target(&format!("t{i}"), 0)).collect();
         let c = config(json!({ "targets": targets }));
-        let side = envoy_side(&c);
-        assert!(side
-            .aggregates
-            .iter()
-            .all(|a| a.members.len() <= MAX_TARGETS));
-        // C(6,2) + C(6,3) + C(6,4)
-        assert_eq!(side.aggregates.len(), 15 + 20 + 15);
-        assert_eq!(bounded(vec![tries(0, 1); 6]).len(), MAX_TARGETS);
+        let plan: Vec<Tries> = (0..6).map(|t| tries(t, 1)).collect();
+        assert_eq!(cluster_list(&c, &plan), "c_t0,c_t1,c_t2,c_t3,c_t4,c_t5");
     }
 
     #[test]
-    fn callout_streaming_needs_no_envoy_side() {
+    fn each_attempt_number_names_its_planned_target() {
+        let plan = [tries(2, 2), tries(0, 1), tries(1, 3)];
+        let got: Vec<Option<usize>> = (1..=8).map(|n| attempt_target(&plan, n)).collect();
+        // Past the plan, Envoy stays on its last cluster.
+        let want = [2, 2, 0, 1, 1, 1, 1, 1].map(Some);
+        assert_eq!(got, want);
+        assert_eq!(attempt_target(&plan, 0), Some(2));
+        assert_eq!(attempt_target(&[], 1), None);
+    }
+
+    #[test]
+    fn callout_streaming_takes_no_stream_path() {
         let c = config(json!({"streaming": {"failover": "callout"},
                               "targets": [target("a", 1), target("b", 0)]}));
-        assert!(envoy_side(&c).aggregates.is_empty());
         assert!(!takes_stream_path(
             &c,
             Operation::ChatCompletions,
@@ -670,10 +419,7 @@ mod tests {
             Duration::from_millis(2500),
         );
         let get = |n: &str| header(&h, n);
-        assert_eq!(
-            get("x-llm-failover-cluster"),
-            Some("llm_failover.stream.a.2.b.1")
-        );
+        assert_eq!(get("x-llm-failover-cluster"), Some("c_a,c_a,c_b"));
         assert_eq!(
             get("x-envoy-retry-on"),
             Some("reset,connect-failure,retriable-status-codes")
@@ -725,7 +471,6 @@ mod tests {
             pinned: true,
         };
         assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
-        assert!(h.plans(1) && !h.plans(2));
         assert!(h.may_start(999_980) && !h.may_start(999_981));
         assert_eq!(Handoff::from_json(b"{\"root\": 1}"), None);
         assert_eq!(Handoff::from_json(b"\xff"), None);
@@ -738,7 +483,7 @@ mod tests {
         let over = Record::next(Some(retry), 0, 1);
         assert_eq!((over.attempts, over.failed_over), (3, true));
         assert_eq!(decision(&retry, 1), Decision::Failover { from: 0, to: 1 });
-        // An unhealthy first member makes the router start on the second.
+        // A first attempt on another target than the plan's first is a failover.
         assert!(Record::next(None, 0, 1).failed_over);
         let mut ended = over;
         ended.ended = Ended::Status(429);

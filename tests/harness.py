@@ -44,7 +44,7 @@ if str(TESTS_DIR) not in sys.path:
 from mocks import upstream as mock_upstream  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
-import envoy_side  # noqa: E402
+import streamed_wiring as wiring  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "envoy" / "local.yaml"
 DEFAULT_WASM = REPO_ROOT / "dist" / "llm_failover.wasm"
@@ -331,9 +331,10 @@ def render_config(
     unmapped_clusters: "dead" points loopback clusters that were not mapped at a closed port
       (so a test never talks to a mock that another process runs on the file's port); "keep"
       leaves them alone.
-    stream_side: the streamed-failover clusters (tools/envoy_side.py) are written last, from the
-      final plugin config and target clusters; False leaves none (the filter then fails streams
-      over through callouts).
+    stream_side: keep the file's streamed-failover wiring (tools/streamed_wiring.py: the Lua
+      filter, the route's priority_group specifier, the router's upstream filter on the final
+      filter's VM; a cluster added here copies the file's first cluster's retry circuit breaker);
+      False strips it (the filter then fails streams over through callouts).
     Returns (config dict, info) where info has the ports used.
     """
     path = Path(base_config) if base_config else DEFAULT_CONFIG
@@ -347,8 +348,6 @@ def render_config(
     info["admin_port"] = admin_port
 
     sr = cfg.setdefault("static_resources", {})
-    # The file's streamed-failover clusters are written again last, from what the test made of it.
-    sr["clusters"] = [c for c in sr.get("clusters") or [] if not envoy_side.is_generated(c)]
     for i, lst in enumerate(sr.get("listeners") or []):
         port = listener_port if (i == 0 and listener_port) else free_port()
         lst["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
@@ -390,8 +389,9 @@ def render_config(
         info["clusters"][name] = spec["port"]
 
     # wasm filter
-    wasm_filters = envoy_side.listener_filters(cfg)
+    wasm_filters = wiring.listener_filters(cfg)
     if without_wasm:
+        wiring.drop_upstream_filter(cfg)
         for lst in sr.get("listeners") or []:
             for chain in lst.get("filter_chains") or []:
                 for f in chain.get("filters") or []:
@@ -421,8 +421,10 @@ def render_config(
 
     if mutate is not None:
         mutate(cfg)
-    if stream_side and not without_wasm:
-        envoy_side.apply(cfg, strict=False)
+    if not stream_side:
+        wiring.strip(cfg)
+    elif not without_wasm:
+        wiring.share_vm(cfg)
     return cfg, info
 
 
@@ -783,7 +785,7 @@ def file_plugin_config(base_config=None) -> dict:
     if not path.is_absolute():
         path = REPO_ROOT / path
     cfg = yaml.safe_load(path.read_text())
-    filters = envoy_side.listener_filters(cfg)
+    filters = wiring.listener_filters(cfg)
     if not filters:
         raise ValueError(f"no Wasm filter in {path}")
     return json.loads(filters[0]["configuration"]["value"])

@@ -280,7 +280,8 @@ fn arb_target() -> impl Strategy<Value = TargetSpec> {
     let common = (
         any::<bool>(),
         proptest::option::of("[A-Za-z0-9_]{1,20}"),
-        "[^ \\p{Cc}]{1,20}",
+        // A cluster name: anything but spaces, control characters and commas (the list separator).
+        "[^ ,\\p{Cc}]{1,20}",
         0u8..3,
         "[!-~]{1,40}",
         proptest::option::of(0u32..=10),

@@ -262,23 +262,25 @@ def test_streamed_variants_stream_through_the_router_or_a_callout(bench, base):
     assert router.stream and callout.stream and router.openai_throttled and callout.openai_throttled
     cfg = bench.render_envoy(base, router, 1, 2, ok_port=3, throttled_port=4, probes={})
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
-    # The plan of a primary without retries, then azure with its own.
-    aggregate = clusters["llm_failover.stream.openai.1.azure.2"]
-    members = aggregate["cluster_type"]["typed_config"]["clusters"]
-    assert members == ["llm_failover.try.openai.1", "llm_failover.try.azure.1", "llm_failover.try.azure.2"]
+    # The targets' own clusters, wired for streamed failover (nothing generated).
+    assert bench.wiring.problems(cfg) == []
+    assert not any(name.startswith("llm_failover.") for name in clusters)
     port = lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][  # noqa: E731
         "socket_address"]["port_value"]
-    # Members are the target clusters as the variant points them: the primary at the 429 server.
-    assert port(clusters["llm_failover.try.openai.1"]) == 4 and port(clusters["llm_failover.try.azure.1"]) == 3
+    # The primary at the 429 server.
+    assert port(clusters["openai"]) == 4 and port(clusters["azure"]) == 3
     plugin = json.loads(bench.wasm_plugin(cfg)["configuration"]["value"])
     assert "streaming" not in plugin
     cfg = bench.render_envoy(base, callout, 1, 2, ok_port=3, throttled_port=4, probes={})
     plugin = json.loads(bench.wasm_plugin(cfg)["configuration"]["value"])
     assert plugin["streaming"] == {"failover": "callout"}
     assert not any(c["name"].startswith("llm_failover.") for c in cfg["static_resources"]["clusters"])
-    # Other modules than this build's filter get no streamed-failover clusters.
+    # Other modules than this build's filter get no streamed-failover wiring: the cluster header routes.
     lua = bench.render_envoy(base, by["lua"], 1, 2, ok_port=3, throttled_port=4, probes={})
-    assert not any(c["name"].startswith("llm_failover.") for c in lua["static_resources"]["clusters"])
+    [hcm] = [hcm for _, hcm in bench.wiring._hcms(lua)]
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster_header"] == "x-llm-failover-cluster"
+    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.lua", "envoy.filters.http.router"]
+    assert "upstream_http_filters" not in hcm["http_filters"][-1]["typed_config"]
     # nginx answers SSE to a streamed request, with the canned answer's id.
     nginx = bench.nginx_conf(Path("/tmp"), 3, 4)
     assert "if ($http_x_bench_stream) { rewrite ^ /__stream$uri last; }" in nginx

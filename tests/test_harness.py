@@ -20,7 +20,7 @@ OPENAI_HEADERS = {"x-llm-failover-cluster": "openai", "Host": "api.openai.com",
 
 
 def _wasm(cfg):
-    return harness.envoy_side.listener_filters(cfg)[0]
+    return harness.wiring.listener_filters(cfg)[0]
 
 
 def test_render_config_substitutions():
@@ -53,7 +53,7 @@ def test_render_config_keeps_file_plugin_config_and_tls():
     assert tls["sni"] == "llmf-local.openai.azure.com"
     assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == "/tmp/ca.pem"
     cfg, _ = render_config(without_wasm=True)
-    assert harness.envoy_side.listener_filters(cfg) == []
+    assert harness.wiring.listener_filters(cfg) == []
 
 
 def test_vm_failure_detection():

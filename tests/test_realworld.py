@@ -6,8 +6,10 @@ Each test pins down a gap that the lab's own mocks hid:
    older than ``2025-03-01-preview`` is skipped for the Responses API (Azure would answer 400
    "Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview and later"),
    with one warning at load; the shipped ``envoy/local.yaml`` (``make run``) fails Responses over;
-2. a healthy stream streams in every wiring: with no ``llm_failover.stream.*`` clusters in Envoy,
-   the first attempt is routed (chunk by chunk), and only a failover arrives whole;
+2. a healthy stream streams in every wiring: on a route without the streamed-failover wiring
+   (README, "Streamed failover"), once Envoy has shown a worker so (the one streamed request that
+   did is served through a callout, whole), the first attempt is routed (chunk by chunk), and only
+   a failover arrives whole;
 3. an upstream's answer is judged by its status: OpenAI's own plain-text 503 ("upstream connect
    error or disconnect/reset before headers. reset reason: connection termination", recorded in
    public test cassettes of the OpenAI SDKs) is the provider's 503, not a transport failure, on
@@ -184,39 +186,46 @@ def test_the_shipped_local_config_fails_the_responses_api_over(stack, openai_moc
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. a healthy stream streams with no streamed-failover clusters in Envoy
+# 2. a healthy stream streams without the streamed-failover wiring
 
 
 DELAY = 0.3
 
 
 @pytest.mark.parametrize("operation", ["chat", "responses"])
-def test_a_healthy_stream_streams_without_the_streamed_failover_clusters(make_stack, openai_mock, azure_mock,
-                                                                          operation):
-    gw = make_stack(local_config(), stream_side=False)
-    assert not [c for c in gw.config["static_resources"]["clusters"] if c["name"].startswith("llm_failover.")]
+def test_a_healthy_stream_streams_without_the_streamed_failover_wiring(make_stack, openai_mock, azure_mock,
+                                                                        operation):
+    # One worker: the request that shows it the route lacks the wiring is the only one served whole.
+    gw = make_stack(local_config(), stream_side=False, concurrency=1)
+    assert harness.wiring.problems(gw.config) != []
     openai_mock.configure(stream_delay_ms=int(DELAY * 1000))
     if operation == "chat":
         path, body = "/v1/chat/completions", {**CHAT, "stream": True}
     else:
         path, body = "/v1/responses", {"model": "gpt-4o", "input": "Say hi.", "stream": True}
-    with gw.request("POST", path, json=body, stream=True) as r:
-        assert r.status_code == 200
-        assert (r.headers["x-llm-failover-target"], r.headers["x-llm-failover-attempts"]) == ("openai", "1")
-        times, lines, took = sse_arrivals(r)
-    print("content at", [round(t, 3) for t in times], "done at", round(took, 3))
-    assert streamed_text(lines) == OPENAI_TEXT
+    arrivals = []
+    for _ in range(2):
+        with gw.request("POST", path, json=body, stream=True) as r:
+            assert r.status_code == 200
+            assert (r.headers["x-llm-failover-target"], r.headers["x-llm-failover-attempts"]) == ("openai", "1")
+            times, lines, took = sse_arrivals(r)
+        assert streamed_text(lines) == OPENAI_TEXT
+        arrivals.append(times)
+    print("content at", [[round(t, 3) for t in times] for times in arrivals])
     words = len(OPENAI_TEXT.split())
-    assert len(times) == words
-    # Sent DELAY apart: spread over (words - 1) * DELAY, not one burst at the end.
-    assert times[-1] - times[0] >= (words - 1) * DELAY * 0.6, times
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    first, second = arrivals
+    # The first went through a callout (Envoy has no cluster named by the list): one burst.
+    assert first[-1] - first[0] < DELAY, first
+    # The second was routed: sent DELAY apart, spread over (words - 1) * DELAY.
+    assert len(second) == words
+    assert second[-1] - second[0] >= (words - 1) * DELAY * 0.6, second
+    gaps = [b - a for a, b in zip(second, second[1:])]
     assert min(gaps) >= DELAY * 0.4, gaps
-    # Only the request itself reached OpenAI (the filter's look at Envoy's clusters did not).
-    assert len(openai_mock.api_requests()) == 1 and azure_mock.api_requests() == []
+    # Only the requests themselves reached OpenAI.
+    assert len(openai_mock.api_requests()) == 2 and azure_mock.api_requests() == []
 
 
-def test_without_the_clusters_only_a_failover_arrives_whole(make_stack, openai_mock, azure_mock):
+def test_without_the_wiring_only_a_failover_arrives_whole(make_stack, openai_mock, azure_mock):
     gw = make_stack(local_config(), stream_side=False)
     openai_mock.script([{"status": 429, "repeat": "forever"}])
     azure_mock.configure(stream_delay_ms=int(DELAY * 1000))
@@ -339,7 +348,13 @@ def test_a_stream_longer_than_the_deadline_arrives_whole(make_stack, openai_mock
     changes = {"deadline": "2s", "openai": {"timeout": "1s"}}
     if wiring == "callout":
         changes["streaming"] = {"failover": "callout"}
-    gw = make_stack(local_config(**changes), stream_side=wiring == "router")
+    gw = make_stack(local_config(**changes), stream_side=wiring == "router", concurrency=1)
+    if wiring == "no_stream_clusters":
+        # The one streamed request that shows the worker its route lacks the wiring is served
+        # through a callout (whole, within its target's timeout); the worker then routes streams.
+        with gw.request("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status_code == 200 and "[DONE]" in r.text
+        openai_mock.reset()
     openai_mock.configure(stream_delay_ms=700)
     with gw.request("POST", "/v1/chat/completions", json={**CHAT, "stream": True}, stream=True) as r:
         assert r.status_code == 200
@@ -349,7 +364,7 @@ def test_a_stream_longer_than_the_deadline_arrives_whole(make_stack, openai_mock
     assert streamed_text(lines) == OPENAI_TEXT and lines[-1] == "[DONE]", lines
     assert azure_mock.api_requests() == []
     time.sleep(0.3)
-    [access] = [line for line in gw.access_log() if "/v1/chat/completions" in line]
+    access = [line for line in gw.access_log() if "/v1/chat/completions" in line][-1]
     assert " 200 " in access and " UT " not in access, access
 
 

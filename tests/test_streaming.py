@@ -1,13 +1,14 @@
 """Streamed failover through Envoy's router, against a real Envoy with the official OpenAI SDK.
 
 A ``"stream": true`` request whose chain can fail over (chat completions, legacy completions, the
-Responses API) is handed to Envoy's router over an aggregate cluster
-(``llm_failover.stream.<target>.<tries>...``) with retries enabled for that one request; the
-upstream Wasm filter addresses each attempt for its target. What is pinned down here:
+Responses API) is handed to Envoy's router with the cluster of each attempt named in
+``x-llm-failover-cluster`` (the targets' own clusters, walked by the route's ``priority_group``
+specifier) and retries enabled for that one request; the upstream Wasm filter on each target
+cluster addresses each attempt for its target. What is pinned down here:
 
 * the fallback's answer *streams*: its chunks reach the client as the provider sends them (the
   mocks send them ``stream_delay_ms`` apart), not in one burst at the end as on the callout path
-  (``"streaming": {"failover": "callout"}``, or no streamed-failover clusters in Envoy), which is
+  (``"streaming": {"failover": "callout"}``, or no streamed-failover wiring in Envoy), which is
   measured side by side;
 * failover on 429, 503, refused connections and resets before the headers; each attempt
   addressed for its provider (path, deployment, api-version, credential, Azure v1 body model);
@@ -16,8 +17,9 @@ upstream Wasm filter addresses each attempt for its target. What is pinned down 
   deadline ran out), the per-try timeout bounding only the time to the response headers;
 * stats, decision log lines and the access log of a streamed failover, cooldowns leaving a
   cooling target out of the plan, Responses API affinity of a streamed response id;
-* Envoy's side missing (a warning, callouts instead), client-sent router control headers having
-  no effect, and concurrency (the aggregates' retry circuit breaker never turns failover off).
+* Envoy's side missing (a warning, callouts instead) or miswired (an attempt on another cluster
+  than its target's is refused), client-sent router control headers having no effect, and
+  concurrency (the target clusters' retry circuit breaker never turns failover off).
 
 Timing assertions are tolerant (a loaded 2-core box) but tell "streamed" from "one burst": with
 chunks 0.3 s apart, a streamed answer's first content arrives within ~1 s and consecutive
@@ -49,7 +51,7 @@ AZURE_COMPLETIONS_PATH = "/openai/deployments/gpt-4o-prod/completions"
 OPENAI_TEXT = "Hello from mock openai"
 AZURE_TEXT = "Hello from mock azure deployment gpt-4o-prod"
 MESSAGES = [{"role": "user", "content": "hi"}]
-AGGREGATE = "llm_failover.stream.openai.2.azure.2"  # envoy/local.yaml: both targets retries 1
+PLAN_CLUSTERS = "openai,openai,azure,azure"  # envoy/local.yaml: both targets retries 1
 ROUTER_CONTROLS = ("x-envoy-retry-on", "x-envoy-max-retries", "x-envoy-retriable-status-codes",
                    "x-envoy-upstream-rq-per-try-timeout-ms", "x-llm-failover-cluster")
 MISSING_SIDE_WARNING = "is not defined in Envoy: streamed requests fail over through callouts"
@@ -340,6 +342,37 @@ def test_a_routes_streamed_failover_sends_each_step_its_model(make_stack, openai
     assert gw.counter("llm_failover.fallbacks.route.test.from.openai.to.azure") == 1
 
 
+def test_a_chain_longer_than_four_targets_streams_from_its_fifth_each_on_its_own_cluster(
+        make_stack, openai_mock, azure_mock, mock_factory):
+    """Five targets, five clusters (three added the way a user adds one: a cluster and a target,
+    nothing else): the first four fail, the fifth's answer streams. Each attempt reached its
+    own target's cluster, addressed for its resource."""
+    extra = [mock_factory("azure", name=f"azure{i}", resource=f"llmf-local-{i}", deployments="gpt-4o-prod",
+                          stream_delay_ms=int(DELAY * 1000)) for i in (2, 3, 4)]
+    targets = [openai_target(retries=0, cooldown=False), azure_target(retries=0, cooldown=False)]
+    targets += [azure_target(name=m.name, resource_name=f"llmf-local-{i}", retries=0, cooldown=False)
+                for i, m in zip((2, 3, 4), extra)]
+    gw = make_stack(plugin_config(targets), clusters={m.name: m.port for m in extra})
+    assert harness.wiring.problems(gw.config) == []
+    openai_mock.script([{"status": 429, "repeat": "forever"}])
+    azure_mock.script([{"status": 503, "repeat": "forever"}])
+    extra[0].script([{"close": True, "repeat": "forever"}])
+    extra[1].script([{"status": 500, "repeat": "forever"}])
+    s = stream_chat(make_client(gw))
+    assert (s.headers["x-llm-failover-target"], s.headers["x-llm-failover-attempts"]) == ("azure4", "5")
+    assert s.text == "Hello from mock azure4 deployment gpt-4o-prod"
+    assert_streamed(s, pieces=len(s.text.split()), first_within=1.2 + 4 * 0.3)
+    tried = [len(m.api_requests()) for m in (openai_mock, azure_mock, *extra)]
+    assert tried == [1, 1, 1, 1, 1], tried
+    for i, m in zip((2, 3, 4), extra):
+        [seen] = m.api_requests()
+        assert seen["headers"]["host"] == f"llmf-local-{i}.openai.azure.com"
+        assert seen["headers"]["api-key"] == AZURE_KEY
+    st = gw.stats()
+    assert [st[f"cluster.{c}.upstream_rq_total"] for c in ("openai", "azure", "azure2", "azure3", "azure4")] \
+        == [1, 1, 1, 1, 1]
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. the Responses API on Azure's v1 API
 
@@ -617,7 +650,7 @@ def test_without_the_router_path_the_fallback_arrives_in_one_piece(make_stack, o
     warnings = [line for line in gw.log_text.splitlines() if MISSING_SIDE_WARNING in line]
     if way == "stream_side_missing":
         assert 1 <= len(warnings) <= gw.concurrency, warnings
-        assert all("][warning][" in w and AGGREGATE in w for w in warnings), warnings
+        assert all("][warning][" in w and PLAN_CLUSTERS in w for w in warnings), warnings
     else:
         assert warnings == []
 
@@ -666,7 +699,7 @@ def test_concurrent_streamed_failovers_all_reach_the_fallback(stack, openai_mock
     of 3 retries in flight per cluster would have turned failover off for most of them)."""
     openai_mock.script([{"status": 429, "repeat": "forever"}])
     azure_mock.configure(stream_delay_ms=100)  # ~1 s per stream: all of them in flight together
-    overflow = f"cluster.{AGGREGATE}.upstream_rq_retry_overflow"
+    clusters = ("openai", "azure")
     before = stack.stats()
     n = 12
     barrier = threading.Barrier(n, timeout=10)
@@ -693,35 +726,35 @@ def test_concurrent_streamed_failovers_all_reach_the_fallback(stack, openai_mock
     assert took < 6, took  # together, not one after the other
     assert (len(openai_mock.api_requests()), len(azure_mock.api_requests())) == (2 * n, n)
     after = stack.stats()
-    assert overflow in after, "no retry overflow stat for the aggregate"
-    assert after[overflow] - before.get(overflow, 0) == 0
-    assert after[f"cluster.{AGGREGATE}.upstream_rq_retry"] - before.get(f"cluster.{AGGREGATE}.upstream_rq_retry", 0) \
-        == 2 * n
+    grew = lambda stat: sum(after[f"cluster.{c}.{stat}"] - before.get(f"cluster.{c}.{stat}", 0)  # noqa: E731
+                            for c in clusters)
+    assert all(f"cluster.{c}.upstream_rq_retry_overflow" in after for c in clusters), "no retry overflow stats"
+    assert grew("upstream_rq_retry_overflow") == 0
+    assert grew("upstream_rq_retry") == 2 * n
 
 
 # ----------------------------------------------------------------------------------------------
 # An Envoy side that cannot be trusted is refused, never sent on
 
 
-def test_an_attempt_whose_host_names_no_target_is_refused_not_sent(make_stack, openai_mock, azure_mock):
-    """Member clusters whose endpoints lost their target metadata (a hand-edited Envoy side): the
-    upstream filter cannot know whose credential the attempt may carry, so it answers 500
-    gateway_misconfigured itself and no provider gets the request; `--check` says why."""
-    def strip_metadata(cfg: dict):
-        harness.envoy_side.apply(cfg)
-        for c in cfg["static_resources"]["clusters"]:
-            if c["name"].startswith("llm_failover.try."):
-                for group in c["load_assignment"]["endpoints"]:
-                    for lb in group["lb_endpoints"]:
-                        lb.pop("metadata", None)
+def test_an_attempt_on_another_cluster_than_its_target_is_refused_not_sent(make_stack, openai_mock, azure_mock):
+    """An Envoy side without the Lua filter (hand-edited): the route no longer follows the
+    filter's list, so the third attempt, planned for Azure, goes to OpenAI's cluster again. The
+    upstream filter cannot send it there with Azure's address or OpenAI's for an Azure attempt, so
+    it answers 500 gateway_misconfigured itself; `make validate` names what is missing."""
+    def drop_lua(cfg: dict):
+        for _, hcm in harness.wiring._hcms(cfg):
+            hcm["http_filters"] = [hf for hf in hcm["http_filters"]
+                                   if (hf.get("typed_config") or {}).get("@type") != harness.wiring.LUA_FILTER]
 
-    gw = make_stack(local_config(), stream_side=False, mutate=strip_metadata)
-    assert any("member clusters" in p or "differs" in p for p in harness.envoy_side.differences(gw.config))
+    gw = make_stack(local_config(), mutate=drop_lua)
+    assert any("no Lua filter" in p for p in harness.wiring.problems(gw.config))
+    openai_mock.script([{"status": 429, "repeat": "forever"}])
     client = make_client(gw)
     with pytest.raises(openai.InternalServerError) as caught:
         stream_chat(client)
     assert caught.value.status_code == 500
     assert caught.value.body["code"] == "gateway_misconfigured", caught.value.body
-    assert openai_mock.api_requests() == [] and azure_mock.api_requests() == []
-    wait_for(lambda: "streamed attempt refused: the upstream host has no filter_metadata" in gw.log_text,
+    assert (len(openai_mock.api_requests()), azure_mock.api_requests()) == (2, [])
+    wait_for(lambda: "streamed attempt refused: a streamed attempt reached another cluster" in gw.log_text,
              what="the refusal's error line")

@@ -20,7 +20,7 @@
 * deploy/observability/llm-failover-prometheusrule.yaml <- deploy/observability/llm-failover-rules.yaml:
   the same rule groups, verbatim, as a PrometheusRule of the Prometheus Operator.
 
-    python tools/render_configs.py           write both files
+    python tools/render_configs.py           write the files
     python tools/render_configs.py --check   exit 1 when a file differs from what would be written
                                              (part of `make validate`)
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-import envoy_side
+import streamed_wiring as wiring
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "envoy" / "local.yaml"
@@ -44,23 +44,22 @@ COMPOSE_ENVOY = ROOT / "envoy" / "compose.yaml"
 PRODUCTION = ROOT / "envoy" / "production.yaml"
 K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "envoy-config.yaml"
 PRODUCTION_ENTRA = ROOT / "envoy" / "production-entra.yaml"
-ISTIO_ENVOYFILTER = ROOT / "deploy" / "istio" / "envoyfilter.yaml"
 ROUTES_PLUGIN = ROOT / "envoy" / "routes.json"
 ROUTES_ENVOY = ROOT / "envoy" / "routes.yaml"
 AZURE_FIRST_PLUGIN = ROOT / "envoy" / "azure-first.json"
 AZURE_FIRST_ENVOY = ROOT / "envoy" / "azure-first.yaml"
 ALERT_RULES = ROOT / "deploy" / "observability" / "llm-failover-rules.yaml"
 PROMETHEUS_RULE = ROOT / "deploy" / "observability" / "llm-failover-prometheusrule.yaml"
-WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 # envoy/local.yaml cluster -> docker-compose.yml service that serves it
 COMPOSE_SERVICES = {"openai": "mock-openai", "azure": "mock-azure"}
 K8S_CONFIGMAP_NAME = "llm-failover-envoy"
 
 
-# Multi-line strings (the plugin JSON) as YAML block scalars, and the streamed-failover clusters'
-# shared parts under readable anchors, as a person would write them.
-_BlockStrDumper = envoy_side.Dumper
+# Multi-line strings (the plugin JSON, the Lua filter) as YAML block scalars, and shared parts (the
+# filter's vm_config, the clusters' retry circuit breaker) under readable anchors, as a person would
+# write them.
+_BlockStrDumper = wiring.Dumper
 
 
 def _socket_address(address: dict) -> dict:
@@ -72,8 +71,6 @@ def compose_envoy_config(local: dict) -> dict:
     _socket_address(local["admin"]["address"])["address"] = "0.0.0.0"
     for listener in local["static_resources"]["listeners"]:
         _socket_address(listener["address"])["address"] = "0.0.0.0"
-    sr = local["static_resources"]
-    sr["clusters"] = [c for c in sr["clusters"] if not envoy_side.is_generated(c)]
     for cluster in local["static_resources"]["clusters"]:
         name = cluster["name"]
         if name not in COMPOSE_SERVICES:
@@ -84,7 +81,7 @@ def compose_envoy_config(local: dict) -> dict:
         for group in cluster["load_assignment"]["endpoints"]:
             for lb in group["lb_endpoints"]:
                 _socket_address(lb["endpoint"]["address"])["address"] = COMPOSE_SERVICES[name]
-    return envoy_side.apply(local)
+    return local
 
 
 def render_compose_envoy() -> str:
@@ -139,15 +136,15 @@ def render_prometheusrule() -> str:
 
 
 def local_with_plugin(plugin_file: Path) -> dict:
-    """envoy/local.yaml with the plugin configuration of `plugin_file`, its streamed-failover
-    clusters written for it."""
+    """envoy/local.yaml with the plugin configuration of `plugin_file` (its streamed-failover
+    wiring is the same for every plugin configuration)."""
     cfg = yaml.safe_load(LOCAL.read_text())
     plugin = plugin_file.read_text()
-    found = envoy_side.listener_filters(cfg)
+    found = wiring.listener_filters(cfg)
     if len(found) != 1:
         raise SystemExit(f"envoy/local.yaml: expected one Wasm filter, found {len(found)}")
     found[0]["configuration"]["value"] = plugin
-    return envoy_side.apply(cfg)
+    return cfg
 
 
 def render_routes_envoy() -> str:
@@ -179,7 +176,7 @@ def render_azure_first_envoy() -> str:
 
 def render_production_entra() -> str:
     cfg = yaml.safe_load(PRODUCTION.read_text())
-    [wasm] = envoy_side.listener_filters(cfg)
+    [wasm] = wiring.listener_filters(cfg)
     plugin = json.loads(wasm["configuration"]["value"])
     [azure] = [t for t in plugin["targets"] if t["provider"] == "azure"]
     del azure["api_key_env"]
@@ -202,8 +199,8 @@ def render_production_entra() -> str:
     imds = {"name": "imds", "type": "STATIC", "connect_timeout": "2s",
             "load_assignment": {"cluster_name": "imds", "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": {"socket_address": {"address": "169.254.169.254", "port_value": 80}}}}]}]}}
+    entra.pop("circuit_breakers", None)  # a token endpoint, not a target: no failover retries
     clusters += [entra, imds]
-    envoy_side.apply(cfg)
     header = (
         "# GENERATED from envoy/production.yaml by tools/render_configs.py: do not edit, edit\n"
         "# envoy/production.yaml (or this generator) and run `python tools/render_configs.py`.\n"
@@ -217,49 +214,10 @@ def render_production_entra() -> str:
     return header + yaml.dump(cfg, Dumper=_BlockStrDumper, sort_keys=False, width=120)
 
 
-def istio_stream_clusters(envoyfilter: dict) -> list[dict]:
-    """The streamed-failover clusters of deploy/istio/envoyfilter.yaml's filter: Istio's own
-    outbound clusters cannot be copied, so each member is envoy/production.yaml's cluster for the
-    same host (TLS to it on 443, the system CA bundle, the name checked), as the DestinationRule
-    of egress.yaml originates TLS for Istio's."""
-    [http] = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
-    wasm = http["patch"]["value"]["typed_config"]["config"]
-    plugin = json.loads(wasm["configuration"]["value"])
-    production = {}
-    for c in yaml.safe_load(PRODUCTION.read_text())["static_resources"]["clusters"]:
-        if not envoy_side.is_generated(c):
-            host = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-            production[host["address"]] = c
-    clusters = []
-    for t in plugin["targets"]:
-        host = t["cluster"].rsplit("||", 1)[-1]
-        if host not in production:
-            raise SystemExit(f"{ISTIO_ENVOYFILTER.name}: target {t['name']}: no envoy/production.yaml cluster for {host}")
-        c = copy.deepcopy(production[host])
-        c["name"] = c["load_assignment"]["cluster_name"] = t["cluster"]
-        clusters.append(c)
-    stand_in = {"static_resources": {
-        "listeners": [{"filter_chains": [{"filters": [{"typed_config": {"http_filters": [
-            {"typed_config": {"@type": WASM_FILTER, "config": wasm}}]}}]}]}],
-        "clusters": clusters}}
-    return envoy_side.generated_clusters(stand_in)
-
-
-def render_istio_envoyfilter() -> str:
-    text = ISTIO_ENVOYFILTER.read_text()
-    [envoyfilter] = [d for d in yaml.safe_load_all(text) if d and d.get("kind") == "EnvoyFilter"]
-    patches = [{"applyTo": "CLUSTER", "match": {"context": "SIDECAR_OUTBOUND"},
-                "patch": {"operation": "ADD", "value": c}} for c in istio_stream_clusters(envoyfilter)]
-    note = ["generated from the plugin configuration above and envoy/production.yaml's clusters:",
-            "do not edit, run `python tools/render_configs.py` (`make validate` checks it)."]
-    return envoy_side.write_block_with(text, patches, note)
-
-
 def outputs() -> dict[Path, str]:
     return {COMPOSE_ENVOY: render_compose_envoy(), K8S_CONFIGMAP: render_k8s_configmap(),
             ROUTES_ENVOY: render_routes_envoy(), AZURE_FIRST_ENVOY: render_azure_first_envoy(),
-            PRODUCTION_ENTRA: render_production_entra(),
-            ISTIO_ENVOYFILTER: render_istio_envoyfilter(), PROMETHEUS_RULE: render_prometheusrule()}
+            PRODUCTION_ENTRA: render_production_entra(), PROMETHEUS_RULE: render_prometheusrule()}
 
 
 def main(argv=None) -> int:

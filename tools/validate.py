@@ -7,6 +7,8 @@
   `envoy --mode validate` with the real dist/llm_failover.wasm (so the plugin's on_configure runs
   and a bad plugin config fails); a deprecated field fails too. Negative check: a plugin config
   without targets[1].api_version is refused, with the field named in Envoy's output.
+* Streamed failover's wiring (tools/streamed_wiring.py) is complete in every shipped config and in
+  the Istio EnvoyFilter, and each missing piece is named; a third target needs only its cluster.
 * The ECDS example (envoy/ecds.yaml and the file it loads the filter's configuration from):
   the bootstrap validates and has the node id and cluster ECDS needs, the file is a
   DiscoveryResponse with one TypedExtensionConfig named like the filter, and that filter inline
@@ -47,8 +49,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import envoy_side  # noqa: E402
 import render_configs  # noqa: E402
+import streamed_wiring as wiring  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
@@ -179,8 +181,7 @@ def plugin_config(wasm_config: dict) -> dict:
 
 
 def clusters_by_name(cfg: dict) -> dict[str, dict]:
-    """The config's own clusters (not the streamed-failover ones tools/envoy_side.py writes)."""
-    return {c["name"]: c for c in cfg["static_resources"]["clusters"] if not envoy_side.is_generated(c)}
+    return {c["name"]: c for c in cfg["static_resources"]["clusters"]}
 
 
 def endpoint(cluster: dict) -> dict:
@@ -196,7 +197,7 @@ def check_envoy_configs(report: Report):
 
     with report.check("envoy/production.yaml: Envoy wiring of the product contract (SPEC 2a)"):
         cfg = load(PRODUCTION)
-        [wasm] = envoy_side.listener_filters(cfg)
+        [wasm] = wiring.listener_filters(cfg)
         need(wasm.get("failure_policy") == "FAIL_RELOAD", "failure_policy is not FAIL_RELOAD")
         need(wasm.get("allow_on_headers_stop_iteration") is True, "allow_on_headers_stop_iteration is not true")
         need(wasm["vm_config"]["runtime"] == "envoy.wasm.runtime.v8", "runtime is not V8")
@@ -221,8 +222,7 @@ def check_envoy_configs(report: Report):
                  f"cluster {c['name']}: not the system CA bundle")
             need({"san_type": "DNS", "matcher": {"exact": host}} in vc.get("match_typed_subject_alt_names", []),
                  f"cluster {c['name']}: no certificate name check for {host}")
-        hand_written = PRODUCTION.read_text().split(envoy_side.BEGIN)[0]
-        need(hand_written.count("my-resource") - _comment_count(PRODUCTION, "my-resource") == 4,
+        need(PRODUCTION.read_text().count("my-resource") - _comment_count(PRODUCTION, "my-resource") == 4,
              "the Azure resource placeholder 'my-resource' must appear in exactly 4 config places "
              "(resource_name, endpoint address, sni, certificate name check)")
         for lst in cfg["static_resources"]["listeners"]:
@@ -232,7 +232,6 @@ def check_envoy_configs(report: Report):
             need(hcm.get("stream_idle_timeout") not in (None, "0s"), "stream_idle_timeout must be bounded")
             need(hcm.get("access_log"), "no access log")
             [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
-            need(route["route"].get("cluster_header") == "x-llm-failover-cluster", "route: cluster_header")
             need(route.get("request_headers_to_remove") == ["x-llm-failover-cluster"],
                  "route: request_headers_to_remove")
         need(cfg.get("stats_config", {}).get("stats_tags"), "no stats_config tags")
@@ -240,36 +239,64 @@ def check_envoy_configs(report: Report):
     k8s_envoy = yaml.safe_load(load(K8S_DIR / "envoy-config.yaml")["data"]["envoy.yaml"])
     shipped = [(rel(p), load(p)) for p in (LOCAL, COMPOSE_ENVOY, PRODUCTION, ROUTES, AZURE_FIRST, PRODUCTION_ENTRA)]
     shipped.append((f"{rel(K8S_DIR / 'envoy-config.yaml')} envoy.yaml", k8s_envoy))
-    with report.check(f"streamed failover: the Envoy side of every shipped config ({len(shipped)}) is its chain's "
-                      "(tools/envoy_side.py --check)"):
-        bad = [f"{where}: {problem}" for where, cfg in shipped for problem in envoy_side.differences(cfg)]
+    with report.check(f"streamed failover: every shipped config ({len(shipped)}) is wired for its filters' "
+                      "streams (tools/streamed_wiring.py)"):
+        bad = [f"{where}: {problem}" for where, cfg in shipped for problem in wiring.problems(cfg)]
         need(not bad, "\n".join(bad))
         for where, cfg in shipped:
-            need(any(envoy_side.is_generated(c) for c in cfg["static_resources"]["clusters"]),
-                 f"{where}: no streamed-failover clusters")
+            need(not [c for c in cfg["static_resources"]["clusters"] if c["name"].startswith("llm_failover.")],
+                 f"{where}: generated llm_failover.* clusters are gone: remove them")
 
-    with report.check("negative: an Envoy side that disagrees with the chain is refused"):
+    with report.check("streamed failover: a third target needs only its cluster (no tool, no other change)"):
         cfg = load(LOCAL)
-        [wasm] = envoy_side.listener_filters(cfg)
+        [wasm] = wiring.listener_filters(cfg)
         plugin = plugin_config(wasm)
-        plugin["targets"][0]["retries"] = plugin["targets"][0].get("retries", 0) + 1
+        third = copy.deepcopy(next(t for t in plugin["targets"] if t["provider"] == "azure"))
+        third.update(name="azure-east", cluster="azure-east", resource_name="llmf-local-east")
+        plugin["targets"].append(third)
         wasm["configuration"]["value"] = json.dumps(plugin)
-        found = envoy_side.differences(cfg)
-        need(any("missing cluster llm_failover.try." in f for f in found), f"a target's new retries: {found}")
+        found = wiring.problems(cfg)
+        need(any("no cluster 'azure-east'" in f for f in found), f"a target without its cluster: {found}")
+        [azure] = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "azure"]
+        east = copy.deepcopy(azure)
+        east["name"] = east["load_assignment"]["cluster_name"] = "azure-east"
+        cfg["static_resources"]["clusters"].append(east)
+        found = wiring.problems(cfg)
+        need(not found, f"three targets, three clusters: {found}")
+        need_envoy_ok(cfg)
+
+    with report.check("negative: an incomplete streamed side is refused, naming what is missing"):
+        def hcm_of(cfg: dict) -> dict:
+            return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+        cases = []
         cfg = load(LOCAL)
-        cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"]
-                                               if not c["name"].startswith("llm_failover.stream.")]
-        found = envoy_side.differences(cfg)
-        need(any("missing cluster llm_failover.stream." in f for f in found), f"no aggregates: {found}")
+        hcm_of(cfg)["http_filters"] = [f for f in hcm_of(cfg)["http_filters"] if f["name"] != "envoy.filters.http.lua"]
+        cases.append(("no Lua filter", cfg, "no Lua filter"))
         cfg = load(LOCAL)
-        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        del hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["retry_policy"]
-        found = envoy_side.differences(cfg)
-        need(any("previous_priorities" in f for f in found), f"no retry policy: {found}")
+        route = hcm_of(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        del route["retry_policy"]["refresh_cluster_on_retry"]
+        cases.append(("no refresh_cluster_on_retry", cfg, "refresh_cluster_on_retry must be true"))
+        cfg = load(LOCAL)
+        route = hcm_of(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        del route["inline_cluster_specifier_plugin"]
+        route["cluster_header"] = "x-llm-failover-cluster"
+        cases.append(("a cluster_header route", cfg, "inline_cluster_specifier_plugin"))
+        cfg = load(LOCAL)
+        [router] = [f for f in hcm_of(cfg)["http_filters"] if f["name"] == "envoy.filters.http.router"]
+        del router["typed_config"]["upstream_http_filters"]
+        cases.append(("no upstream filter", cfg, "no llm_failover upstream filter"))
+        cfg = load(LOCAL)
+        for c in cfg["static_resources"]["clusters"]:
+            c.pop("circuit_breakers", None)
+        cases.append(("no retry circuit breaker", cfg, "max_retries"))
+        for what, cfg, word in cases:
+            found = wiring.problems(cfg)
+            need(any(word in f for f in found), f"{what}: {found}")
 
     with report.check("negative: a broken plugin config is refused, naming the field"):
         cfg = load(PRODUCTION)
-        [wasm] = envoy_side.listener_filters(cfg)
+        [wasm] = wiring.listener_filters(cfg)
         plugin = plugin_config(wasm)
         i = next(n for n, t in enumerate(plugin["targets"]) if t["provider"] == "azure")
         del plugin["targets"][i]["api_version"]
@@ -327,7 +354,7 @@ def check_compose(report: Report):
         need(mounts.get(f"{workdir}/envoy") == "./envoy", f"./envoy must be mounted at {workdir}/envoy")
         need(mounts.get(f"{workdir}/dist") == "./dist", f"./dist must be mounted at {workdir}/dist")
         need(flag(envoy["command"], "-c") == "envoy/compose.yaml", "envoy must run -c envoy/compose.yaml")
-        [wasm] = envoy_side.listener_filters(local)
+        [wasm] = wiring.listener_filters(local)
         need(wasm["vm_config"]["code"]["local"]["filename"] == WASM_REL, f"compose.yaml must load {WASM_REL}")
         published = set(envoy["ports"])
         for port in (local["admin"]["address"]["socket_address"]["port_value"],
@@ -438,7 +465,7 @@ def check_kubernetes(report: Report):
 
         need(file_source(f"{workdir}/{flag(sidecar['args'], '-c')}") == (ENVOY_CONFIGMAP, "envoy.yaml"),
              "-c must name envoy.yaml of the llm-failover-envoy ConfigMap")
-        [wasm] = envoy_side.listener_filters(cfg)
+        [wasm] = wiring.listener_filters(cfg)
         need(file_source(f"{workdir}/{wasm['vm_config']['code']['local']['filename']}") ==
              (WASM_CONFIGMAP, "llm_failover.wasm"), "the config's wasm path is not the llm-failover-wasm ConfigMap")
         env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in sidecar["env"]}
@@ -503,7 +530,7 @@ def istio_cluster_names(egress: list[dict]) -> dict[str, str]:
 
 
 def production_plugin_for_istio(egress: list[dict]) -> dict:
-    [wasm] = envoy_side.listener_filters(load(PRODUCTION))
+    [wasm] = wiring.listener_filters(load(PRODUCTION))
     plugin = plugin_config(wasm)
     names = istio_cluster_names(egress)
     for t in plugin["targets"]:
@@ -514,15 +541,23 @@ def production_plugin_for_istio(egress: list[dict]) -> dict:
 def envoyfilter_wasm(envoyfilter: dict) -> tuple[dict, dict]:
     """(the Wasm filter the EnvoyFilter inserts, its LISTENER merge patch)."""
     patches = envoyfilter["spec"]["configPatches"]
-    [http] = [p for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    [http] = [p for p in patches if p["applyTo"] == "HTTP_FILTER" and p["patch"]["operation"] == "INSERT_BEFORE"
+              and p["patch"]["value"]["typed_config"]["@type"] == WASM_FILTER]
     [listener] = [p for p in patches if p["applyTo"] == "LISTENER"]
     return http, listener
 
 
 def istio_bootstrap(http_filter: dict, egress: list[dict], listener_patch: dict | None = None,
                     envoyfilter: dict | None = None) -> dict:
-    """A minimal stand-in for the sidecar's outbound listener and clusters, for `envoy --mode validate`;
-    with `envoyfilter`, its CLUSTER and HTTP_ROUTE patches applied too (the streamed-failover side)."""
+    """A minimal stand-in for the sidecar's outbound listener and clusters (with the retry circuit
+    breaker of their DestinationRule), for `envoy --mode validate`; with `envoyfilter`, its other
+    HTTP_FILTER patches and its HTTP_ROUTE patch applied too (the streamed-failover side)."""
+    retries = {}
+    for dr in of_kind(egress, "DestinationRule"):
+        for pls in dr["spec"]["trafficPolicy"].get("portLevelSettings") or []:
+            n = ((pls.get("connectionPool") or {}).get("http") or {}).get("maxRetries")
+            if n is not None:
+                retries[f"outbound|{pls['port']['number']}||{dr['spec']['host']}"] = n
     clusters = []
     for se in of_kind(egress, "ServiceEntry"):
         for host in se["spec"]["hosts"]:
@@ -531,6 +566,8 @@ def istio_bootstrap(http_filter: dict, egress: list[dict], listener_patch: dict 
                 clusters.append({"name": name, "type": "STATIC", "connect_timeout": "5s", "load_assignment": {
                     "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                         "socket_address": {"address": "127.0.0.1", "port_value": port["targetPort"]}}}}]}]}})
+                if name in retries:
+                    clusters[-1]["circuit_breakers"] = {"thresholds": [{"max_retries": retries[name]}]}
     listener = {"name": "0.0.0.0_10000", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": {"@type": HCM, "stat_prefix": "outbound_0.0.0.0_10000",
@@ -538,17 +575,26 @@ def istio_bootstrap(http_filter: dict, egress: list[dict], listener_patch: dict 
                                                                      "name": "any", "domains": ["*"], "routes": [{
                                                                          "match": {"prefix": "/"},
                                                                          "route": {"cluster": clusters[0]["name"]}}]}]},
-                                                                 "http_filters": [http_filter, ROUTER]}}]}]}
+                                                                 "http_filters": [http_filter,
+                                                                                  copy.deepcopy(ROUTER)]}}]}]}
     if listener_patch:
         listener.update(listener_patch["patch"]["value"])
+    http_filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
     for patch in (envoyfilter or {}).get("spec", {}).get("configPatches", []):
         value = copy.deepcopy(patch["patch"]["value"])
+        op = patch["patch"]["operation"]
         if patch["applyTo"] == "CLUSTER":
-            for opts in (value.get("typed_extension_protocol_options") or {}).values():
-                for f in opts.get("http_filters") or []:
-                    if f["typed_config"].get("@type") == WASM_FILTER:
-                        f["typed_config"]["config"] = with_local_wasm(f["typed_config"]["config"])
-            clusters.append(value)
+            need(False, "the EnvoyFilter adds no clusters: streamed attempts go to Istio's own")
+        elif patch["applyTo"] == "HTTP_FILTER" and op == "INSERT_BEFORE":
+            if value["typed_config"]["@type"] != WASM_FILTER:  # the Wasm filter is `http_filter`
+                http_filters.insert(len(http_filters) - 1, value)
+        elif patch["applyTo"] == "HTTP_FILTER" and op == "MERGE":
+            need(patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == ROUTER["name"],
+                 "the MERGE patch must be the router's")
+            for f in value["typed_config"].get("upstream_http_filters") or []:
+                if f["typed_config"].get("@type") == WASM_FILTER:
+                    f["typed_config"]["config"] = with_local_wasm(f["typed_config"]["config"])
+            http_filters[-1]["typed_config"].update(value["typed_config"])
         elif patch["applyTo"] == "HTTP_ROUTE":
             need(patch["patch"]["operation"] == "INSERT_FIRST", "the streamed route must come first")
             routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
@@ -641,11 +687,11 @@ def shipped_plugin_configs() -> list[tuple[str, dict]]:
     for _, path in ecds_filters(load(ECDS)):
         found.append((rel(path), plugin_config(ecds_resource(path)["typed_config"]["config"])))
     for path in sorted((ROOT / "envoy").glob("*.yaml")):
-        for i, wasm in enumerate(envoy_side.listener_filters(load(path))):
+        for i, wasm in enumerate(wiring.listener_filters(load(path))):
             found.append((f"{rel(path)} filter {i}", plugin_config(wasm)))
     for doc in load_all(K8S_DIR / "envoy-config.yaml"):
         for name, text in (doc.get("data") or {}).items():
-            for i, wasm in enumerate(envoy_side.listener_filters(yaml.safe_load(text))):
+            for i, wasm in enumerate(wiring.listener_filters(yaml.safe_load(text))):
                 found.append((f"{rel(K8S_DIR / 'envoy-config.yaml')} {name} filter {i}", plugin_config(wasm)))
     docs = istio_docs()
     for plugin in of_kind(docs["wasmplugin.yaml"], "WasmPlugin"):
@@ -777,12 +823,9 @@ def check_istio(report: Report):
         value = copy.deepcopy(http["patch"]["value"])
         value["typed_config"]["config"] = with_local_wasm(value["typed_config"]["config"])
         bootstrap = istio_bootstrap(value, egress, listener, envoyfilter)
-        # Its streamed-failover clusters are those of its plugin config, on envoy/production.yaml's
-        # clusters for the same hosts (Istio's own cannot be copied).
-        want = {c["name"] for c in render_configs.istio_stream_clusters(envoyfilter)}
-        got = {c["name"] for c in bootstrap["static_resources"]["clusters"] if envoy_side.is_generated(c)}
-        need(want and got == want, f"EnvoyFilter streamed-failover clusters {sorted(got)}, want {sorted(want)}")
-        need(not envoy_side.route_problems(bootstrap, True), envoy_side.route_problems(bootstrap, True))
+        # The streamed side on Istio's own clusters (TLS from the DestinationRules).
+        found = wiring.problems(bootstrap)
+        need(not found, "\n".join(found))
         need_envoy_ok(bootstrap)
 
     with report.check("envoy --mode validate: the Wasm filter Istio makes of deploy/istio/wasmplugin.yaml"):

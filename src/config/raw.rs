@@ -23,10 +23,10 @@ pub struct RawConfig {
     #[serde(rename = "$schema")]
     pub schema: Option<String>,
     /// "filter" (default): the filter, in a listener's HTTP filter chain. "upstream": the same
-    /// module as the upstream HTTP filter of the streamed-failover clusters
-    /// (`llm_failover.stream.*`, written by tools/envoy_side.py), which addresses each attempt of
-    /// a streamed request for its target. It works from the filter's own configuration (it must
-    /// share the filter's `vm_config`), so nothing else may be set.
+    /// module as an upstream HTTP filter of every target's cluster (`targets[].cluster`), which
+    /// addresses each attempt of a streamed request for its target and lets every other request
+    /// pass. It works from the filter's own configuration (it must share the filter's
+    /// `vm_config`), so nothing else may be set.
     pub role: Option<Role>,
     /// How `"stream": true` requests fail over.
     #[serde(default, deserialize_with = "apart")]
@@ -106,9 +106,9 @@ pub enum Role {
 #[cfg_attr(test, schemars(rename = "Streaming"))]
 #[serde(deny_unknown_fields)]
 pub struct RawStreaming {
-    /// "router" (default): a streamed request goes through Envoy's router over the
-    /// streamed-failover clusters, which retries it on the next target before the first byte, so
-    /// the fallback's answer streams. "callout": it fails over through callouts like any other
+    /// "router" (default): a streamed request goes through Envoy's router, which retries it on
+    /// the next target's own cluster before the first byte (README, streamed failover: the Envoy
+    /// side), so the fallback's answer streams. "callout": it fails over through callouts like any other
     /// request, and the fallback's answer arrives in one piece when it is complete.
     pub failover: Option<StreamFailover>,
 }

@@ -114,6 +114,10 @@ fn invalid_configs_name_the_field() {
             }),
         ),
         (
+            "targets[0].cluster",
+            Box::new(|v| v["targets"][0]["cluster"] = json!("openai,azure")),
+        ),
+        (
             "targets[0].timeout",
             Box::new(|v| v["targets"][0]["timeout"] = json!("10 parsecs")),
         ),

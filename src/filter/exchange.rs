@@ -45,10 +45,10 @@ pub struct Runtime {
     pub rng: RefCell<fastrand::Rng>,
     /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
     tokens: RefCell<Vec<Option<Token>>>,
-    /// Whether the missing streamed-failover clusters were logged (once per worker).
+    /// Whether the missing streamed-failover wiring was logged (once per worker).
     pub stream_warned: Cell<bool>,
-    /// Aggregate clusters this worker probed: (name, Envoy has it, probed at Unix ms).
-    pub stream_clusters: RefCell<Vec<(String, bool, u64)>>,
+    /// When (Unix ms) Envoy last showed this worker that the route lacks the streamed wiring.
+    pub unwired_at: Cell<Option<u64>>,
 }
 
 impl Runtime {
@@ -78,7 +78,7 @@ impl Runtime {
             rng: RefCell::new(fastrand::Rng::new()),
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),
-            stream_clusters: RefCell::new(Vec::new()),
+            unwired_at: Cell::new(None),
         }
     }
 

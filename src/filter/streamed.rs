@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use proxy_wasm::types::{Action, MapType, Status};
+use proxy_wasm::types::{Action, MapType};
 
-use super::exchange::{Answer, Effect, Exchange, Phase, Runtime};
+use super::exchange::{Answer, Effect, Exchange, Phase};
 use super::host;
 use crate::answer::reply::Rejection;
 use crate::policy::chain::{FailureKind, GiveUpReason};
@@ -17,9 +17,8 @@ use crate::request::operation::Operation;
 use crate::streamed::{self, Handoff, Plan, Record, Tries};
 
 impl Exchange {
-    /// Hands the request to the router when it takes the streamed path (true): its plan's
-    /// aggregate cluster, the retries and timeouts for it, and the handoff for the upstream
-    /// filter. The body goes on as the client sent it; each attempt rewrites its own.
+    /// Hands the request to the router when it takes the streamed path (true): its attempts'
+    /// clusters, the retries and timeouts for it, and the handoff for the upstream filter. The body goes on as the client sent it; each attempt rewrites its own.
     pub(super) fn route_streamed(
         &mut self,
         op: Operation,
@@ -38,21 +37,17 @@ impl Exchange {
         if !streamed::may_take_stream_path(self.config(), op, body.stream) {
             return false;
         }
-        let plan: Plan = streamed::bounded(
-            chain
-                .planned(|t| self.availability(t, now))
-                .into_iter()
-                .map(|(target, tries)| Tries { target, tries })
-                .collect(),
-        );
+        let plan: Plan = chain
+            .planned(|t| self.availability(t, now))
+            .into_iter()
+            .map(|(target, tries)| Tries { target, tries })
+            .collect();
         if !streamed::takes_stream_path(self.config(), op, body.stream, &plan) {
             return false;
         }
-        let cluster = streamed::cluster_name(self.config(), &plan);
-        if !self.rt.has_cluster(&cluster, now) {
+        if streamed::known_unwired(self.rt.unwired_at.get(), now) {
             // Routed to its first target like any request: a healthy answer streams, and only
             // a failover (a callout) arrives whole.
-            self.warn_clusters_missing(&cluster);
             return false;
         }
         let left = chain.remaining(now);
@@ -107,8 +102,8 @@ impl Exchange {
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {
             log::error!(
-                "{} a streamed request was answered without the upstream filter: its cluster \
-                 needs the llm_failover upstream filter (tools/envoy_side.py writes it)",
+                "{} a streamed request was answered without the upstream filter: the router needs \
+                 the llm_failover upstream filter (README, streamed failover)",
                 self.tag()
             );
         }
@@ -214,20 +209,11 @@ impl Exchange {
         self.deliver(answer, Some(failure), attempts, failed_over, budget_spent);
     }
 
-    /// Tells the operator, once per worker, that streamed failover is missing its clusters.
-    fn warn_clusters_missing(&self, cluster: &str) {
-        if !self.rt.stream_warned.replace(true) {
-            log::warn!(
-                "{} cluster {} is not defined in Envoy: streamed requests fail over through \
-                 callouts until it is (tools/envoy_side.py writes the streamed-failover clusters)",
-                self.tag(),
-                quote(cluster)
-            );
-        }
-    }
-
-    /// The plan's aggregate cluster is not in Envoy: the request fails over through callouts
-    /// (its fallback's answer then arrives whole), and the operator is told once per worker.
+    /// The route did not take the attempts' clusters from the list (it read
+    /// `x-llm-failover-cluster` as one cluster name): the request fails over through callouts
+    /// (its fallback's answer then arrives whole), this worker routes the next streamed requests
+    /// like any request for a while (a healthy answer streams), and the operator is told once
+    /// per worker.
     fn stream_clusters_missing(&mut self) -> (Action, Effect) {
         let cluster = host::header(
             MapType::HttpRequestHeaders,
@@ -236,8 +222,16 @@ impl Exchange {
         .and_then(|v| String::from_utf8(v).ok())
         .unwrap_or_default();
         let now = self.now();
-        self.rt.lacks_cluster(&cluster, now);
-        self.warn_clusters_missing(&cluster);
+        self.rt.unwired_at.set(Some(now));
+        if !self.rt.stream_warned.replace(true) {
+            log::warn!(
+                "{} cluster {} is not defined in Envoy: streamed requests fail over through \
+                 callouts until the route takes each attempt's cluster from that list (README, \
+                 streamed failover), or set streaming.failover to \"callout\"",
+                self.tag(),
+                quote(&cluster)
+            );
+        }
         let (Some(target), Some(left)) = (
             self.chain.as_ref().and_then(|c| c.current_target()),
             self.chain.as_ref().map(|c| c.remaining(now)),
@@ -247,46 +241,5 @@ impl Exchange {
         let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
         let (flow, effect) = self.attempt(target, timeout);
         (flow.action(), effect)
-    }
-}
-
-impl Runtime {
-    /// Whether Envoy has the aggregate cluster `name`, as this worker last found it. Unknown (or
-    /// found over a minute ago), Envoy is asked at once through the aggregate's marker
-    /// (`streamed::ready_name`): a callout to it fails on the spot either way, as a bad argument
-    /// when Envoy has no such cluster, and reaches no one.
-    pub(super) fn has_cluster(&self, name: &str, now: u64) -> bool {
-        let valid = crate::duration::millis(streamed::PROBE_VALID);
-        if let Ok(known) = self.stream_clusters.try_borrow() {
-            let found = known
-                .iter()
-                .find(|(n, _, at)| n == name && now.saturating_sub(*at) < valid);
-            if let Some((_, has, _)) = found {
-                return *has;
-            }
-        }
-        let probe = [
-            (":method", "GET"),
-            (":path", "/"),
-            (":authority", "llm-failover.probe"),
-        ];
-        let marker = streamed::ready_name(name);
-        let has = !matches!(
-            host::dispatch(&marker, &probe, b"", Duration::from_secs(1)),
-            Err(Status::BadArgument)
-        );
-        if let Ok(mut known) = self.stream_clusters.try_borrow_mut() {
-            known.retain(|(n, _, _)| n != name);
-            known.push((name.to_string(), has, now));
-        }
-        has
-    }
-
-    /// Envoy has just said it has no cluster `name` (removed since it was probed).
-    pub(super) fn lacks_cluster(&self, name: &str, now: u64) {
-        if let Ok(mut known) = self.stream_clusters.try_borrow_mut() {
-            known.retain(|(n, _, _)| n != name);
-            known.push((name.to_string(), false, now));
-        }
     }
 }

@@ -1,7 +1,8 @@
-//! The upstream filter of the streamed-failover clusters: one context per attempt the router
-//! makes of a streamed request. It addresses the attempt for the target its host names (path,
-//! host, credential, and the body when the target needs its own), logs and counts the decision
-//! the attempt stands for (a retry or a failover), and judges how the attempt ended for the
+//! The router's upstream filter: one context per attempt the router makes; every
+//! request but a streamed one passes untouched. A streamed attempt is addressed for its target
+//! (the plan's attempt of that number, on the cluster the route chose for it): path, host,
+//! credential, and the body when the target needs its own. It logs and counts the decision the
+//! attempt stands for (a retry or a failover), and judges how the attempt ended for the
 //! cooldowns, the spill-overs and the stats. The request's facts come from the filter's handoff,
 //! never from the headers, which all attempts share and which carry the last attempt's rewrite.
 
@@ -51,38 +52,35 @@ impl Attempt {
         }
     }
 
-    /// Addresses the attempt; `Err` names why it cannot be sent (the client gets a 500: the
-    /// request must never go on unaddressed or with another target's credential).
+    /// Addresses the attempt of a streamed request; every other request the router sends (the
+    /// routed first attempt of one that is not streamed) passes untouched. `Err` names why the attempt cannot be sent (the
+    /// client gets a 500: the request must never go on unaddressed or with another target's
+    /// credential).
     fn begin(&mut self, end_of_stream: bool) -> Result<Action, Refusal> {
-        let handoff = host::property(&[streamed::HANDOFF_STATE])
-            .and_then(|b| Handoff::from_json(&b))
-            .ok_or(Refusal::Misconfigured(
-                "a request reached a streamed-failover cluster without the filter's handoff \
-                 (only the filter routes to llm_failover.stream.* clusters)",
-            ))?;
+        let Some(handoff) =
+            host::property(&[streamed::HANDOFF_STATE]).and_then(|b| Handoff::from_json(&b))
+        else {
+            return Ok(Action::Continue);
+        };
         self.shape = handoff.shape;
         let rt = root::runtime_of(handoff.root).ok_or(Refusal::Misconfigured(
             "the upstream filter does not share the filter's Wasm VM (give it the filter's \
              vm_config: same vm_id and code)",
         ))?;
-        let name = host::property_text(&[
-            "xds",
-            "upstream_host_metadata",
-            "filter_metadata",
-            streamed::METADATA_NAMESPACE,
-            "target",
-        ])
-        .ok_or(Refusal::Misconfigured(
-            "the upstream host has no filter_metadata.llm_failover.target (tools/envoy_side.py \
-             writes the member clusters)",
-        ))?;
-        let target = rt
-            .config
-            .target_index(&name)
-            .filter(|&t| handoff.plans(t))
-            .ok_or(Refusal::Misconfigured(
-                "the upstream host names a target that is not in the request's plan",
-            ))?;
+        let previous =
+            host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let attempt = previous.map_or(1, |p| p.attempts.saturating_add(1));
+        let target = streamed::attempt_target(&handoff.plan, attempt).ok_or(
+            Refusal::Misconfigured("a streamed request with an empty plan"),
+        )?;
+        let cluster = host::property_text(&["xds", "cluster_name"]).unwrap_or_default();
+        if rt.config.targets.get(target).map(|t| t.cluster.as_str()) != Some(cluster.as_str()) {
+            return Err(Refusal::Misconfigured(
+                "a streamed attempt reached another cluster than its target's: the route must \
+                 take each attempt's cluster from x-llm-failover-cluster (README, streamed \
+                 failover: the Lua filter and the priority_group cluster specifier)",
+            ));
+        }
         let mut ex = Exchange::new(rt, handoff.ctx);
         ex.request.id = handoff.id.clone();
         ex.request.route = handoff.route;
@@ -90,9 +88,6 @@ impl Attempt {
         ex.request.client_path = handoff.path.clone();
         ex.pinned = handoff.pinned;
         let now = ex.now();
-
-        let previous =
-            host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
         if previous.is_some() && !handoff.may_start(now) {
             return Err(Refusal::DeadlineSpent);
         }

@@ -22,10 +22,15 @@ pub(super) fn target(raw: RawTarget, field: &str, env: &dyn Env) -> Result<Targe
     let cluster = raw
         .cluster
         .ok_or_else(|| ConfigError::new(at("cluster"), "missing"))?;
-    if cluster.is_empty() || cluster.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+    // A comma would split the list of a streamed request's clusters (x-llm-failover-cluster).
+    if cluster.is_empty()
+        || cluster
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b',')
+    {
         return Err(ConfigError::new(
             at("cluster"),
-            "must be a non-empty Envoy cluster name",
+            "must be a non-empty Envoy cluster name without spaces or commas",
         ));
     }
     let retries = raw.retries.unwrap_or(0);
