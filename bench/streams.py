@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import footprint  # noqa: E402  (render, cpu_seconds, status_kib, the wasm paths)
+import footprint  # noqa: E402  (render, cpu_ns, status_kib, the wasm paths)
 
 ROOT = footprint.ROOT
 CHUNK_TEXT = "lorem ipsum dolor sit amet "  # content of each chunk's delta
@@ -214,18 +214,6 @@ def start_envoy(wasm: Path | None, upstream: int, tmp: Path,
     raise RuntimeError("envoy not ready")
 
 
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds of CPU all of the process's threads ran (the scheduler's count: clock ticks
-    are too coarse for a few seconds of streams)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended meanwhile
-    return total
-
-
 def allocated(admin: int) -> int:
     """Bytes Envoy's allocator has handed out (Wasm linear memory is not among them)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=5) as r:
@@ -242,12 +230,12 @@ async def measure(envoy: subprocess.Popen, listener: int, admin: int, upstream_p
     # Time to the first chunk at one connection (short streams: the first chunk is what counts).
     ttfc = [(await one_stream(listener, short))[1] for _ in range(args.ttfc)]
     # CPU per chunk and per stream.
-    cpu0, up0 = cpu_ns(envoy.pid), cpu_ns(upstream_pid)
+    cpu0, up0 = footprint.cpu_ns(envoy.pid), footprint.cpu_ns(upstream_pid)
     wall0 = time.monotonic()
     results = await asyncio.wait_for(asyncio.gather(*(one_stream(listener, req) for _ in range(args.streams))),
                                      timeout=120)
     wall = time.monotonic() - wall0
-    cpu, up = (cpu_ns(envoy.pid) - cpu0) / 1e9, (cpu_ns(upstream_pid) - up0) / 1e9
+    cpu, up = (footprint.cpu_ns(envoy.pid) - cpu0) / 1e9, (footprint.cpu_ns(upstream_pid) - up0) / 1e9
     events = sum(e for e, _ in results)
     # Memory per open stream.
     held = request_bytes(listener, include_usage, hold=True, cluster=cluster)
