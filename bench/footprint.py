@@ -5,7 +5,8 @@ filter and with no filter at all, on `envoy/local.yaml`, at several worker count
 For each build and `--concurrency`, rounds interleaved: Envoy is started, `/ready` polled every
 10 ms, and after it answers Envoy's own CPU time (user + system, all threads: the figure least
 disturbed by other processes on a shared machine) and wall time are read; after `--settle`
-seconds idle, its RSS (VmRSS), peak RSS (VmHWM) and the allocator's figures (`/memory`).
+seconds idle, its RSS (VmRSS), peak RSS (VmHWM) and the allocator's figures (`/memory`), and its
+CPU while idle (the second half of the wait).
 Medians are printed as a Markdown table (`--append FILE` adds it to a report). Loopback only; every
 Envoy is stopped before the next starts.
 
@@ -62,6 +63,7 @@ def render(wasm: Path | None, admin: int, listener: int) -> dict:
         lst["address"]["socket_address"]["port_value"] = listener
     if wasm is None:
         for d in list(walk(cfg)):
+            # The filter's places: the HTTP filter chain and the router's upstream filters.
             for key in ("http_filters", "upstream_http_filters"):
                 if isinstance(d.get(key), list):
                     d[key] = [f for f in d[key] if f.get("typed_config", {}).get("@type") != WASM_FILTER]
@@ -78,6 +80,18 @@ def render(wasm: Path | None, admin: int, listener: int) -> dict:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds of CPU all of the process's threads ran (the scheduler's count: clock ticks
+    are too coarse for a few seconds of an idle Envoy)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
 
 
 def status_kib(pid: int) -> dict[str, int]:
@@ -111,7 +125,11 @@ def one(envoy: str, wasm: Path | None, concurrency: int, settle: float, tmp: Pat
                 time.sleep(0.01)
         if ready_wall is None:
             raise RuntimeError(f"envoy not ready in 60 s ({wasm})")
-        time.sleep(settle)
+        time.sleep(settle / 2)
+        # Idle CPU over the second half of the settle (timers, the filter's tick).
+        idle0, idle_t0 = cpu_ns(proc.pid), time.monotonic()
+        time.sleep(settle / 2)
+        idle_ms_per_s = (cpu_ns(proc.pid) - idle0) / 1e6 / (time.monotonic() - idle_t0)
         mem = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=5))
         st = status_kib(proc.pid)
         return {
@@ -121,6 +139,7 @@ def one(envoy: str, wasm: Path | None, concurrency: int, settle: float, tmp: Pat
             "peak_mib": st.get("VmHWM", 0) / 1024,
             "allocated_mib": int(mem["allocated"]) / 2**20,
             "heap_mib": int(mem["heap_size"]) / 2**20,
+            "idle_cpu_ms_s": idle_ms_per_s,
         }
     finally:
         stop(proc)
@@ -178,15 +197,16 @@ def main() -> int:
     lines = [
         f"Medians of {args.rounds} rounds, `envoy/local.yaml`, idle {args.settle:g} s after `/ready`.",
         "",
-        "| build | `--concurrency` | start to `/ready`: Envoy CPU | wall | idle RSS | peak RSS | allocated | allocator heap |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| build | `--concurrency` | start to `/ready`: Envoy CPU | wall | idle RSS | peak RSS | allocated | allocator heap | idle CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, _ in builds:
         for c in levels:
             lines.append(
                 f"| {name} | {c} | {med(name, c, 'ready_cpu_s'):.2f} s | {med(name, c, 'ready_s'):.2f} s "
                 f"| {med(name, c, 'rss_mib'):.1f} MiB | {med(name, c, 'peak_mib'):.1f} MiB "
-                f"| {med(name, c, 'allocated_mib'):.1f} MiB | {med(name, c, 'heap_mib'):.0f} MiB |")
+                f"| {med(name, c, 'allocated_mib'):.1f} MiB | {med(name, c, 'heap_mib'):.0f} MiB "
+                f"| {med(name, c, 'idle_cpu_ms_s'):.1f} ms/s |")
     lines.append("")
     for name, _ in builds[2:]:
         for c in levels:

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """The workload LLM gateways carry: long SSE streams of small chunks, many open at once.
 
-Variants on `envoy/local.yaml` (one Envoy worker, the same layout for all): plain Envoy, the no-op
-Wasm filter in llm-failover's places, and llm-failover with and without
-`stream_options.include_usage`. (Envoy's Lua filter is not among them: the Lua failover of
+Variants on `envoy/local.yaml` (one Envoy worker): plain Envoy (its Wasm filters removed), the
+no-op Wasm filter on llm-failover's layout, and llm-failover with and without
+`stream_options.include_usage`. The no-op filter takes the module's place everywhere the shipped
+config loads it (the HTTP filter and the upstream filter of the streamed path), and its streams
+name the cluster that llm-failover sends a healthy stream to, read from Envoy's access log of one
+such stream: so both run the same Envoy path (route, clusters, upstream filter) whatever the
+shipped wiring is, and the ratio between them is the filter's own work. (Envoy's Lua filter is not among them: the Lua failover of
 `bench/lua` answers from an `httpCall`, which buffers a stream whole, so it has no per-chunk
 path to compare.) The upstream is an asyncio server of this script that answers
 every request with `--chunks` chat chunks of about 220 bytes, `--gap-ms` apart, ending in
@@ -17,7 +21,7 @@ is seen not to be the bottleneck. Measured, per variant, rounds interleaved:
 
 Loopback only; every loop is bounded by counts and by time.
 
-    .venv/bin/python bench/streams.py [--rounds 3] [--append BENCHMARKS.md]
+    .venv/bin/python bench/streams.py [--rounds 3] [--append BENCHMARKS.md] [--extra NAME=x.wasm]
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import footprint  # noqa: E402  (render, cpu_seconds, status_kib, the wasm paths)
+import footprint  # noqa: E402  (render, cpu_ns, status_kib, the wasm paths)
 
 ROOT = footprint.ROOT
 CHUNK_TEXT = "lorem ipsum dolor sit amet "  # content of each chunk's delta
@@ -115,7 +119,8 @@ def upstream_main(port: int, chunks: int, gap_ms: float) -> None:
 
 # ---- client ------------------------------------------------------------------------------------
 
-def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: int | None = None) -> bytes:
+def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: int | None = None,
+                  cluster: str = "openai", extra: str = "") -> bytes:
     body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
     if chunks is not None:
         body["max_tokens"] = chunks  # the upstream sends this many chunks
@@ -127,7 +132,7 @@ def request_bytes(port: int, include_usage: bool, hold: bool = False, chunks: in
     # The cluster header lets plain Envoy and the no-op filter route like the filter does (the
     # filter overwrites it; the route removes it).
     return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-            f"x-llm-failover-cluster: openai\r\ncontent-length: {len(data)}\r\n\r\n").encode() + data
+            f"x-llm-failover-cluster: {cluster}\r\n{extra}content-length: {len(data)}\r\n\r\n").encode() + data
 
 
 async def held_stream(port: int, req: bytes, first: asyncio.Event, release: asyncio.Event) -> None:
@@ -174,9 +179,37 @@ async def one_stream(port: int, req: bytes) -> tuple[int, float]:
 
 # ---- Envoy -------------------------------------------------------------------------------------
 
-def start_envoy(wasm: Path | None, upstream: int, tmp: Path) -> tuple[subprocess.Popen, int, int]:
+def with_router_retries(cfg: dict) -> None:
+    """Gives the route the retries llm-failover asks of the router for a streamed request (its
+    `x-envoy-*` headers, which Envoy does not take from a client): an attempt per try of every
+    target of the plugin JSON, on a reset, a connect failure or a failure status. With retries
+    on, the router keeps the request for them: Envoy's own price of a streamed failover."""
+    plugin = next(json.loads(d["value"]) for d in footprint.walk(cfg)
+                  if isinstance(d.get("value"), str) and '"targets"' in d["value"])
+    tries = sum(int(t.get("retries", 0)) + 1 for t in plugin["targets"])
+    codes = plugin.get("strategy", {}).get("on_status_codes") or [429, *range(500, 600)]
+    for d in footprint.walk(cfg):
+        if isinstance(d.get("retry_policy"), dict):
+            d["retry_policy"].update({"num_retries": tries - 1, "retriable_status_codes": codes,
+                                      "retry_on": "reset,connect-failure,retriable-status-codes"})
+
+
+def start_envoy(wasm: Path | None, upstream: int, tmp: Path, cluster_log: Path | None = None,
+                retries: bool = False) -> tuple[subprocess.Popen, int, int]:
+    """Envoy on `envoy/local.yaml` with `wasm` in the filter's places (`None`: plain Envoy), every
+    cluster pointed at the upstream; `cluster_log` gets the upstream cluster of every request;
+    `retries`: the route has the retries llm-failover asks for a streamed request."""
     admin, listener = footprint.free_port(), footprint.free_port()
     cfg = footprint.render(wasm, admin, listener)
+    if retries:
+        with_router_retries(cfg)
+    if cluster_log is not None:
+        for d in footprint.walk(cfg):
+            if d.get("stat_prefix") and isinstance(d.get("access_log"), list):
+                d["access_log"].append({"name": "envoy.access_loggers.file", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(cluster_log),
+                    "log_format": {"text_format_source": {"inline_string": "%UPSTREAM_CLUSTER%\n"}}}})
     for d in footprint.walk(cfg):
         sa = d.get("socket_address")
         if isinstance(sa, dict) and sa.get("port_value") not in (admin, listener):
@@ -206,24 +239,24 @@ def allocated(admin: int) -> int:
 
 
 async def measure(envoy: subprocess.Popen, listener: int, admin: int, upstream_pid: int, args,
-                  include_usage: bool) -> dict:
-    req = request_bytes(listener, include_usage)
-    short = request_bytes(listener, include_usage, chunks=3)
+                  include_usage: bool, cluster: str) -> dict:
+    req = request_bytes(listener, include_usage, cluster=cluster)
+    short = request_bytes(listener, include_usage, chunks=3, cluster=cluster)
     # Warm-up: the first request down a path pays V8's compilation (docs/performance.md).
     for _ in range(5):
         await one_stream(listener, short)
     # Time to the first chunk at one connection (short streams: the first chunk is what counts).
     ttfc = [(await one_stream(listener, short))[1] for _ in range(args.ttfc)]
     # CPU per chunk and per stream.
-    cpu0, up0 = footprint.cpu_seconds(envoy.pid), footprint.cpu_seconds(upstream_pid)
+    cpu0, up0 = footprint.cpu_ns(envoy.pid), footprint.cpu_ns(upstream_pid)
     wall0 = time.monotonic()
     results = await asyncio.wait_for(asyncio.gather(*(one_stream(listener, req) for _ in range(args.streams))),
                                      timeout=120)
     wall = time.monotonic() - wall0
-    cpu, up = footprint.cpu_seconds(envoy.pid) - cpu0, footprint.cpu_seconds(upstream_pid) - up0
+    cpu, up = (footprint.cpu_ns(envoy.pid) - cpu0) / 1e9, (footprint.cpu_ns(upstream_pid) - up0) / 1e9
     events = sum(e for e, _ in results)
     # Memory per open stream.
-    held = request_bytes(listener, include_usage, hold=True)
+    held = request_bytes(listener, include_usage, hold=True, cluster=cluster)
     rss0, alloc0 = footprint.status_kib(envoy.pid).get("VmRSS", 0), allocated(admin)
     release = asyncio.Event()
     firsts = [asyncio.Event() for _ in range(args.open)]
@@ -246,12 +279,81 @@ async def measure(envoy: subprocess.Popen, listener: int, admin: int, upstream_p
     }
 
 
+def streamed_cluster(upstream: int, tmp: Path) -> str:
+    """The cluster llm-failover routes a healthy streamed request to, in the shipped wiring: read
+    from Envoy's access log of one such request, so that the no-op filter's streams take the same
+    path through Envoy (clusters, route, the router's upstream filter) whatever that wiring is."""
+    log = tmp / "clusters.log"
+    envoy, listener, _ = start_envoy(footprint.FILTER_WASM, upstream, tmp, cluster_log=log)
+    try:
+        events, _ = asyncio.run(asyncio.wait_for(
+            one_stream(listener, request_bytes(listener, False, chunks=1)), timeout=30))
+    finally:
+        footprint.stop(envoy)
+    names = log.read_text().split() if log.exists() else []
+    if events < 1 or len(names) != 1 or names[0] == "-":
+        raise RuntimeError(f"streams: no upstream cluster logged for llm-failover's stream ({names})")
+    return names[0]
+
+
+# (name, Wasm, include_usage, the cluster the client names: None is llm-failover's streamed one)
 VARIANTS = [
-    ("plain Envoy", None, False),
-    ("no-op filter", footprint.NOOP_WASM, False),
-    ("llm-failover", footprint.FILTER_WASM, False),
-    ("llm-failover, `include_usage`", footprint.FILTER_WASM, True),
+    ("plain Envoy", None, False, "openai"),
+    ("no-op filter, llm-failover's layout", footprint.NOOP_WASM, False, None),
+    ("the same, with the router's retries", footprint.NOOP_WASM, False, None),
+    ("llm-failover", footprint.FILTER_WASM, False, "openai"),
+    ("llm-failover, `include_usage`", footprint.FILTER_WASM, True, "openai"),
 ]
+LAYOUT = "no-op filter, llm-failover's layout"
+RETRIED = "the same, with the router's retries"
+
+
+# The goals of issue 30 for the streams, same run: per chunk against the no-op filter on
+# llm-failover's layout, time to first chunk over it, memory per open stream over plain Envoy.
+GOAL_PER_CHUNK = 1.05
+GOAL_TTFC_US = 100.0
+GOAL_OPEN_KIB = 8.0
+
+
+def table(results: dict[str, list[dict]], args, streamed: str) -> list[str]:
+    """The report: medians of the rounds per variant, ratios of those medians, and the goals."""
+    def med(name: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[name])
+
+    lines = [
+        f"{args.chunks} chunks of about 220 B per stream, {args.gap_ms:g} ms apart; one Envoy worker; medians of "
+        f"{args.rounds} rounds. CPU with {args.streams} streams at once, time to first chunk at one connection, "
+        f"memory with {args.open} streams open. The no-op filter runs on llm-failover's layout: in both of "
+        f"its places (the HTTP filter and the router's upstream filter), its streams sent to the cluster "
+        f"llm-failover sends a healthy stream to (`{streamed}`, read from Envoy's access log); \"with the "
+        f"router's retries\": the route also has the retries llm-failover asks of the router for a streamed "
+        f"request (with them the router keeps the request for a retry: Envoy's own price of streamed failover).",
+        "",
+        "| variant | Envoy CPU per chunk | vs no-op filter | vs plain Envoy | per stream | time to first chunk "
+        "| memory per open stream: Envoy's allocator | RSS | Envoy / upstream CPU (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    noop, plain = med(LAYOUT, "per_chunk_us"), med("plain Envoy", "per_chunk_us")
+    for name, _, _, _ in VARIANTS:
+        lines.append(
+            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {med(name, 'per_chunk_us') / noop:.2f}x "
+            f"| {med(name, 'per_chunk_us') / plain:.2f}x | {med(name, 'per_stream_us'):.0f} us "
+            f"| {med(name, 'ttfc_us'):.0f} us | {med(name, 'per_open_alloc_kib'):.1f} KiB "
+            f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
+    lines.append("")
+    for name, _, usage, _ in VARIANTS[3:]:
+        ratio = med(name, "per_chunk_us") / noop
+        ttfc = med(name, "ttfc_us") - med(LAYOUT, "ttfc_us")
+        kib = med(name, "per_open_alloc_kib") - med("plain Envoy", "per_open_alloc_kib")
+        lines.append(
+            f"* {name}: per chunk {ratio:.2f}x the no-op filter (goal <= {GOAL_PER_CHUNK:.2f}x: "
+            f"{'met' if ratio <= GOAL_PER_CHUNK else '**NOT met**'}), time to first chunk {ttfc:+.0f} us over it "
+            f"(goal <= +{GOAL_TTFC_US:.0f} us: {'met' if ttfc <= GOAL_TTFC_US else '**NOT met**'}), memory per "
+            f"open stream {kib:+.1f} KiB over plain Envoy (goal <= +{GOAL_OPEN_KIB:.0f} KiB: "
+            f"{'met' if kib <= GOAL_OPEN_KIB else '**NOT met**'}); over the no-op filter with the router's "
+            f"retries: time to first chunk {med(name, 'ttfc_us') - med(RETRIED, 'ttfc_us'):+.0f} us, memory per open "
+            f"stream {med(name, 'per_open_alloc_kib') - med(RETRIED, 'per_open_alloc_kib'):+.1f} KiB")
+    return lines
 
 
 def main() -> int:
@@ -263,8 +365,13 @@ def main() -> int:
     ap.add_argument("--ttfc", type=int, default=30, help="sequential requests for time to first chunk")
     ap.add_argument("--open", type=int, default=1000, help="streams held open for the memory figure")
     ap.add_argument("--append", type=Path)
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=WASM",
+                    help="another build, run as the llm-failover variant (experiments)")
     args = ap.parse_args()
-    for _, wasm, _ in VARIANTS:
+    for spec in args.extra:
+        name, _, path = spec.partition("=")
+        VARIANTS.append((name, Path(path), False, "openai"))
+    for _, wasm, _, _ in VARIANTS:
         if wasm is not None and not wasm.exists():
             raise SystemExit(f"streams: {wasm} missing (make build; bench/run.py builds the no-op filter)")
     up_port = footprint.free_port()
@@ -281,36 +388,20 @@ def main() -> int:
             except OSError:
                 time.sleep(0.05)
         with tempfile.TemporaryDirectory() as t:
+            streamed = streamed_cluster(up_port, Path(t))
             for r in range(args.rounds):
-                for name, wasm, usage in VARIANTS:
-                    envoy, listener, admin = start_envoy(wasm, up_port, Path(t))
+                for name, wasm, usage, cluster in VARIANTS:
+                    envoy, listener, admin = start_envoy(wasm, up_port, Path(t), retries=name == RETRIED)
                     try:
-                        results.setdefault(name, []).append(
-                            asyncio.run(measure(envoy, listener, admin, upstream.pid, args, usage)))
+                        results.setdefault(name, []).append(asyncio.run(
+                            measure(envoy, listener, admin, upstream.pid, args, usage, cluster or streamed)))
                     finally:
                         footprint.stop(envoy)
                 print(f"streams: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         footprint.stop(upstream)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in results[name])
-
-    lines = [
-        f"{args.chunks} chunks of about 220 B per stream, {args.gap_ms:g} ms apart; one Envoy worker; medians of "
-        f"{args.rounds} rounds. CPU with {args.streams} streams at once, time to first chunk at one connection, "
-        f"memory with {args.open} streams open.",
-        "",
-        "| variant | Envoy CPU per chunk | per stream | vs no-op filter (per chunk) | time to first chunk | memory per open stream: RSS | of it Envoy's allocator | Envoy / upstream CPU (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    base = med("no-op filter", "per_chunk_us")
-    for name, _, _ in VARIANTS:
-        lines.append(
-            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {med(name, 'per_stream_us'):.0f} us "
-            f"| {med(name, 'per_chunk_us') / base:.2f}x | {med(name, 'ttfc_us'):.0f} us "
-            f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'per_open_alloc_kib'):.1f} KiB "
-            f"| {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
+    lines = table(results, args, streamed)
     footprint.report(lines, "Streams: the LLM-shaped workload (bench/streams.py)", args.append)
     return 0
 

@@ -288,3 +288,53 @@ def test_streamed_variants_stream_through_the_router_or_a_callout(bench, base):
     assert json.loads(first)["id"] == bench.ANSWER_IDS["openai"]
     assert bench.sse(bench.AZURE_ANSWER).endswith("data: [DONE]\n\n")
     assert json.loads(bench.streamed(bench.REQUEST_BODY))["stream"] is True
+
+
+# ---- bench/streams.py: the LLM-shaped workload --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streams():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_streams", ROOT / "bench" / "streams.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stream_round(per_chunk: float, ttfc: float, alloc: float) -> dict:
+    return {"per_chunk_us": per_chunk, "per_stream_us": per_chunk * 300, "ttfc_us": ttfc,
+            "per_open_kib": 50.0, "per_open_alloc_kib": alloc, "envoy_core": 0.1,
+            "upstream_core": 0.2, "events": 301}
+
+
+def stream_results(streams, figures: dict[str, tuple]) -> dict:
+    """Three rounds per variant; the middle one (by each figure) is `figures[name]`."""
+    out = {}
+    for name, (chunk, ttfc, alloc) in figures.items():
+        out[name] = [stream_round(chunk * 3, ttfc * 3, alloc * 3), stream_round(chunk, ttfc, alloc),
+                     stream_round(chunk / 3, ttfc / 3, alloc / 3)]
+    return out
+
+
+STREAM_ARGS = SimpleNamespace(chunks=300, gap_ms=10.0, rounds=3, streams=50, open=1000)
+
+
+def test_streams_are_compared_with_the_noop_filter_on_llm_failovers_layout(streams):
+    plain, layout, retried, filt, usage = (v[0] for v in streams.VARIANTS)
+    figures = {plain: (20.0, 1000.0, 48.0), layout: (25.0, 1100.0, 50.0), retried: (25.5, 1120.0, 54.0),
+               filt: (26.0, 1150.0, 55.0), usage: (30.0, 1300.0, 57.0)}
+    text = "\n".join(streams.table(stream_results(streams, figures), STREAM_ARGS, "llm_failover.stream.x"))
+    assert "`llm_failover.stream.x`" in text
+    # Per chunk against the no-op filter on the same layout, and against plain Envoy.
+    assert cells(row(text, filt))[1:4] == ["26.00 us", "1.04x", "1.30x"]
+    assert cells(row(text, usage))[1:4] == ["30.00 us", "1.20x", "1.50x"]
+    assert cells(row(text, layout))[2] == "1.00x"
+    met = next(line for line in text.splitlines() if line.startswith(f"* {filt}:"))
+    assert "1.04x the no-op filter (goal <= 1.05x: met)" in met
+    assert "+50 us over it (goal <= +100 us: met)" in met
+    assert "+7.0 KiB over plain Envoy (goal <= +8 KiB: met)" in met
+    # And what the filter adds to Envoy's own price of its router retries.
+    assert "time to first chunk +30 us, memory per open stream +1.0 KiB" in met
+    missed = next(line for line in text.splitlines() if line.startswith(f"* {usage}:"))
+    assert missed.count("**NOT met**") == 3

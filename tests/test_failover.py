@@ -411,6 +411,25 @@ def test_retry_after_within_the_cap_retries_the_same_target(gateway, mocks, subt
                 assert wait - 0.005 <= gap < wait + 1.0, gap
 
 
+def test_a_short_wait_is_kept_to_within_a_tick_on_an_idle_envoy(gateway, mocks):
+    """An idle Envoy's filter ticks once a second (docs/performance.md); a request that must wait
+    speeds the tick up, so a wait of 80 ms is not stretched to the next slow tick (three tries:
+    a one-second tick lands all three within 0.4 s of their due time 6% of the time)."""
+    stack = gateway([target("openai", retries=1, cooldown=False), target("azure")])
+    late = []
+    for _ in range(3):
+        time.sleep(1.2)  # idle: nothing waits, the tick is the slow one
+        for m in mocks.values():
+            m.reset()
+        script(mocks, {"openai": [{"status": 429, "retry_after_ms": 80}]})
+        r, _ = chat(stack)
+        assert_served(r, "openai", attempts=2)
+        recs = mocks["openai"].requests()
+        late.append(recs[1]["time"] - recs[0]["time"] - 0.08)
+    assert min(late) >= -0.005, late
+    assert max(late) < 0.4, late
+
+
 # ----------------------------------------------------------------------------------------------
 # cooldowns
 

@@ -58,10 +58,7 @@ pub fn parse(json: &[u8], env: &dyn Env) -> Result<Config, ConfigError> {
 /// Parses and validates a plugin configuration: the filter's, or the upstream filter's
 /// (`{"role": "upstream"}`).
 pub fn parse_plugin(json: &[u8], env: &dyn Env) -> Result<Plugin, ConfigError> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: Obj<RawConfig> = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
-    de.end().map_err(|e| invalid_json(&e))?;
-    let raw = raw.0;
+    let raw = read(json)?;
     if raw.role == Some(Role::Upstream) {
         return match set_fields(&raw).first() {
             None => Ok(Plugin::Upstream),
@@ -73,6 +70,15 @@ pub fn parse_plugin(json: &[u8], env: &dyn Env) -> Result<Plugin, ConfigError> {
         };
     }
     build(raw, env).map(|c| Plugin::Filter(Box::new(c)))
+}
+
+/// The plugin JSON read into its raw types (kept out of line: see `build`).
+#[inline(never)]
+fn read(json: &[u8]) -> Result<RawConfig, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let raw: Obj<RawConfig> = serde_path_to_error::deserialize(&mut de).map_err(from_serde)?;
+    de.end().map_err(|e| invalid_json(&e))?;
+    Ok(raw.0)
 }
 
 /// The top-level fields a configuration sets besides `role` and `$schema`.
@@ -97,6 +103,10 @@ fn set_fields(raw: &RawConfig) -> Vec<&'static str> {
     .collect()
 }
 
+/// The validation pass. Its parts are kept out of line (`#[inline(never)]`): inlined, they made
+/// one 29 KB function, which Envoy's V8 compiles at start-up with its optimising compiler only,
+/// whose memory grows faster than a function's size (docs/performance.md, "Footprint").
+#[inline(never)]
 fn build(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     let stream_failover = raw
         .streaming
@@ -255,6 +265,7 @@ fn deployment_models(
     Ok(merged)
 }
 
+#[inline(never)] // kept out of `build` (see there)
 fn responses(raw: Option<RawResponses>) -> Result<ResponsesSettings, ConfigError> {
     let raw = raw.unwrap_or(RawResponses {
         affinity_ttl: None,
@@ -285,6 +296,7 @@ struct Strategy {
     max_retry_wait: Duration,
 }
 
+#[inline(never)] // kept out of `build` (see there)
 fn strategy_settings(s: Option<RawStrategy>) -> Result<Strategy, ConfigError> {
     let s = s.unwrap_or(RawStrategy {
         mode: None,

@@ -19,6 +19,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
+            // Each object's reader a function of its own: inlined into their parents', the
+            // configuration's made functions that Envoy's V8 needs much memory to compile at
+            // start-up (docs/performance.md, "Footprint").
+            #[inline(never)]
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
                 T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Obj)
             }

@@ -29,26 +29,33 @@ pub struct RawConfig {
     /// `vm_config`), so nothing else may be set.
     pub role: Option<Role>,
     /// How `"stream": true` requests fail over.
+    #[serde(default, deserialize_with = "apart")]
     pub streaming: Option<Obj<RawStreaming>>,
     /// How attempts are judged and how the chain is walked.
+    #[serde(default, deserialize_with = "apart")]
     pub strategy: Option<Obj<RawStrategy>>,
     /// The ordered chain of upstream targets (at least one).
     #[cfg_attr(test, schemars(required))]
     pub targets: Option<Vec<Obj<RawTarget>>>,
     /// Gateway keys. When present, every request must present one of them.
+    #[serde(default, deserialize_with = "apart")]
     pub keys: Option<Vec<Obj<RawKey>>>,
     /// Response cache of non-streaming chat completions.
+    #[serde(default, deserialize_with = "apart")]
     pub cache: Option<Obj<RawCache>>,
     /// The Responses API: how long and how many response ids are remembered with the target
     /// that created them.
+    #[serde(default, deserialize_with = "apart")]
     pub responses: Option<Obj<RawResponses>>,
     /// Named routes: a request on a route's path is its operation, down its own chain.
+    #[serde(default, deserialize_with = "apart")]
     pub routes: Option<Vec<Obj<RawRoute>>>,
     /// Apps written for Azure OpenAI: the model each deployment name they call stands for
     /// (deployment -> model). A deployment not listed is the model the Azure targets'
     /// `deployments` map to it, when exactly one does; else its own name is the model.
     pub deployment_models: Option<BTreeMap<String, String>>,
     /// The most a client waits for the whole chain (default "120s").
+    #[serde(default, deserialize_with = "apart")]
     pub deadline: Option<Text<Dur>>,
     /// Larger request bodies get 413 (default 4194304, at most 67108864).
     pub max_request_body_bytes: Option<u64>,
@@ -73,6 +80,16 @@ pub struct RawStrategy {
     pub failover_on_credential_rejection: Option<bool>,
     /// Longest Retry-After the filter waits before retrying the same target (default "5s").
     pub max_retry_wait: Option<Text<Dur>>,
+}
+
+/// Reads a field of a configuration object in a function of its own. Inlined, the fields'
+/// readers made the objects' readers 16-30 KB functions, which Envoy's V8 compiles at start-up
+/// with its optimising compiler only, whose memory grows faster than a function's size
+/// (docs/performance.md, "Footprint"). (Not on the fields whose schema `default` would change:
+/// the required ones and the maps.)
+#[inline(never)]
+fn apart<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    T::deserialize(d)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -148,10 +165,12 @@ pub struct RawTarget {
     pub azure_ad_token_env: Option<String>,
     /// Azure only: Entra ID tokens the filter obtains and refreshes itself, from an app's
     /// client secret or the machine's managed identity.
+    #[serde(default, deserialize_with = "apart")]
     pub azure_ad: Option<Obj<RawAzureAd>>,
     /// Extra attempts on this target before moving on (default 0, at most 10).
     pub retries: Option<u32>,
     /// Per attempt (default "60s").
+    #[serde(default, deserialize_with = "apart")]
     pub timeout: Option<Text<Dur>>,
     /// The model sent to this target instead of the client's.
     pub model: Option<String>,
@@ -167,11 +186,13 @@ pub struct RawTarget {
     /// Azure: shorthand for {"*": deployment}.
     pub deployment: Option<String>,
     /// Circuit breaker shared by all workers: false disables it, an object tunes it.
+    #[serde(default, deserialize_with = "apart")]
     pub cooldown: Option<RawCooldownSwitch>,
     /// Share of first attempts under "loadbalance" (default 1; 0: only ever a fallback).
     pub weight: Option<u32>,
     /// Skip this target before it starts answering 429: when an answer reports fewer remaining
     /// requests or tokens than these, until the reported reset time.
+    #[serde(default, deserialize_with = "apart")]
     pub spillover: Option<Obj<RawSpillover>>,
 }
 
@@ -394,10 +415,12 @@ pub struct RawRoute {
     #[cfg_attr(test, schemars(required))]
     pub targets: Option<Vec<RawStep>>,
     /// This route's response cache (chat routes only).
+    #[serde(default, deserialize_with = "apart")]
     pub cache: Option<Obj<RawCache>>,
     /// Names of the gateway keys that may call this route (default: every key).
     pub keys: Option<Vec<String>>,
     /// How many requests and tokens this route may spend, all keys together, per Envoy.
+    #[serde(default, deserialize_with = "apart")]
     pub limits: Option<Obj<RawLimits>>,
 }
 

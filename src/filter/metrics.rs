@@ -125,41 +125,49 @@ impl Scoped {
     }
 }
 
+impl TargetMetrics {
+    /// Kept out of line, like `Metrics::define`.
+    #[inline(never)]
+    fn define(t: &str) -> TargetMetrics {
+        TargetMetrics {
+            retries: counter(&format!("retries.target.{t}")),
+            cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
+            cooldowns_started: counter(&format!("cooldowns.target.{t}")),
+            credential_rejections: counter(&format!("credential_rejections.target.{t}")),
+            recoveries: counter(&format!("recoveries.target.{t}")),
+            deployment_skips: counter(&format!("deployment_skips.target.{t}")),
+            operation_skips: counter(&format!("operation_skips.target.{t}")),
+            picks: counter(&format!("picks.target.{t}")),
+            spillovers: counter(&format!("spillovers.target.{t}")),
+            spillover_skips: counter(&format!("spillover_skips.target.{t}")),
+            token_fetches_ok: counter(&format!("token_fetches.target.{t}.result.ok")),
+            token_fetches_error: counter(&format!("token_fetches.target.{t}.result.error")),
+            token_skips: counter(&format!("token_skips.target.{t}")),
+            token_seconds_left: host::define(
+                MetricType::Gauge,
+                &format!("llm_failover.token_seconds_left.target.{t}"),
+            ),
+            latency_ms: host::define(
+                MetricType::Histogram,
+                &format!("llm_failover.attempt_latency_ms.target.{t}"),
+            ),
+            prompt_tokens: counter(&format!("tokens.target.{t}.kind.prompt")),
+            completion_tokens: counter(&format!("tokens.target.{t}.kind.completion")),
+            affinity_probes: PROBE_RESULTS
+                .iter()
+                .map(|r| counter(&format!("affinity_probes.target.{t}.result.{r}")))
+                .collect(),
+        }
+    }
+}
+
 impl Metrics {
+    /// Kept out of line: inlined into the runtime's set-up, it made a 13 KB function that
+    /// Envoy's V8 compiles at start-up (docs/performance.md, "Footprint").
+    #[inline(never)]
     pub fn define(config: &Config) -> Metrics {
         let names: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
-        let targets = names
-            .iter()
-            .map(|t| TargetMetrics {
-                retries: counter(&format!("retries.target.{t}")),
-                cooldown_skips: counter(&format!("cooldown_skips.target.{t}")),
-                cooldowns_started: counter(&format!("cooldowns.target.{t}")),
-                credential_rejections: counter(&format!("credential_rejections.target.{t}")),
-                recoveries: counter(&format!("recoveries.target.{t}")),
-                deployment_skips: counter(&format!("deployment_skips.target.{t}")),
-                operation_skips: counter(&format!("operation_skips.target.{t}")),
-                picks: counter(&format!("picks.target.{t}")),
-                spillovers: counter(&format!("spillovers.target.{t}")),
-                spillover_skips: counter(&format!("spillover_skips.target.{t}")),
-                token_fetches_ok: counter(&format!("token_fetches.target.{t}.result.ok")),
-                token_fetches_error: counter(&format!("token_fetches.target.{t}.result.error")),
-                token_skips: counter(&format!("token_skips.target.{t}")),
-                token_seconds_left: host::define(
-                    MetricType::Gauge,
-                    &format!("llm_failover.token_seconds_left.target.{t}"),
-                ),
-                latency_ms: host::define(
-                    MetricType::Histogram,
-                    &format!("llm_failover.attempt_latency_ms.target.{t}"),
-                ),
-                prompt_tokens: counter(&format!("tokens.target.{t}.kind.prompt")),
-                completion_tokens: counter(&format!("tokens.target.{t}.kind.completion")),
-                affinity_probes: PROBE_RESULTS
-                    .iter()
-                    .map(|r| counter(&format!("affinity_probes.target.{t}.result.{r}")))
-                    .collect(),
-            })
-            .collect();
+        let targets = names.iter().map(|t| TargetMetrics::define(t)).collect();
         let mut scopes = vec![Scoped::define("", &names)];
         for r in &config.routes {
             scopes.push(Scoped::define(&format!("route.{}.", r.name), &names));

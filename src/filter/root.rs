@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
-use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -18,10 +17,10 @@ use super::tokens;
 use super::upstream::Attempt;
 use crate::answer::affinity;
 use crate::answer::reply::{Callback, Rejection};
-use crate::config::{self, Plugin, ProcessEnv};
+use crate::config::{self, Credential, Plugin, ProcessEnv};
 
-const TICK: Duration = Duration::from_millis(25);
-const SWEEP_EVERY_TICKS: u32 = 40;
+/// How often a chunk of the cache and affinity slots is swept.
+const SWEEP_EVERY_MS: u64 = 1000;
 const SWEEP_CHUNK: u32 = 4096;
 
 thread_local! {
@@ -61,7 +60,8 @@ pub struct Root {
     callouts: Vec<(u32, u32, Weak<RefCell<Exchange>>)>,
     /// Entra ID token requests in flight (callout token, target).
     token_callouts: Vec<tokens::Pending>,
-    ticks: u32,
+    /// When the last sweep ran (Unix ms).
+    swept_ms: u64,
     /// One per cache: the top-level one first (if any), then the routes' in order.
     cache_sweeps: Vec<Sweep>,
     affinity_sweep: Sweep,
@@ -91,7 +91,7 @@ impl Root {
             timers: Rc::new(RefCell::new(Timers::default())),
             callouts: Vec::new(),
             token_callouts: Vec::new(),
-            ticks: 0,
+            swept_ms: 0,
             cache_sweeps: Vec::new(),
             affinity_sweep: Sweep::default(),
         }
@@ -237,11 +237,17 @@ impl RootContext for Root {
                 let caches = usize::from(config.cache.is_some())
                     + config.routes.iter().filter(|r| r.cache.is_some()).count();
                 self.cache_sweeps = (0..caches).map(|_| Sweep::default()).collect();
+                let entra = config
+                    .targets
+                    .iter()
+                    .any(|t| matches!(t.credential, Credential::Entra(_)));
                 let runtime = Rc::new(Runtime::new(*config, self.id));
                 tokens::adopt(&runtime, host::now_ms());
                 register(self.id, &runtime);
                 self.runtime = Some(runtime);
-                host::set_tick_period(TICK);
+                if let Ok(mut timers) = self.timers.try_borrow_mut() {
+                    timers.start(entra);
+                }
                 true
             }
             Err(e) => {
@@ -258,9 +264,12 @@ impl RootContext for Root {
             self.token_callouts.extend(started);
         }
         self.fire_due_timers(now);
-        self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks.is_multiple_of(SWEEP_EVERY_TICKS) {
+        if now.saturating_sub(self.swept_ms) >= SWEEP_EVERY_MS {
+            self.swept_ms = now;
             self.sweep(now);
+        }
+        if let Ok(mut timers) = self.timers.try_borrow_mut() {
+            timers.settle();
         }
         // Callouts whose request is gone (client disconnected) are forgotten.
         self.callouts.retain(|(_, _, weak)| weak.strong_count() > 0);

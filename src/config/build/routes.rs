@@ -2,6 +2,7 @@
 
 use super::*;
 
+#[inline(never)] // kept out of `build` (see there)
 pub(super) fn key(
     raw: RawKey,
     field: &str,
@@ -84,6 +85,7 @@ pub(super) fn key(
     })
 }
 
+#[inline(never)] // kept out of `build` (see there)
 pub(super) fn routes(
     raw: Vec<Obj<RawRoute>>,
     targets: &[Target],

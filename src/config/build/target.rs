@@ -3,6 +3,7 @@
 
 use super::*;
 
+#[inline(never)] // kept out of `build` (see there)
 pub(super) fn target(raw: RawTarget, field: &str, env: &dyn Env) -> Result<Target, ConfigError> {
     let at = |name: &str| format!("{field}.{name}");
     let provider = match raw.provider {
@@ -208,6 +209,7 @@ pub(super) fn check_deployment(
     }
 }
 
+#[inline(never)] // kept out of `build` (see there)
 pub(super) fn credential(
     raw: &RawTarget,
     provider: Provider,
@@ -389,6 +391,7 @@ pub(super) fn entra(
     })
 }
 
+#[inline(never)] // kept out of `build` (see there)
 pub(super) fn cooldown(
     raw: Option<RawCooldownSwitch>,
     field: &str,
