@@ -17,7 +17,11 @@
 //! * `streamed`: a streamed request's failover through Envoy's router.
 //! * `duration`: the duration strings of the config.
 //!
-//! Glue (only built for wasm32): `filter`, one module per phase of a request.
+//! Glue (only built for wasm32): `filter`, one module per phase of a request. A request's state
+//! is a `Phase` whose variants hold what that phase needs; each step returns one `#[must_use]`
+//! `Turn` (the flow, a retry's wait, a dispatched callout); the clock is read by the callback
+//! and passed down; a callback that finds the state in use fails closed
+//! (`answer::reply::when_state_in_use`).
 
 pub mod answer;
 pub mod config;

@@ -254,6 +254,14 @@ impl Record {
         }
     }
 
+    /// Whether this attempt's record may be written over `current`, the one in filter state
+    /// now: only while that is still this attempt's own. An attempt that ends late (its stream
+    /// torn down after the router started the next one) never overwrites the newer attempt's
+    /// record, which the attempt after it and the filter read.
+    pub fn may_overwrite(&self, current: Option<&Record>) -> bool {
+        current.is_none_or(|c| c.attempts <= self.attempts)
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -495,5 +503,21 @@ mod tests {
         assert_eq!(no_answer(10, 5000), Ended::Unreachable);
         assert_eq!(no_answer(5000, 5000), Ended::Timeout);
         assert_eq!(no_answer(9000, 0), Ended::Unreachable);
+    }
+
+    #[test]
+    fn a_late_ending_never_overwrites_a_newer_attempts_record() {
+        let first = Record::next(None, 0, 0);
+        let second = Record::next(Some(first), 0, 1);
+        let mut first_ended = first;
+        first_ended.ended = Ended::Timeout;
+        // The first attempt's stream is torn down after the router started the second one.
+        assert!(!first_ended.may_overwrite(Some(&second)));
+        // Its own record, or none read: written.
+        assert!(first_ended.may_overwrite(Some(&first)));
+        assert!(first_ended.may_overwrite(None));
+        let mut second_ended = second;
+        second_ended.ended = Ended::Unreachable;
+        assert!(second_ended.may_overwrite(Some(&second)));
     }
 }

@@ -40,6 +40,9 @@ pub enum Rejection {
     NoCredential,
     /// The Envoy side of streamed failover disagrees with the filter (see Envoy's log).
     Misconfigured,
+    /// The request's state was in use when a host callback came for it (not expected: the
+    /// filter failed closed rather than let the request go on unaddressed; see Envoy's log).
+    Internal,
     /// An Azure-shaped request without a usable `api-version`, refused as Azure refuses it.
     ApiVersion(BadVersion),
     /// A gateway key's or a route's `limits` are spent (`kind`: "requests" or "tokens"; `by`:
@@ -72,6 +75,7 @@ impl Rejection {
             Rejection::NotConfigured => 503,
             Rejection::NoCredential => 503,
             Rejection::Misconfigured => 500,
+            Rejection::Internal => 500,
             Rejection::ApiVersion(BadVersion::Missing) => 404,
             Rejection::ApiVersion(BadVersion::Unsupported(_)) => 400,
             Rejection::RateLimited { .. } => 429,
@@ -92,6 +96,7 @@ impl Rejection {
             Rejection::NotConfigured => "gateway_not_configured",
             Rejection::NoCredential => "credential_unavailable",
             Rejection::Misconfigured => "gateway_misconfigured",
+            Rejection::Internal => "gateway_internal_error",
             Rejection::RateLimited { .. } => "rate_limit_exceeded",
             // Azure's own codes, which Azure clients already handle.
             Rejection::ApiVersion(BadVersion::Missing) => "404",
@@ -123,7 +128,8 @@ impl Rejection {
             | Rejection::DeadlineExceeded
             | Rejection::NotConfigured
             | Rejection::NoCredential
-            | Rejection::Misconfigured => "server_error",
+            | Rejection::Misconfigured
+            | Rejection::Internal => "server_error",
         }
     }
 
@@ -147,6 +153,7 @@ impl Rejection {
             Rejection::NotConfigured => "The gateway has no valid configuration; see Envoy's log.".to_string(),
             Rejection::NoCredential => "No target that could serve this request has an Entra ID token yet; see Envoy's log.".to_string(),
             Rejection::Misconfigured => "The gateway's Envoy configuration does not match its filter configuration; see Envoy's log.".to_string(),
+            Rejection::Internal => "The gateway hit an internal error handling this request and did not send it on; see Envoy's log.".to_string(),
             // Azure's words first: what its users search for.
             Rejection::ApiVersion(BadVersion::Missing) => "Resource not found".to_string(),
             Rejection::ApiVersion(BadVersion::Unsupported(v)) => {
@@ -185,6 +192,33 @@ impl Rejection {
             status: self.status(),
             body,
         }
+    }
+}
+
+/// The host callbacks of a request, as the filter's state rules see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Callback {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    /// A callout's answer, or a retry's wait ended (the root's tick).
+    Resumed,
+    Log,
+}
+
+/// What a request gets when a host callback finds its state already in use (a re-entrant call:
+/// not expected). It fails closed: the filter's 500 rather than a request going on unaddressed
+/// (to the route's `cluster_header`, never set) or an answer going out unjudged. The log has
+/// nobody left to answer.
+pub fn when_state_in_use(callback: Callback) -> Option<Rejection> {
+    match callback {
+        Callback::Log => None,
+        Callback::RequestHeaders
+        | Callback::RequestBody
+        | Callback::ResponseHeaders
+        | Callback::ResponseBody
+        | Callback::Resumed => Some(Rejection::Internal),
     }
 }
 
@@ -299,6 +333,7 @@ mod tests {
             (Rejection::NotConfigured, 503, "gateway_not_configured"),
             (Rejection::NoCredential, 503, "credential_unavailable"),
             (Rejection::Misconfigured, 500, "gateway_misconfigured"),
+            (Rejection::Internal, 500, "gateway_internal_error"),
             (
                 Rejection::RateLimited {
                     kind: "tokens",
@@ -321,6 +356,27 @@ mod tests {
             assert!(err["type"].is_string());
             assert!(err["param"].is_null());
         }
+    }
+
+    #[test]
+    fn a_request_whose_state_is_in_use_fails_closed_with_a_500() {
+        use Callback::*;
+        for callback in [
+            RequestHeaders,
+            RequestBody,
+            ResponseHeaders,
+            ResponseBody,
+            Resumed,
+        ] {
+            let rejection = when_state_in_use(callback);
+            assert_eq!(rejection, Some(Rejection::Internal), "{callback:?}");
+            let reply = rejection.unwrap().reply(ErrorShape::OpenAi);
+            assert_eq!(reply.status, 500);
+            let v: Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(v["error"]["code"], "gateway_internal_error");
+            assert_eq!(v["error"]["type"], "server_error");
+        }
+        assert_eq!(when_state_in_use(Log), None, "nobody to answer at the log");
     }
 
     #[test]

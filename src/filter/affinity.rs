@@ -56,7 +56,13 @@ impl Exchange {
 
     /// Counts a probe's attempt on `target` and, when it answered 2xx, remembers it as the
     /// owner of the id: later requests for it go there at once.
-    pub(super) fn probe_answered(&self, target: usize, status: Option<u16>, outcome: &Outcome) {
+    pub(super) fn probe_answered(
+        &self,
+        target: usize,
+        status: Option<u16>,
+        outcome: &Outcome,
+        now: u64,
+    ) {
         let Some(probe) = &self.owner_probe else {
             return;
         };
@@ -76,7 +82,7 @@ impl Exchange {
             crate::quote(&probe.id),
             self.target_name(target)
         );
-        self.remember(&probe.id, target, self.now());
+        self.remember(&probe.id, target, now);
     }
 
     /// Keeps a probe's failed answer (a target that may hold the id but failed), so that a

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, MapType};
 
-use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
-use super::host;
+use super::exchange::{Answer, Exchange, Flow, Phase, Turn};
+use super::host::{self, Now};
+use crate::policy::chain::Chain;
 use crate::policy::judge;
 use crate::policy::retry_after;
 use crate::quote;
@@ -19,21 +20,25 @@ use crate::target::rewrite;
 impl Exchange {
     /// Sends the next attempt to `target` as a callout. A callout the host refuses (e.g. an
     /// unknown cluster) counts as an unreachable target.
-    pub(super) fn attempt(&mut self, target: usize, timeout: Duration) -> (Flow, Effect) {
-        let now = self.now();
+    pub(super) fn attempt(
+        &mut self,
+        chain: Chain,
+        target: usize,
+        timeout: Duration,
+        now: u64,
+    ) -> Turn {
         self.begin_attempt(target, timeout, now);
-        match self.dispatch(target, timeout) {
+        match self.dispatch(target, timeout, now) {
             Some(token) => {
-                self.phase = Phase::Callout { token };
-                self.dispatched = Some(token);
                 // So the access log shows the failover even if the client leaves before the end.
-                if let Some((attempts, failed_over)) =
-                    self.chain.as_ref().map(|c| (c.attempts(), c.failed_over()))
-                {
-                    let name = self.target_name(target).to_string();
-                    self.record_state(&name, attempts, failed_over);
+                let name = self.target_name(target).to_string();
+                self.record_state(&name, chain.attempts(), chain.failed_over());
+                self.phase = Phase::Callout { chain, token };
+                Turn {
+                    flow: Flow::Hold,
+                    wait: None,
+                    callout: Some(token),
                 }
-                (Flow::Hold, Effect::None)
             }
             None => {
                 log::warn!(
@@ -42,25 +47,26 @@ impl Exchange {
                     self.target_name(target),
                     quote(self.target(target).map_or("", |t| t.cluster.as_str()))
                 );
-                self.decide(Answer {
+                let refused = Answer {
                     status: None,
                     source: judge::Source::Envoy { timeout: false },
                     content_type: None,
                     retry_after: None,
                     body: Vec::new(),
                     headers: None,
-                })
+                };
+                self.decide(chain, refused, now)
             }
         }
     }
 
     /// The callout to target `i`: its address, credential and body, the client's headers.
-    fn dispatch(&self, i: usize, timeout: Duration) -> Option<u32> {
+    fn dispatch(&self, i: usize, timeout: Duration, now: u64) -> Option<u32> {
         let t = self.target(i)?;
         if let Some(Kind::Resource(resource)) = &self.request.kind {
             // A probe for a stored response: the same request, addressed for this target.
             let address = provider::resource_address(t, resource, &self.request.client_path);
-            let (name, value) = self.rt.credential(i, self.now())?;
+            let (name, value) = self.rt.credential(i, now)?;
             let method = resource.action.method();
             let headers = forward::callout(
                 method,
@@ -83,7 +89,7 @@ impl Exchange {
             .as_deref()
             .or(self.body.as_ref().map(Body::raw))
             .unwrap_or_default();
-        let (name, value) = self.rt.credential(i, self.now())?;
+        let (name, value) = self.rt.credential(i, now)?;
         let length = body.len().to_string();
         let headers = forward::callout(
             "POST",
@@ -95,15 +101,16 @@ impl Exchange {
         host::dispatch(&t.cluster, &headers, body, timeout).ok()
     }
 
-    pub fn on_callout_response(&mut self, token: u32, body_size: usize) -> Effect {
-        self.callback();
-        match self.phase {
-            Phase::Callout { token: t } if t == token => {}
-            _ => {
+    pub fn on_callout_response(&mut self, token: u32, body_size: usize, now: &Now) -> Turn {
+        let chain = match self.take_phase() {
+            Phase::Callout { chain, token: t } if t == token => chain,
+            phase => {
+                self.phase = phase;
                 log::debug!("{} ignoring answer of unknown callout {token}", self.tag());
-                return Effect::None;
+                return Turn::from(Flow::Hold);
             }
-        }
+        };
+        let now = now.ms();
         let headers = host::headers(MapType::HttpCallResponseHeaders);
         let find = |name: &str| {
             headers
@@ -116,11 +123,11 @@ impl Exchange {
         let source = judge::callout_source(find(judge::UPSTREAM_SERVICE_TIME).is_some(), status);
         let retry_after = retry_after::parse(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
-            self.now() / 1000,
+            now / 1000,
         );
         let body = host::buffer(BufferType::HttpCallResponseBody, body_size);
-        if let Some(target) = self.current_target() {
-            self.record_limits(target, &headers, self.now());
+        if let Some(target) = chain.current_target() {
+            self.record_limits(target, &headers, now);
         }
         let answer = Answer {
             status,
@@ -130,6 +137,6 @@ impl Exchange {
             body,
             headers: Some(headers),
         };
-        self.decide(answer).1
+        self.decide(chain, answer, now)
     }
 }

@@ -4,29 +4,33 @@
 
 use proxy_wasm::types::MapType;
 
-use super::exchange::{Answer, Exchange, Flow, Phase};
-use super::host;
+use super::exchange::{Answer, Exchange, Flow, Phase, Tally};
+use super::host::{self, Now};
 use super::shared;
 use crate::answer::affinity;
 use crate::answer::cache::Entry;
 use crate::answer::reply::Rejection;
-use crate::answer::usage;
+use crate::answer::usage::{self, Usage};
 use crate::duration::millis;
 use crate::policy::chain::FailureKind;
 use crate::target::forward::{self, ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
 
 impl Exchange {
-    /// Gives the client `answer`: the routed response resumes; a callout's answer replaces it;
-    /// a transport failure becomes an OpenAI-shaped error.
+    /// Gives the client `answer`, `target`'s: the routed response resumes; a callout's answer
+    /// replaces it; a transport failure becomes an OpenAI-shaped error.
     pub(super) fn deliver(
         &mut self,
         answer: Answer,
+        target: usize,
         failure: Option<FailureKind>,
-        attempts: u32,
-        failed_over: bool,
-        budget_spent: bool,
+        chain: Tally,
+        now: u64,
     ) -> Flow {
-        let target = self.current_target().unwrap_or(0);
+        let Tally {
+            attempts,
+            failed_over,
+            budget_spent,
+        } = chain;
         let name = self.target_name(target).to_string();
         self.record_state(&name, attempts, failed_over);
         let attempts_text = attempts.to_string();
@@ -57,6 +61,7 @@ impl Exchange {
                 host::set_header(MapType::HttpResponseHeaders, name, Some(value));
             }
             self.label_limits();
+            self.phase = Phase::Delivered;
             return Flow::Resume;
         };
         let status = u32::from(answer.status.unwrap_or(502));
@@ -72,9 +77,11 @@ impl Exchange {
             }
             if self.creates_response() {
                 let head = answer.body.get(..affinity::HEAD).unwrap_or(&answer.body);
-                self.remember_response(target, head, self.now());
+                self.remember_response(target, head, now);
             }
-            self.finish_success(Some((&answer.body, &content_type)));
+            let tokens = usage::from_body(&answer.body);
+            let copy = Some((answer.body.as_slice(), content_type.as_str()));
+            self.finish_success(target, tokens, copy, &Now::at(now));
         }
         let mut out: Vec<(&str, &str)> = headers
             .iter()
@@ -88,13 +95,16 @@ impl Exchange {
         Flow::Replied
     }
 
-    /// Labels the routed answer that is passing through: who served it, after how many attempts.
-    pub(super) fn add_outcome_headers(&mut self, attempts: u32, failed_over: bool) {
+    /// Labels the routed answer that is passing through: who served it (`target`), after how
+    /// many attempts.
+    pub(super) fn add_outcome_headers(
+        &mut self,
+        target: Option<usize>,
+        attempts: u32,
+        failed_over: bool,
+    ) {
         let map = MapType::HttpResponseHeaders;
-        let name = self
-            .current_target()
-            .map_or("", |t| self.target_name(t))
-            .to_string();
+        let name = target.map_or("", |t| self.target_name(t)).to_string();
         if !name.is_empty() {
             host::set_header(map, TARGET_HEADER, Some(&name));
         }
@@ -106,38 +116,33 @@ impl Exchange {
         }
     }
 
-    /// Counts tokens and fills the cache once a successful answer is complete (`body`: a
-    /// callout's answer and its content type; `None`: the routed answer, seen chunk by chunk).
-    pub(super) fn finish_success(&mut self, body: Option<(&[u8], &str)>) {
-        let Some(target) = self.current_target() else {
-            return;
-        };
-        let tokens = match (&self.usage, body) {
-            (_, Some((b, _))) => usage::from_body(b),
-            (Some(scanner), None) => scanner.finish(),
-            (None, None) => None,
-        };
+    /// Counts the `tokens` and fills the cache once a successful answer of `target` is
+    /// complete (`copy`: its body and content type, when the cache may take it).
+    pub(super) fn finish_success(
+        &mut self,
+        target: usize,
+        tokens: Option<Usage>,
+        copy: Option<(&[u8], &str)>,
+        now: &Now,
+    ) {
         if let Some(u) = tokens {
             self.rt.metrics.tokens(target, u);
-            self.charge_limits(u.prompt.saturating_add(u.completion));
+            self.charge_limits(u.prompt.saturating_add(u.completion), now.ms());
         }
-        let (cached, content_type) = match body {
-            Some((b, ct)) => (Some(b.to_vec()), ct.to_string()),
-            None => (self.cache_body.take(), "application/json".to_string()),
-        };
         let (Some(settings), Some(digest)) = (self.cache_settings(), self.cache_key) else {
             return;
         };
-        let Some(cached) = cached.filter(|b| b.len() <= settings.max_body_bytes && !b.is_empty())
+        let Some((cached, content_type)) =
+            copy.filter(|(b, _)| b.len() <= settings.max_body_bytes && !b.is_empty())
         else {
             return;
         };
         let entry = Entry {
             digest,
-            expires_ms: self.now().saturating_add(millis(settings.ttl)),
+            expires_ms: now.ms().saturating_add(millis(settings.ttl)),
             target: self.target_name(target).to_string(),
-            content_type,
-            body: cached,
+            content_type: content_type.to_string(),
+            body: cached.to_vec(),
         };
         shared::cache_put(settings, &entry);
     }

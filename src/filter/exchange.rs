@@ -5,20 +5,25 @@
 //! `callout` (retries and failovers as callouts), `timers` (waiting out a Retry-After),
 //! `delivery` (what the client gets), `health` (cooldowns), `affinity` (who owns a Responses
 //! API id) and `limits` (the limits of gateway keys and routes).
+//!
+//! What a request holds in one phase only lives in that phase's variant (the chain of targets
+//! from the first attempt to the answer, what is read from an answer passing through). Each
+//! entry point gets the callback's `host::Now` and returns what the caller must do next: an
+//! `Action` on the request's side, a `Turn` (the flow, a retry's wait, a dispatched callout)
+//! once an attempt is out.
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::types::Action;
 
+use super::health::{Attempting, Scope};
 use super::host::{self, Headers};
-use super::limits::LimitScopes;
-use super::metrics::Metrics;
+use super::runtime::Runtime;
 use crate::answer::cache::Digest;
 use crate::answer::reply::{ErrorShape, Rejection};
 use crate::answer::usage::UsageScanner;
-use crate::config::{CacheSettings, Config, Credential, Step, Target};
+use crate::config::{CacheSettings, Config, Step, Target};
 use crate::policy::chain::{Chain, FailureKind};
 use crate::policy::judge::Source;
 use crate::policy::plan;
@@ -26,111 +31,32 @@ use crate::request::azure::AzureShaped;
 use crate::request::body::Body;
 use crate::request::intake::{Access, Kind};
 use crate::target::forward::ClientHeaders;
-use crate::target::provider;
-use crate::target::token::{self, Token};
 
-/// The parsed config and what is derived from it once.
-pub struct Runtime {
-    /// The root context that parsed the config (streamed attempts name it in their handoff).
-    pub root: u32,
-    pub config: Config,
-    pub metrics: Metrics,
-    /// The `limits` of keys and routes, with their shared buckets.
-    pub limits: LimitScopes,
-    /// Credential header of each target, built once.
-    pub credentials: Vec<(&'static str, String)>,
-    /// The shared-data key of each `azure_ad` target's token, built once.
-    pub token_keys: Vec<Option<String>>,
-    /// Load balancing's random source (one per VM, so per worker).
-    pub rng: RefCell<fastrand::Rng>,
-    /// This worker's copy of each `azure_ad` target's current token (kept by the root's tick).
-    tokens: RefCell<Vec<Option<Token>>>,
-    /// Whether the missing streamed-failover wiring was logged (once per worker).
-    pub stream_warned: Cell<bool>,
-    /// When (Unix ms) Envoy last showed this worker that the route lacks the streamed wiring.
-    pub unwired_at: Cell<Option<u64>>,
-}
-
-impl Runtime {
-    pub fn new(config: Config, root: u32) -> Runtime {
-        let metrics = Metrics::define(&config);
-        let limits = LimitScopes::new(&config);
-        let credentials = config
-            .targets
-            .iter()
-            .map(provider::credential_header)
-            .collect();
-        let token_keys = config
-            .targets
-            .iter()
-            .map(|t| match &t.credential {
-                Credential::Entra(source) => Some(token::state_key(&t.name, source)),
-                _ => None,
-            })
-            .collect();
-        Runtime {
-            root,
-            config,
-            metrics,
-            limits,
-            credentials,
-            token_keys,
-            rng: RefCell::new(fastrand::Rng::new()),
-            tokens: RefCell::new(Vec::new()),
-            stream_warned: Cell::new(false),
-            unwired_at: Cell::new(None),
-        }
-    }
-
-    pub fn set_token(&self, target: usize, token: Option<Token>) {
-        if let Ok(mut tokens) = self.tokens.try_borrow_mut() {
-            if tokens.len() <= target {
-                tokens.resize(target + 1, None);
-            }
-            if let Some(slot) = tokens.get_mut(target) {
-                *slot = token;
-            }
-        }
-    }
-
-    /// The credential header of target `i` now: its key, or its current Entra ID token
-    /// (`None`: an `azure_ad` target without a valid token).
-    pub fn credential(&self, i: usize, now: u64) -> Option<(&'static str, String)> {
-        let target = self.config.targets.get(i)?;
-        if !matches!(target.credential, Credential::Entra(_)) {
-            return self.credentials.get(i).cloned();
-        }
-        let copy = self
-            .tokens
-            .try_borrow()
-            .ok()
-            .and_then(|tokens| tokens.get(i).cloned().flatten())
-            .filter(|t| t.usable(now));
-        // This worker's copy is refreshed every tick; a newer token another worker fetched
-        // since is read from shared data at once.
-        let token = match copy {
-            Some(token) => token,
-            None => {
-                let key = self.token_keys.get(i)?.as_deref()?;
-                let fresh = super::shared::token_state(key).0.valid(now).cloned()?;
-                self.set_token(i, Some(fresh.clone()));
-                fresh
-            }
-        };
-        Some(("authorization", provider::bearer(&token.value)))
-    }
-}
-
-/// What the caller must do after an exchange step beyond the returned action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effect {
-    None,
+/// What one turn of an exchange (a host callback, or a retry's wait ending) leaves to its
+/// caller, as one value: what becomes of the routed stream, a retry to wake up for, and a
+/// callout whose answer must find its way back to this request.
+#[must_use = "a turn's flow, wait and callout must each be followed"]
+pub struct Turn {
+    pub flow: Flow,
     /// Call `fire_retry` at this Unix ms.
-    Wait(u64),
+    pub wait: Option<u64>,
+    /// The token of a callout dispatched in this turn. Its answer comes to the context that
+    /// dispatched it: the request's own, or the root's when a retry's wait ended in its tick.
+    pub callout: Option<u32>,
 }
 
-/// What happens to the routed response after a decision.
-pub(super) enum Flow {
+impl From<Flow> for Turn {
+    fn from(flow: Flow) -> Turn {
+        Turn {
+            flow,
+            wait: None,
+            callout: None,
+        }
+    }
+}
+
+/// What happens to the routed stream (the request or its response) after a decision.
+pub enum Flow {
     /// Let it through.
     Resume,
     /// Keep holding it (a callout or timer will answer).
@@ -140,7 +66,7 @@ pub(super) enum Flow {
 }
 
 impl Flow {
-    pub(super) fn action(self) -> Action {
+    pub fn action(self) -> Action {
         match self {
             Flow::Resume => Action::Continue,
             Flow::Hold | Flow::Replied => Action::Pause,
@@ -148,22 +74,27 @@ impl Flow {
     }
 }
 
+/// Where a request is, with what it holds there: the chain of targets exists from the first
+/// attempt until a target's answer (or the filter's) is the client's.
 pub(super) enum Phase {
     /// Request headers not seen yet.
     Start,
     /// An operation's headers are held until its body is complete.
     ReadingBody,
-    /// A path the filter does not rewrite: routed to the first target, no failover.
-    Passthrough,
+    /// A path the filter does not rewrite: routed once to `target` (none: no target allowed),
+    /// no failover.
+    Passthrough { target: Option<usize> },
     /// The first attempt is in flight through Envoy's route.
-    Routed,
-    /// The routed attempt answered and its response is passing through.
-    Streaming,
+    Routed { chain: Chain },
+    /// A target's answer, not a failure, is passing through to the client.
+    Streaming(Passing),
     /// A streamed request is in Envoy's router, which retries it over its plan's targets.
-    StreamRouted,
+    StreamRouted { chain: Chain },
     /// The router gave up on a streamed request with a reply of its own (no target answered);
     /// its body is held until the filter's error replaces it.
     StreamSpent {
+        /// The target of the last attempt.
+        served: Option<usize>,
         failure: FailureKind,
         budget_spent: bool,
         attempts: u32,
@@ -171,16 +102,35 @@ pub(super) enum Phase {
     },
     /// The routed attempt answered with a failure candidate; its body is being collected.
     HoldingRouted {
+        chain: Chain,
         status: Option<u16>,
         source: Source,
         retry_after: Option<Duration>,
     },
     /// A callout is in flight; the routed response (if any) is held.
-    Callout { token: u32 },
+    Callout { chain: Chain, token: u32 },
     /// Waiting for a Retry-After before the next attempt.
-    Waiting { target: usize, timeout: Duration },
+    Waiting {
+        chain: Chain,
+        target: usize,
+        timeout: Duration,
+    },
+    /// The routed answer was judged and let through as it is: nothing left to watch.
+    Delivered,
     /// The filter answered the client itself.
     Replied,
+}
+
+/// A target's answer passing through: what is read from it on the way.
+pub(super) struct Passing {
+    /// The target that answered.
+    pub target: Option<usize>,
+    /// Token usage, counted as the answer passes (a success that can carry it).
+    pub usage: Option<UsageScanner>,
+    /// The answer's copy for the cache (a 200 of a cacheable request, up to the cache's limit).
+    pub cache_body: Option<Vec<u8>>,
+    /// The beginning of a Responses API answer, read until its response id is found.
+    pub response_head: Option<Vec<u8>>,
 }
 
 /// An attempt's answer, as needed to judge and deliver it.
@@ -194,6 +144,15 @@ pub(super) struct Answer {
     pub body: Vec<u8>,
     /// Callout answers carry their headers; the routed answer is still in Envoy.
     pub headers: Option<Headers>,
+}
+
+/// Where a chain stands when the client gets its answer: the outcome headers and filter state.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Tally {
+    pub attempts: u32,
+    pub failed_over: bool,
+    /// The request's deadline ran out (a transport failure is then `deadline_exceeded`).
+    pub budget_spent: bool,
 }
 
 /// A request naming a stored response whose owner is not known here, looking for it down the
@@ -238,31 +197,14 @@ pub struct Exchange {
     pub(super) request: Request,
     /// The request body, read once; kept while a further attempt may need it.
     pub(super) body: Option<Body>,
-    pub(super) chain: Option<Chain>,
-    /// The target whose answer the client gets when it is not the chain's current one: on the
-    /// streamed path (the router chose it), or a probe's kept failure.
-    pub(super) served: Option<usize>,
     /// Looking for the owner of a stored response the request names.
     pub(super) owner_probe: Option<OwnerProbe>,
-    pub(super) attempt_started_ms: u64,
+    /// The cache key a success is stored under (a cacheable request the cache missed).
     pub(super) cache_key: Option<Digest>,
-    pub(super) cache_body: Option<Vec<u8>>,
-    pub(super) usage: Option<UsageScanner>,
-    /// The beginning of a Responses API answer, read until its response id is found.
-    pub(super) response_head: Option<Vec<u8>>,
-    pub(super) dispatched: Option<u32>,
     /// The filter state last written (target, attempts, failed over): only changes are written.
     pub(super) recorded: Option<(String, u32, bool)>,
-    /// A Responses follow-up pinned to the owner of its previous response: it goes there
-    /// whatever the owner's state, so it never probes nor moves a cooldown.
-    pub(super) pinned: bool,
-    /// Targets (bit i: target i) this request saw with their cooldown over and no probe out:
-    /// an attempt there tries to take the probe.
-    pub(super) awaiting_probe: Cell<u64>,
-    /// The probe this request took and has not reported yet: target and lease end.
-    pub(super) probe: Cell<Option<(usize, u64)>>,
-    /// The time, read once per host callback (0: not read yet in this one).
-    pub(super) clock: Cell<u64>,
+    /// Its attempts as the targets' health sees them (the probe it took, a pinned request).
+    pub(super) attempting: Attempting,
     /// The `x-ratelimit-*` headers of the limits this request was admitted under (none: it is
     /// under no limit, and the provider's own pass through).
     pub(super) limit_headers: Vec<(&'static str, String)>,
@@ -276,44 +218,32 @@ impl Exchange {
             phase: Phase::Start,
             request: Request::default(),
             body: None,
-            chain: None,
-            served: None,
             owner_probe: None,
-            attempt_started_ms: 0,
             cache_key: None,
-            cache_body: None,
-            usage: None,
-            response_head: None,
-            dispatched: None,
             recorded: None,
-            pinned: false,
-            awaiting_probe: Cell::new(0),
-            probe: Cell::new(None),
-            clock: Cell::new(0),
+            attempting: Attempting::default(),
             limit_headers: Vec::new(),
         }
     }
 
-    /// A new host callback: decisions taken in it share one reading of the clock.
-    pub(super) fn callback(&self) {
-        self.clock.set(0);
-    }
-
-    /// Unix ms, read from the host once per callback.
-    pub(super) fn now(&self) -> u64 {
-        if self.clock.get() == 0 {
-            self.clock.set(host::now_ms());
-        }
-        self.clock.get()
+    /// The phase, moved out to be moved on: every caller sets the next one (until then the
+    /// request reads as answered, so nothing else acts on it).
+    pub(super) fn take_phase(&mut self) -> Phase {
+        std::mem::replace(&mut self.phase, Phase::Replied)
     }
 
     pub(super) fn config(&self) -> &Config {
         &self.rt.config
     }
 
-    /// The token of a callout dispatched during the last call, if any.
-    pub fn take_dispatched(&mut self) -> Option<u32> {
-        self.dispatched.take()
+    /// What this request shares with its streamed attempts: the runtime and who it is.
+    pub(super) fn scope(&self) -> Scope<'_> {
+        Scope {
+            rt: &self.rt,
+            context_id: self.context_id,
+            request_id: &self.request.id,
+            route: self.request.route,
+        }
     }
 
     /// The targets this request may use, in chain order.
@@ -325,11 +255,11 @@ impl Exchange {
     }
 
     pub(super) fn target(&self, i: usize) -> Option<&Target> {
-        self.config().targets.get(i)
+        self.scope().target(i)
     }
 
     pub(super) fn target_name(&self, i: usize) -> &str {
-        self.target(i).map_or("?", |t| t.name.as_str())
+        self.scope().target_name(i)
     }
 
     /// The client's model, if the body said one.
@@ -345,11 +275,7 @@ impl Exchange {
 
     /// Target `target` as a step of this request's chain.
     pub(super) fn step(&self, target: usize) -> Option<&Step> {
-        let config = &self.rt.config;
-        match self.request.route.and_then(|r| config.routes.get(r)) {
-            Some(route) => route.steps.iter().find(|s| s.target == target),
-            None => config.steps.get(target),
-        }
+        self.scope().step(target)
     }
 
     /// The model target `target` is asked for: its step's, else the client's.
@@ -369,19 +295,12 @@ impl Exchange {
     }
 
     pub(super) fn route_name(&self) -> Option<&str> {
-        let route = self.rt.config.routes.get(self.request.route?)?;
-        Some(&route.name)
+        self.scope().route_name()
     }
 
     /// The operation, for a request that is one.
     pub(super) fn operation(&self) -> Option<crate::request::operation::Operation> {
         self.request.kind.as_ref().and_then(Kind::operation)
-    }
-
-    /// The target of the attempt in flight (or the last one).
-    pub(super) fn current_target(&self) -> Option<usize> {
-        self.served
-            .or_else(|| self.chain.as_ref().and_then(Chain::current_target))
     }
 
     /// Answers the client with one of the filter's own errors.
@@ -399,16 +318,6 @@ impl Exchange {
 
     /// How every log line of this request starts.
     pub(super) fn tag(&self) -> String {
-        let mut tag = format!("[ctx={}", self.context_id);
-        if !self.request.id.is_empty() {
-            tag.push_str(" req=");
-            tag.push_str(&self.request.id);
-        }
-        if let Some(route) = self.route_name() {
-            tag.push_str(" route=");
-            tag.push_str(route);
-        }
-        tag.push(']');
-        tag
+        self.scope().tag()
     }
 }

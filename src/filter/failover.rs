@@ -2,9 +2,9 @@
 //! line per decision: deliver, retry the same target (now, or after its Retry-After:
 //! `timers`), fail over to the next one (`callout`), or give up (`delivery`).
 
-use super::exchange::{Answer, Effect, Exchange, Flow, Phase};
+use super::exchange::{Answer, Exchange, Flow, Phase, Tally, Turn};
 use crate::duration::millis;
-use crate::policy::chain::{Availability, GiveUpReason, Next, NoRetry, Outcome};
+use crate::policy::chain::{Availability, Chain, GiveUpReason, Next, NoRetry, Outcome};
 use crate::policy::judge;
 
 impl Exchange {
@@ -22,12 +22,8 @@ impl Exchange {
         );
     }
 
-    /// Judges an answer and takes the chain's next step.
-    pub(super) fn decide(&mut self, answer: Answer) -> (Flow, Effect) {
-        let Some(mut chain) = self.chain.take() else {
-            return (Flow::Resume, Effect::None);
-        };
-        let now = self.now();
+    /// Judges an answer of the chain's current target and takes the chain's next step.
+    pub(super) fn decide(&mut self, mut chain: Chain, answer: Answer, now: u64) -> Turn {
         let current = chain.current_target().unwrap_or(0);
         let outcome = self.probe_outcome(&answer).unwrap_or_else(|| {
             judge::outcome(
@@ -47,11 +43,11 @@ impl Exchange {
             self.request.route,
             current,
             judge::status_class(answer.status, kind),
-            now.saturating_sub(self.attempt_started_ms),
+            now.saturating_sub(self.attempting.started_ms),
         );
         // A "not found" is an answer: the target is up.
         self.record_health(current, failure.as_ref(), now);
-        self.probe_answered(current, answer.status, &outcome);
+        self.probe_answered(current, answer.status, &outcome, now);
 
         // A probe's chain was ordered by availability when it started, and walks every target
         // (a cooling one may be the only one that holds the response).
@@ -65,7 +61,11 @@ impl Exchange {
         });
         let attempts = chain.attempts();
         let failed_over = chain.failed_over();
-        self.chain = Some(chain);
+        let tally = |budget_spent| Tally {
+            attempts,
+            failed_over,
+            budget_spent,
+        };
         let mut what = judge::describe(answer.status, kind);
         if outcome == Outcome::Elsewhere {
             what.push_str(" (not found there)");
@@ -83,24 +83,20 @@ impl Exchange {
             );
         }
         match step {
-            Next::Deliver => {
-                let flow = self.deliver(answer, None, attempts, failed_over, false);
-                (flow, Effect::None)
-            }
+            Next::Deliver => Turn::from(self.deliver(answer, current, None, tally(false), now)),
             Next::GiveUp(reason) => {
                 self.give_up(reason, attempts, current, &what);
                 let budget_spent = reason == GiveUpReason::BudgetSpent;
-                let (answer, kind) = match self.take_probe_failure() {
+                let (answer, served, kind) = match self.take_probe_failure() {
                     // The last target did not hold the response, an earlier one failed: the
                     // client gets that failure, not the "not found".
                     Some((target, failed, kind)) if outcome == Outcome::Elsewhere => {
-                        self.served = Some(target);
-                        (failed, kind)
+                        (failed, target, kind)
                     }
-                    _ => (answer, kind),
+                    _ => (answer, current, kind),
                 };
-                let flow = self.deliver(answer, kind, attempts, failed_over, budget_spent);
-                (flow, Effect::None)
+                let flow = self.deliver(answer, served, kind, tally(budget_spent), now);
+                Turn::from(flow)
             }
             Next::Retry {
                 target,
@@ -118,10 +114,18 @@ impl Exchange {
                     millis(delay)
                 );
                 if delay.is_zero() {
-                    self.attempt(target, timeout)
+                    self.attempt(chain, target, timeout, now)
                 } else {
-                    self.phase = Phase::Waiting { target, timeout };
-                    (Flow::Hold, Effect::Wait(now.saturating_add(millis(delay))))
+                    self.phase = Phase::Waiting {
+                        chain,
+                        target,
+                        timeout,
+                    };
+                    Turn {
+                        flow: Flow::Hold,
+                        wait: Some(now.saturating_add(millis(delay))),
+                        callout: None,
+                    }
                 }
             }
             Next::Failover {
@@ -143,7 +147,7 @@ impl Exchange {
                     self.target_name(from),
                     self.target_name(to)
                 );
-                self.attempt(to, timeout)
+                self.attempt(chain, to, timeout, now)
             }
         }
     }

@@ -1,12 +1,31 @@
 //! The only place that calls `proxy_wasm::hostcalls`. Every call's error is handled here (the
 //! SDK's convenience trait methods would `unwrap()` them and kill the VM).
 
+use std::cell::OnceCell;
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 
 pub type Headers = Vec<(String, Vec<u8>)>;
+
+/// The time of one host callback, created by the callback and passed down: its decisions share
+/// one reading, taken from the host when the first of them needs it (most chunks of a response
+/// never do).
+#[derive(Default)]
+pub struct Now(OnceCell<u64>);
+
+impl Now {
+    /// A callback that has read the clock already (the root's tick).
+    pub fn at(ms: u64) -> Now {
+        Now(OnceCell::from(ms))
+    }
+
+    /// Unix ms.
+    pub fn ms(&self) -> u64 {
+        *self.0.get_or_init(now_ms)
+    }
+}
 
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()

@@ -4,10 +4,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, MapType};
 
-use super::exchange::{Effect, Exchange, Runtime};
+use super::exchange::{Exchange, Flow, Turn};
+use super::host::{self, Now};
+use super::runtime::Runtime;
 use super::timers::Timers;
+use crate::answer::reply::{self, Callback, ErrorShape};
+use crate::request::azure;
 
 pub struct Http {
     exchange: Rc<RefCell<Exchange>>,
@@ -24,19 +28,32 @@ impl Http {
         }
     }
 
-    fn with<R>(&self, default: R, f: impl FnOnce(&mut Exchange) -> R) -> R {
+    /// Runs `f` on the request's state; when it is in use (not expected), the request fails
+    /// closed (`state_in_use`) and `f` does not run.
+    fn with<R>(&self, callback: Callback, busy: R, f: impl FnOnce(&mut Exchange) -> R) -> R {
         match self.exchange.try_borrow_mut() {
             Ok(mut ex) => f(&mut ex),
-            Err(_) => default,
+            Err(_) => {
+                state_in_use(self.context_id, callback);
+                busy
+            }
         }
     }
 
-    fn follow(&self, effect: Effect) {
-        if let Effect::Wait(due) = effect {
+    /// Carries out what a turn leaves to the request's context; the host gets its action.
+    fn follow(&self, turn: Turn) -> Action {
+        // A callout dispatched from this context answers to it: nothing to route.
+        let Turn {
+            flow,
+            wait,
+            callout: _,
+        } = turn;
+        if let Some(due) = wait {
             if let Ok(mut timers) = self.timers.try_borrow_mut() {
                 timers.schedule(due, self.context_id, Rc::downgrade(&self.exchange));
             }
         }
+        flow.action()
     }
 }
 
@@ -48,28 +65,30 @@ impl Context for Http {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let effect = self.with(Effect::None, |ex| {
-            let effect = ex.on_callout_response(token_id, body_size);
-            // Callouts dispatched from this context come back to it; nothing to route.
-            let _ = ex.take_dispatched();
-            effect
+        let busy = Turn::from(Flow::Hold);
+        let turn = self.with(Callback::Resumed, busy, |ex| {
+            ex.on_callout_response(token_id, body_size, &Now::default())
         });
-        self.follow(effect);
+        // No action to give back here: the held response was replaced by a reply, or stays held
+        // for the next attempt's answer.
+        self.follow(turn);
     }
 }
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
-        let a = self.with(Action::Continue, |ex| ex.on_request_headers(end_of_stream));
+        let a = self.with(Callback::RequestHeaders, Action::Pause, |ex| {
+            ex.on_request_headers(end_of_stream, &Now::default())
+        });
         probe::stop(0, t);
         a
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
-        let a = self.with(Action::Continue, |ex| {
-            ex.on_request_body(body_size, end_of_stream)
+        let a = self.with(Callback::RequestBody, Action::Pause, |ex| {
+            ex.on_request_body(body_size, end_of_stream, &Now::default())
         });
         probe::stop(1, t);
         a
@@ -77,32 +96,65 @@ impl HttpContext for Http {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
-        let (action, effect) = self.with((Action::Continue, Effect::None), |ex| {
-            let r = ex.on_response_headers(end_of_stream);
-            let _ = ex.take_dispatched();
-            r
+        let busy = Turn::from(Flow::Hold);
+        let turn = self.with(Callback::ResponseHeaders, busy, |ex| {
+            ex.on_response_headers(end_of_stream, &Now::default())
         });
-        self.follow(effect);
+        let action = self.follow(turn);
         probe::stop(2, t);
         action
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let t = probe::start();
-        let (action, effect) = self.with((Action::Continue, Effect::None), |ex| {
-            let r = ex.on_response_body(body_size, end_of_stream);
-            let _ = ex.take_dispatched();
-            r
+        let busy = Turn::from(Flow::Hold);
+        let turn = self.with(Callback::ResponseBody, busy, |ex| {
+            ex.on_response_body(body_size, end_of_stream, &Now::default())
         });
-        self.follow(effect);
+        let action = self.follow(turn);
         probe::stop(3, t);
         action
     }
 
     fn on_log(&mut self) {
         let t = probe::start();
-        self.with((), |ex| ex.on_log());
+        self.with(Callback::Log, (), |ex| ex.on_log());
         probe::stop(4, t);
+    }
+}
+
+/// A host callback found the request's state in use (a re-entrant call: not expected). The
+/// request fails closed with the filter's 500 (`reply::when_state_in_use`), never going on
+/// unaddressed; the log line says where. The caller pauses the request.
+pub(super) fn state_in_use(context_id: u32, callback: Callback) {
+    let rejection = reply::when_state_in_use(callback);
+    log::error!(
+        "[ctx={context_id}] the request's state was in use during {callback:?}: {}",
+        match &rejection {
+            Some(r) => r.code(),
+            None => "nothing left to answer",
+        }
+    );
+    let Some(rejection) = rejection else { return };
+    let reply = rejection.reply(request_error_shape());
+    host::send_reply(
+        reply.status,
+        &[("content-type", "application/json")],
+        &reply.body,
+    );
+}
+
+/// The shape of the filter's errors for the request in the current context, from its headers
+/// alone (for replies given without its state).
+pub(super) fn request_error_shape() -> ErrorShape {
+    let text = |name| {
+        host::header(MapType::HttpRequestHeaders, name)
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_default()
+    };
+    match azure::recognise(&text(":method"), &text(":path")) {
+        Some(_) => ErrorShape::Azure,
+        None => ErrorShape::OpenAi,
     }
 }
 

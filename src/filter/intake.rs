@@ -2,12 +2,10 @@
 //! is held until its body is complete (`request_body`); a pass-through is sent on at once to the
 //! first allowed target.
 
-use std::time::Duration;
-
 use proxy_wasm::types::{Action, MapType};
 
 use super::exchange::{Exchange, Phase};
-use super::host;
+use super::host::{self, Now};
 use crate::answer::affinity::Naming;
 use crate::answer::reply::Rejection;
 use crate::policy::chain::{Availability, Chain};
@@ -16,8 +14,7 @@ use crate::request::intake::{self, Kind};
 use crate::target::forward::{self, ClientHeaders};
 
 impl Exchange {
-    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Action {
-        self.callback();
+    pub fn on_request_headers(&mut self, end_of_stream: bool, now: &Now) -> Action {
         let headers = host::headers(MapType::HttpRequestHeaders);
         let get = |name: &str| {
             headers
@@ -89,7 +86,7 @@ impl Exchange {
                     host::set_filter_state("llm_failover.key", &key.name);
                 }
                 self.request.access = Some(access);
-                if let Some(refused) = self.check_limits() {
+                if let Some(refused) = self.check_limits(now) {
                     return refused;
                 }
             }
@@ -122,19 +119,18 @@ impl Exchange {
                 Action::Pause
             }
             Kind::Resource(resource) => {
-                let now = self.now();
-                match self.owner_of(&resource.id, now) {
-                    Some(owner) => self.pass_through(Some(owner)),
+                match self.owner_of(&resource.id, now.ms()) {
+                    Some(owner) => self.pass_through(Some(owner), now),
                     // Probed only when there is no body to replay on the next target.
                     None if end_of_stream && self.targets().len() > 1 => {
                         self.probe_resource(&resource.id, now)
                     }
-                    None => self.pass_through(None),
+                    None => self.pass_through(None, now),
                 }
                 Action::Continue
             }
             Kind::Operation(_) | Kind::PassThrough => {
-                self.pass_through(None);
+                self.pass_through(None, now);
                 Action::Continue
             }
         }
@@ -142,7 +138,8 @@ impl Exchange {
 
     /// A request on a stored response whose owner is not known here: down the chain, ready
     /// targets first, until one has it.
-    fn probe_resource(&mut self, id: &str, now: u64) {
+    fn probe_resource(&mut self, id: &str, clock: &Now) {
+        let now = clock.ms();
         self.start_probe(id, Naming::Path);
         let hops = plan::resource_probe(self.config(), self.targets());
         let hops = plan::probing(hops, |t| self.availability(t, now));
@@ -151,26 +148,22 @@ impl Exchange {
             Availability::Ready
         });
         let Some((chain, first)) = started else {
-            return self.pass_through(None);
+            return self.pass_through(None, clock);
         };
-        self.chain = Some(chain);
-        self.address_routed(first.target, Some(first.timeout));
+        self.address_routed(first.target, Some(first.timeout), now);
         self.begin_attempt(first.target, first.timeout, now);
-        self.phase = Phase::Routed;
+        self.phase = Phase::Routed { chain };
     }
 
     /// Not an operation the filter rewrites: once to `target` (a stored response's owner) or
     /// the first allowed target, with its host and credential. The client never chooses the
     /// cluster: it is set here too.
-    fn pass_through(&mut self, target: Option<usize>) {
-        self.phase = Phase::Passthrough;
-        let Some(mut hop) = plan::pass_through(self.config(), self.targets()) else {
-            return;
-        };
-        hop.target = target.unwrap_or(hop.target);
-        self.address_routed(hop.target, None);
-        let deadline = self.config().deadline;
-        self.chain = Chain::start(vec![hop], self.now(), deadline, Duration::ZERO, |_| false)
-            .map(|(chain, _)| chain);
+    fn pass_through(&mut self, target: Option<usize>, now: &Now) {
+        let first = plan::pass_through(self.config(), self.targets()).map(|hop| hop.target);
+        let target = first.map(|first| target.unwrap_or(first));
+        if let Some(target) = target {
+            self.address_routed(target, None, now.ms());
+        }
+        self.phase = Phase::Passthrough { target };
     }
 }

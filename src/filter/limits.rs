@@ -8,7 +8,7 @@ use std::rc::Rc;
 use proxy_wasm::types::{Action, MapType};
 
 use super::exchange::{Exchange, Phase};
-use super::host;
+use super::host::{self, Now};
 use super::shared;
 use crate::answer::reply::Rejection;
 use crate::config::{Config, Limit, Limits};
@@ -75,7 +75,7 @@ impl Exchange {
     }
 
     /// Admits the request under its key's and route's limits (`None`), or answers 429.
-    pub(super) fn check_limits(&mut self) -> Option<Action> {
+    pub(super) fn check_limits(&mut self, now: &Now) -> Option<Action> {
         let rt = Rc::clone(&self.rt);
         let (key, route) = (self.key_index(), self.request.route);
         let buckets: Vec<(&LimitScope, &(Kind, Limit, String))> = rt
@@ -86,7 +86,7 @@ impl Exchange {
         if buckets.is_empty() {
             return None;
         }
-        let now = self.now();
+        let now = now.ms();
         // Token limits first: they spend nothing, so refusing there leaves nothing to give back.
         let order = [Kind::Tokens, Kind::Requests]
             .into_iter()
@@ -162,8 +162,7 @@ impl Exchange {
     }
 
     /// Charges an answer's tokens to the token limits of its key and route.
-    pub(super) fn charge_limits(&self, tokens: u64) {
-        let now = self.now();
+    pub(super) fn charge_limits(&self, tokens: u64, now: u64) {
         for scope in self.rt.limits.of(self.key_index(), self.request.route) {
             for (kind, limit, bucket) in &scope.buckets {
                 if *kind == Kind::Tokens {

@@ -16,6 +16,7 @@ mod metrics;
 mod request_body;
 mod root;
 mod routed;
+mod runtime;
 mod shared;
 mod streamed;
 mod timers;

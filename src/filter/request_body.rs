@@ -4,7 +4,7 @@
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::exchange::{Exchange, Phase};
-use super::host;
+use super::host::{self, Now};
 use super::shared;
 use crate::answer::affinity::Naming;
 use crate::answer::cache;
@@ -19,8 +19,7 @@ use crate::target::forward::{ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
 use crate::target::rewrite::{self, Operation};
 
 impl Exchange {
-    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.callback();
+    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool, now: &Now) -> Action {
         let (Phase::ReadingBody, Some(op)) = (&self.phase, self.operation()) else {
             return Action::Continue;
         };
@@ -48,7 +47,7 @@ impl Exchange {
             }
         }
         let body_size = self.become_twin(body_size, keep);
-        let now = self.now();
+        let now = now.ms();
         if cacheable && self.answer_from_cache(op, now) {
             return Action::Pause;
         }
@@ -128,7 +127,7 @@ impl Exchange {
                     quote(previous)
                 );
                 self.rt.metrics.affinity_pin();
-                self.pinned = true;
+                self.attempting.pinned = true;
                 hops = owner_hop;
             } else if hops.len() > 1 {
                 self.start_probe(previous, Naming::FollowUp);
@@ -136,12 +135,12 @@ impl Exchange {
             }
         }
         let config = &self.rt.config;
-        if config.loadbalance && !self.pinned && self.owner_probe.is_none() {
+        if config.loadbalance && !self.attempting.pinned && self.owner_probe.is_none() {
             hops = self.balance(hops, now);
         }
         // A pinned request goes to its owner even while it cools (no other target has the
         // response); a probe's order already put the cooling targets last.
-        let fixed = self.pinned || self.owner_probe.is_some();
+        let fixed = self.attempting.pinned || self.owner_probe.is_some();
         let availability = |t: usize| {
             if fixed {
                 Availability::Ready
@@ -169,8 +168,8 @@ impl Exchange {
         for &skipped in &first.skipped {
             self.note_skip(skipped, now);
         }
-        self.chain = Some(chain);
-        if self.route_streamed(op, first.timeout, now, body_size) {
+        if self.route_streamed(op, &chain, first.timeout, now, body_size) {
+            self.phase = Phase::StreamRouted { chain };
             return Action::Continue;
         }
         let new_body = match (
@@ -183,17 +182,17 @@ impl Exchange {
         };
         let replaced =
             new_body.filter(|b| host::replace_buffer(BufferType::HttpRequestBody, body_size, b));
-        self.address_routed(first.target, Some(first.timeout));
+        self.address_routed(first.target, Some(first.timeout), now);
         if let Some(b) = replaced {
             let len = b.len().to_string();
             host::set_header(MapType::HttpRequestHeaders, "content-length", Some(&len));
         }
-        if !self.chain.as_ref().is_some_and(Chain::has_more) {
+        if !chain.has_more() {
             // No failover possible: the body is not needed any more.
             self.body = None;
         }
         self.begin_attempt(first.target, first.timeout, now);
-        self.phase = Phase::Routed;
+        self.phase = Phase::Routed { chain };
         Action::Continue
     }
 

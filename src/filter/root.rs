@@ -5,19 +5,19 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MapType};
+use proxy_wasm::types::{Action, ContextType};
 
-use super::exchange::{Effect, Exchange, Runtime};
-use super::host;
-use super::http::Http;
+use super::exchange::{Exchange, Turn};
+use super::host::{self, Now};
+use super::http::{self, Http};
+use super::runtime::Runtime;
 use super::shared;
 use super::timers::Timers;
 use super::tokens;
 use super::upstream::Attempt;
 use crate::answer::affinity;
-use crate::answer::reply::{ErrorShape, Rejection};
+use crate::answer::reply::{Callback, Rejection};
 use crate::config::{self, Credential, Plugin, ProcessEnv};
-use crate::request::azure;
 
 /// How often a chunk of the cache and affinity slots is swept.
 const SWEEP_EVERY_MS: u64 = 1000;
@@ -107,25 +107,27 @@ impl Root {
                 continue;
             }
             let Ok(mut ex) = exchange.try_borrow_mut() else {
+                http::state_in_use(context_id, Callback::Resumed);
                 continue;
             };
-            let effect = ex.fire_retry();
-            self.follow(context_id, &Rc::downgrade(&exchange), &mut ex, effect);
+            let turn = ex.fire_retry(&Now::at(now));
+            self.follow(context_id, &Rc::downgrade(&exchange), turn);
         }
     }
 
-    /// Records what an exchange did on the root's behalf: a callout to route back, a new timer.
-    fn follow(
-        &mut self,
-        context_id: u32,
-        weak: &Weak<RefCell<Exchange>>,
-        ex: &mut Exchange,
-        effect: Effect,
-    ) {
-        if let Some(token) = ex.take_dispatched() {
+    /// Records what a turn of an exchange taken from the root leaves to it: a callout to route
+    /// back, a new timer. There is no action to give: the held response was replaced by a
+    /// reply, or stays held for the next attempt's answer.
+    fn follow(&mut self, context_id: u32, weak: &Weak<RefCell<Exchange>>, turn: Turn) {
+        let Turn {
+            flow: _,
+            wait,
+            callout,
+        } = turn;
+        if let Some(token) = callout {
             self.callouts.push((token, context_id, weak.clone()));
         }
-        if let Effect::Wait(due) = effect {
+        if let Some(due) = wait {
             if let Ok(mut timers) = self.timers.try_borrow_mut() {
                 timers.schedule(due, context_id, weak.clone());
             }
@@ -154,16 +156,7 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let text = |name| {
-            host::header(MapType::HttpRequestHeaders, name)
-                .and_then(|v| String::from_utf8(v).ok())
-                .unwrap_or_default()
-        };
-        let shape = match azure::recognise(&text(":method"), &text(":path")) {
-            Some(_) => ErrorShape::Azure,
-            None => ErrorShape::OpenAi,
-        };
-        let reply = Rejection::NotConfigured.reply(shape);
+        let reply = Rejection::NotConfigured.reply(http::request_error_shape());
         host::send_reply(
             reply.status,
             &[("content-type", "application/json")],
@@ -200,10 +193,11 @@ impl Context for Root {
             return;
         }
         let Ok(mut ex) = exchange.try_borrow_mut() else {
+            http::state_in_use(context_id, Callback::Resumed);
             return;
         };
-        let effect = ex.on_callout_response(token_id, body_size);
-        self.follow(context_id, &weak, &mut ex, effect);
+        let turn = ex.on_callout_response(token_id, body_size, &Now::default());
+        self.follow(context_id, &weak, turn);
     }
 }
 

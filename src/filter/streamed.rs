@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::MapType;
 
-use super::exchange::{Answer, Effect, Exchange, Phase};
-use super::host;
+use super::exchange::{Answer, Exchange, Flow, Phase, Tally, Turn};
+use super::host::{self, Now};
 use crate::answer::reply::Rejection;
-use crate::policy::chain::{FailureKind, GiveUpReason};
+use crate::policy::chain::{Chain, FailureKind, GiveUpReason};
 use crate::policy::judge;
 use crate::quote;
 use crate::request::operation::Operation;
@@ -22,11 +22,12 @@ impl Exchange {
     pub(super) fn route_streamed(
         &mut self,
         op: Operation,
+        chain: &Chain,
         timeout: Duration,
         now: u64,
         length: usize,
     ) -> bool {
-        let (Some(chain), Some(body)) = (&self.chain, &self.body) else {
+        let Some(body) = &self.body else {
             return false;
         };
         // A probe judges each answer itself (a "not found" is no failure to the router).
@@ -81,24 +82,28 @@ impl Exchange {
             deadline_ms: now.saturating_add(crate::duration::millis(left)),
             length: length as u64,
             shape: self.request.shape,
-            pinned: self.pinned,
+            pinned: self.attempting.pinned,
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
-        self.attempt_started_ms = now;
-        self.phase = Phase::StreamRouted;
+        self.attempting.started_ms = now;
         true
     }
 
     /// The router's answer to a streamed request: the first answer a target gave that is not a
     /// failure, the last failure when the plan is spent, or its own reply when no attempt
     /// answered.
-    pub(super) fn on_stream_answer(&mut self, end_of_stream: bool) -> (Action, Effect) {
+    pub(super) fn on_stream_answer(
+        &mut self,
+        chain: Chain,
+        end_of_stream: bool,
+        now: &Now,
+    ) -> Turn {
         let details = host::property_text(&["response", "code_details"]).unwrap_or_default();
         if details == "cluster_not_found" {
-            return self.stream_clusters_missing();
+            return self.stream_clusters_missing(chain, now.ms());
         }
         let record = host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
-        let first = self.chain.as_ref().and_then(|c| c.current_target());
+        let first = chain.current_target();
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {
             log::error!(
@@ -111,7 +116,6 @@ impl Exchange {
             Some(r) => (Some(r.target), r.attempts, r.failed_over),
             None => (first, 1, false),
         };
-        self.served = served;
         let last = served.unwrap_or(0);
         let refused = if via_upstream {
             None
@@ -121,9 +125,9 @@ impl Exchange {
         let deadline_spent = refused.as_deref() == Some(Rejection::DeadlineExceeded.code());
         if refused.is_some() && !deadline_spent {
             // The upstream filter's own error (it logged why): passed on as it is.
-            self.add_outcome_headers(attempts, failed_over);
-            self.pass_answer(None);
-            return (Action::Continue, Effect::None);
+            self.add_outcome_headers(served, attempts, failed_over);
+            self.pass_answer(served, None);
+            return Turn::from(Flow::Resume);
         }
         if !via_upstream {
             // No attempt answered: reset, refused, timed out, or the deadline ran out.
@@ -144,18 +148,24 @@ impl Exchange {
                 last,
                 &judge::describe(None, Some(failure)),
             );
-            let budget_spent = reason == GiveUpReason::BudgetSpent;
+            let tally = Tally {
+                attempts,
+                failed_over,
+                budget_spent: reason == GiveUpReason::BudgetSpent,
+            };
             if end_of_stream {
-                self.deliver_spent(failure, budget_spent, attempts, failed_over);
-                return (Action::Pause, Effect::None);
+                self.deliver_spent(served, failure, tally, now.ms());
+                return Turn::from(Flow::Hold);
             }
+            let budget_spent = tally.budget_spent;
             self.phase = Phase::StreamSpent {
+                served,
                 failure,
                 budget_spent,
                 attempts,
                 failed_over,
             };
-            return (Action::Pause, Effect::None);
+            return Turn::from(Flow::Hold);
         }
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
@@ -167,34 +177,40 @@ impl Exchange {
                 &judge::describe(status, None),
             );
         }
-        self.add_outcome_headers(attempts, failed_over);
-        self.pass_answer(status);
-        (Action::Continue, Effect::None)
+        self.add_outcome_headers(served, attempts, failed_over);
+        self.pass_answer(served, status);
+        Turn::from(Flow::Resume)
     }
 
     /// The router's own reply, complete: replaced by the filter's error.
-    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool) -> Action {
+    pub(super) fn on_stream_spent_body(&mut self, end_of_stream: bool, now: &Now) -> Flow {
         let Phase::StreamSpent {
+            served,
             failure,
             budget_spent,
             attempts,
             failed_over,
         } = self.phase
         else {
-            return Action::Continue;
+            return Flow::Resume;
         };
         if end_of_stream {
-            self.deliver_spent(failure, budget_spent, attempts, failed_over);
+            let tally = Tally {
+                attempts,
+                failed_over,
+                budget_spent,
+            };
+            self.deliver_spent(served, failure, tally, now.ms());
         }
-        Action::Pause
+        Flow::Hold
     }
 
     fn deliver_spent(
         &mut self,
+        served: Option<usize>,
         failure: FailureKind,
-        budget_spent: bool,
-        attempts: u32,
-        failed_over: bool,
+        tally: Tally,
+        now: u64,
     ) {
         let answer = Answer {
             status: None,
@@ -206,7 +222,8 @@ impl Exchange {
             body: Vec::new(),
             headers: None,
         };
-        self.deliver(answer, Some(failure), attempts, failed_over, budget_spent);
+        // A transport failure: always the filter's own reply.
+        self.deliver(answer, served.unwrap_or(0), Some(failure), tally, now);
     }
 
     /// The route did not take the attempts' clusters from the list (it read
@@ -214,14 +231,13 @@ impl Exchange {
     /// (its fallback's answer then arrives whole), this worker routes the next streamed requests
     /// like any request for a while (a healthy answer streams), and the operator is told once
     /// per worker.
-    fn stream_clusters_missing(&mut self) -> (Action, Effect) {
+    fn stream_clusters_missing(&mut self, chain: Chain, now: u64) -> Turn {
         let cluster = host::header(
             MapType::HttpRequestHeaders,
             crate::target::forward::CLUSTER_HEADER,
         )
         .and_then(|v| String::from_utf8(v).ok())
         .unwrap_or_default();
-        let now = self.now();
         self.rt.unwired_at.set(Some(now));
         if !self.rt.stream_warned.replace(true) {
             log::warn!(
@@ -232,14 +248,12 @@ impl Exchange {
                 quote(&cluster)
             );
         }
-        let (Some(target), Some(left)) = (
-            self.chain.as_ref().and_then(|c| c.current_target()),
-            self.chain.as_ref().map(|c| c.remaining(now)),
-        ) else {
-            return (Action::Continue, Effect::None);
+        let Some(target) = chain.current_target() else {
+            self.phase = Phase::Delivered;
+            return Turn::from(Flow::Resume);
         };
+        let left = chain.remaining(now);
         let timeout = self.step(target).map_or(left, |s| s.timeout.min(left));
-        let (flow, effect) = self.attempt(target, timeout);
-        (flow.action(), effect)
+        self.attempt(chain, target, timeout, now)
     }
 }

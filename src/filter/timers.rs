@@ -5,8 +5,8 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use super::exchange::{Effect, Exchange, Phase};
-use super::host;
+use super::exchange::{Exchange, Flow, Phase, Turn};
+use super::host::{self, Now};
 
 /// The root's tick while a retry waits (it fires within a tick of its due time) and, with Entra
 /// ID targets, always (their tokens are fetched and shared from the tick).
@@ -71,11 +71,17 @@ impl Timers {
 
 impl Exchange {
     /// The Retry-After wait is over: send the retry.
-    pub fn fire_retry(&mut self) -> Effect {
-        self.callback();
-        let Phase::Waiting { target, timeout } = self.phase else {
-            return Effect::None;
-        };
-        self.attempt(target, timeout).1
+    pub fn fire_retry(&mut self, now: &Now) -> Turn {
+        match self.take_phase() {
+            Phase::Waiting {
+                chain,
+                target,
+                timeout,
+            } => self.attempt(chain, target, timeout, now.ms()),
+            phase => {
+                self.phase = phase;
+                Turn::from(Flow::Hold)
+            }
+        }
     }
 }

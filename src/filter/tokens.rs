@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, MapType};
 
-use super::exchange::Runtime;
 use super::host;
+use super::runtime::Runtime;
 use super::shared;
 use crate::config::Credential;
 use crate::policy::judge;

@@ -5,21 +5,24 @@
 //! attempt stands for (a retry or a failover), and judges how the attempt ended for the
 //! cooldowns, the spill-overs and the stats. The request's facts come from the filter's handoff,
 //! never from the headers, which all attempts share and which carry the last attempt's rewrite.
+//! An attempt shares only a narrow `Scope` with the downstream filter (runtime, context, request
+//! id, route) and keeps its own `Attempting`: none of the downstream request's state.
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
-use super::exchange::Exchange;
-use super::host;
+use super::health::{Attempting, Scope};
+use super::host::{self, Now};
 use super::root;
+use super::runtime::Runtime;
 use crate::answer::reply::{ErrorShape, Rejection};
 use crate::policy::chain::{Failure, FailureKind};
 use crate::policy::judge;
 use crate::policy::retry_after;
 use crate::request::body::{Body, Keep};
-use crate::request::intake::Kind;
 use crate::streamed::{self, Decision, Ended, Handoff, Record};
 use crate::target::provider::{self, CLIENT_CREDENTIAL_HEADERS};
 use crate::target::rewrite;
@@ -33,14 +36,33 @@ pub struct Attempt {
 
 /// An attempt that was addressed.
 struct State {
-    ex: Exchange,
+    rt: Rc<Runtime>,
+    /// The request's facts, as the filter handed them over.
     handoff: Handoff,
+    /// This attempt as the targets' health sees it.
+    attempting: Attempting,
     target: usize,
+    /// This attempt's record (its number, target and ending) in filter state.
     record: Record,
-    started_ms: u64,
     answered: bool,
     /// The target's body differs from the client's: held until complete, then rewritten.
     rewrite: bool,
+}
+
+/// What the attempt shares with the downstream filter of its request.
+fn scope<'a>(rt: &'a Runtime, handoff: &'a Handoff) -> Scope<'a> {
+    Scope {
+        rt,
+        context_id: handoff.ctx,
+        request_id: &handoff.id,
+        route: handoff.route,
+    }
+}
+
+impl State {
+    fn scope(&self) -> Scope<'_> {
+        scope(&self.rt, &self.handoff)
+    }
 }
 
 impl Attempt {
@@ -56,7 +78,7 @@ impl Attempt {
     /// routed first attempt of one that is not streamed) passes untouched. `Err` names why the attempt cannot be sent (the
     /// client gets a 500: the request must never go on unaddressed or with another target's
     /// credential).
-    fn begin(&mut self, end_of_stream: bool) -> Result<Action, Refusal> {
+    fn begin(&mut self, end_of_stream: bool, now: &Now) -> Result<Action, Refusal> {
         let Some(handoff) =
             host::property(&[streamed::HANDOFF_STATE]).and_then(|b| Handoff::from_json(&b))
         else {
@@ -81,23 +103,18 @@ impl Attempt {
                  failover: the Lua filter and the priority_group cluster specifier)",
             ));
         }
-        let mut ex = Exchange::new(rt, handoff.ctx);
-        ex.request.id = handoff.id.clone();
-        ex.request.route = handoff.route;
-        ex.request.kind = Some(Kind::Operation(handoff.op));
-        ex.request.client_path = handoff.path.clone();
-        ex.pinned = handoff.pinned;
-        let now = ex.now();
+        let now = now.ms();
         if previous.is_some() && !handoff.may_start(now) {
             return Err(Refusal::DeadlineSpent);
         }
         let first = handoff.plan.first().map_or(target, |t| t.target);
         let record = Record::next(previous, first, target);
+        let scope = scope(&rt, &handoff);
         if let Some(previous) = previous {
-            log_decision(&ex, &previous, target, record.attempts);
+            log_decision(&scope, &previous, target, record.attempts);
         }
 
-        let (Some(t), Some(step)) = (ex.target(target), ex.step(target)) else {
+        let (Some(t), Some(step)) = (scope.target(target), scope.step(target)) else {
             return Err(Refusal::Misconfigured("target out of range"));
         };
         let model = step.model.as_deref().or(handoff.model.as_deref());
@@ -105,7 +122,7 @@ impl Attempt {
             provider::address(t, Some(handoff.op), model, &handoff.path).map_err(|_| {
                 Refusal::Misconfigured("the request's plan names a target that cannot serve it")
             })?;
-        let (credential, value) = ex.rt.credential(target, now).ok_or(Refusal::NoCredential)?;
+        let (credential, value) = rt.credential(target, now).ok_or(Refusal::NoCredential)?;
         let rewrite = rewrite::may_change_body(t, step, handoff.op);
         let map = MapType::HttpRequestHeaders;
         // The headers are shared by all attempts: any provider's credential a previous attempt
@@ -125,20 +142,22 @@ impl Attempt {
         host::set_filter_state(streamed::RECORD_STATE, &record.to_json());
         // Read here (the plan was made by the filter): an attempt on a target whose cooldown
         // ended takes its probe.
-        ex.breaker(target, now);
-        ex.begin_attempt(target, Duration::from_millis(handoff.per_try_ms), now);
+        let mut attempting = Attempting::new(handoff.pinned);
+        attempting.breaker(&scope, target, now);
+        let per_try = Duration::from_millis(handoff.per_try_ms);
+        attempting.begin(&scope, target, per_try, now);
         log::debug!(
             "{} streamed attempt {} to target={}",
-            ex.tag(),
+            scope.tag(),
             record.attempts,
-            ex.target_name(target)
+            scope.target_name(target)
         );
         self.state = Some(State {
-            ex,
+            rt,
             handoff,
+            attempting,
             target,
             record,
-            started_ms: now,
             answered: false,
             rewrite,
         });
@@ -157,7 +176,8 @@ impl Attempt {
         let Ok(body) = Body::parse(raw, Keep::Document) else {
             return;
         };
-        let (Some(t), Some(step)) = (st.ex.target(st.target), st.ex.step(st.target)) else {
+        let scope = st.scope();
+        let (Some(t), Some(step)) = (scope.target(st.target), scope.step(st.target)) else {
             return;
         };
         let new = rewrite::body_for_step(t, step, st.handoff.op, &body);
@@ -170,17 +190,16 @@ impl Attempt {
     }
 
     /// The attempt's answer: counted, and judged for the target's health.
-    fn answered(&mut self) {
+    fn answered(&mut self, now: &Now) {
         let Some(st) = &mut self.state else { return };
         st.answered = true;
-        st.ex.callback();
-        let now = st.ex.now();
+        let now = now.ms();
+        let scope = scope(&st.rt, &st.handoff);
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
-        let config = &st.ex.rt.config;
+        let config = &st.rt.config;
         let failed = status.filter(|&s| streamed::fails_over(config, s));
-        let spills = st
-            .ex
+        let spills = scope
             .target(st.target)
             .is_some_and(|t| t.spillover.is_some());
         let headers = if failed.is_some() || spills {
@@ -195,51 +214,66 @@ impl Attempt {
                 now / 1000,
             ),
         });
-        st.ex.rt.metrics.attempt(
+        st.rt.metrics.attempt(
             st.handoff.route,
             st.target,
             judge::status_class(status, None),
-            now.saturating_sub(st.started_ms),
+            now.saturating_sub(st.attempting.started_ms),
         );
-        st.ex.record_health(st.target, failure.as_ref(), now);
+        st.attempting
+            .record_health(&scope, st.target, failure.as_ref(), now);
         if spills {
-            st.ex.record_limits(st.target, &headers, now);
+            scope.record_limits(st.target, &headers, now);
         }
         st.record.ended = status.map_or(Ended::Unreachable, Ended::Status);
         host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
     }
 
     /// The attempt ended: one that never answered failed in transport (unless the client left).
-    fn done(&mut self) {
+    /// Its ending is recorded only over its own record: it may end after the router started
+    /// the next attempt, whose record stands (`Record::may_overwrite`).
+    fn done(&mut self, now: &Now) {
         let Some(st) = &mut self.state else { return };
         if st.answered {
             return;
         }
-        st.ex.callback();
-        let now = st.ex.now();
+        let now = now.ms();
+        let scope = scope(&st.rt, &st.handoff);
         if client_left() {
-            log::debug!("{} client went away during a streamed attempt", st.ex.tag());
-            st.ex.release_probe();
+            log::debug!("{} client went away during a streamed attempt", scope.tag());
+            st.attempting.release_probe(&scope);
             return;
         }
-        let ended = streamed::no_answer(now.saturating_sub(st.started_ms), st.handoff.per_try_ms);
+        let started = st.attempting.started_ms;
+        let ended = streamed::no_answer(now.saturating_sub(started), st.handoff.per_try_ms);
         let kind = match ended {
             Ended::Timeout => FailureKind::Timeout,
             _ => FailureKind::Unreachable,
         };
-        st.ex.rt.metrics.attempt(
+        st.rt.metrics.attempt(
             st.handoff.route,
             st.target,
             judge::status_class(None, Some(kind)),
-            now.saturating_sub(st.started_ms),
+            now.saturating_sub(started),
         );
         let failure = Failure {
             kind,
             retry_after: None,
         };
-        st.ex.record_health(st.target, Some(&failure), now);
+        st.attempting
+            .record_health(&scope, st.target, Some(&failure), now);
         st.record.ended = ended;
-        host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
+        let current = host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        if st.record.may_overwrite(current.as_ref()) {
+            host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
+        } else {
+            log::debug!(
+                "{} streamed attempt {} ended after attempt {} began: its record stands",
+                scope.tag(),
+                st.record.attempts,
+                current.map_or(0, |c| c.attempts)
+            );
+        }
     }
 }
 
@@ -253,7 +287,7 @@ enum Refusal {
 
 /// The decision the attempt after `previous` stands for: logged and counted once, by the
 /// attempt that carries it out.
-fn log_decision(ex: &Exchange, previous: &Record, target: usize, attempt: u32) {
+fn log_decision(scope: &Scope, previous: &Record, target: usize, attempt: u32) {
     let what = match previous.ended {
         Ended::Status(s) => judge::describe(Some(s), None),
         Ended::Timeout => judge::describe(None, Some(FailureKind::Timeout)),
@@ -261,20 +295,20 @@ fn log_decision(ex: &Exchange, previous: &Record, target: usize, attempt: u32) {
     };
     match streamed::decision(previous, target) {
         Decision::Retry { target } => {
-            ex.rt.metrics.retry(target);
+            scope.rt.metrics.retry(target);
             log::info!(
                 "{} retry target={} after {what} delay=0ms attempt={attempt}",
-                ex.tag(),
-                ex.target_name(target)
+                scope.tag(),
+                scope.target_name(target)
             );
         }
         Decision::Failover { from, to } => {
-            ex.rt.metrics.fallback(ex.request.route, from, to);
+            scope.rt.metrics.fallback(scope.route, from, to);
             log::info!(
                 "{} failover from={} to={} after {what} attempt={attempt}",
-                ex.tag(),
-                ex.target_name(from),
-                ex.target_name(to)
+                scope.tag(),
+                scope.target_name(from),
+                scope.target_name(to)
             );
         }
     }
@@ -297,14 +331,14 @@ fn client_left() -> bool {
 
 impl Context for Attempt {
     fn on_done(&mut self) -> bool {
-        self.done();
+        self.done(&Now::default());
         true
     }
 }
 
 impl HttpContext for Attempt {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        match self.begin(end_of_stream) {
+        match self.begin(end_of_stream, &Now::default()) {
             Ok(action) => action,
             Err(refusal) => {
                 let rejection = match refusal {
@@ -339,7 +373,7 @@ impl HttpContext for Attempt {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.answered();
+        self.answered(&Now::default());
         Action::Continue
     }
 }
