@@ -202,18 +202,25 @@ def require_envoy(wasm_path: str | os.PathLike | None = DEFAULT_WASM):
         pytest.skip(msg)
 
 
+def serve_stack(plugin_config: dict, openai_server, azure_server, base_config=None):
+    """A long-lived Envoy (a module's or the session's) in front of the two mock servers, for
+    `use_shared_stack` to lend to each test."""
+    require_envoy()
+    s = EnvoyStack(base_config, plugin_config=plugin_config,
+                   clusters={"openai": openai_server.port, "azure": azure_server.port})
+    s.start()
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def _session_stack(_openai_server, _azure_server):
-    require_envoy()
     # envoy/local.yaml as shipped, except that cooldowns are off: they are shared state that would
     # carry one test's failures into the next. Cooldown tests run their own stack.
     cfg = harness.file_plugin_config()
     for target in cfg["targets"]:
         target["cooldown"] = False
-    s = EnvoyStack(plugin_config=cfg, clusters={"openai": _openai_server.port, "azure": _azure_server.port})
-    s.start()
-    yield s
-    s.stop()
+    yield from serve_stack(cfg, _openai_server, _azure_server)
 
 
 def _check_vm(request, stack: EnvoyStack, offset: int):

@@ -13,8 +13,8 @@ import openai
 import pytest
 import requests
 
-from conftest import use_shared_stack
-from harness import AZURE_KEY, HTTP_TIMEOUT, OPENAI_KEY, EnvoyStack, file_plugin_config
+from conftest import serve_stack, use_shared_stack
+from harness import AZURE_KEY, HTTP_TIMEOUT, OPENAI_KEY, file_plugin_config
 
 AZURE_FIRST = "envoy/azure-first.yaml"
 GATEWAY_KEY = "my-azure-app-key"  # envoy/azure-first.json's key "azure-app"
@@ -34,11 +34,7 @@ def azure_first_config(**azure_fields) -> dict:
 
 @pytest.fixture(scope="module")
 def _azure_first_stack(_openai_server, _azure_server):
-    s = EnvoyStack(AZURE_FIRST, plugin_config=azure_first_config(),
-                   clusters={"openai": _openai_server.port, "azure": _azure_server.port})
-    s.start()
-    yield s
-    s.stop()
+    yield from serve_stack(azure_first_config(), _openai_server, _azure_server, AZURE_FIRST)
 
 
 @pytest.fixture

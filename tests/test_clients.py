@@ -19,8 +19,8 @@ import sys
 
 import pytest
 
-from conftest import require_envoy, use_shared_stack
-from harness import REPO_ROOT, EnvoyStack, azure_target, openai_target, plugin_config
+from conftest import serve_stack, use_shared_stack
+from harness import REPO_ROOT, azure_target, openai_target, plugin_config
 
 CLIENTS = REPO_ROOT / "tests" / "clients"
 if str(CLIENTS) not in sys.path:
@@ -95,15 +95,11 @@ def run_client(library: str, scenario: str, base_url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def _clients_stack(_openai_server, _azure_server):
-    require_envoy()
     cfg = plugin_config(
         [openai_target(retries=0, cooldown=False, timeout="10s"),
          azure_target(api_version="v1", deployments=V1_DEPLOYMENTS, retries=0, cooldown=False, timeout="10s")],
         deadline="30s")
-    s = EnvoyStack(plugin_config=cfg, clusters={"openai": _openai_server.port, "azure": _azure_server.port})
-    s.start()
-    yield s
-    s.stop()
+    yield from serve_stack(cfg, _openai_server, _azure_server)
 
 
 @pytest.fixture

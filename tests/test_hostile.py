@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import require_envoy, use_shared_stack
+from conftest import serve_stack, use_shared_stack
 from harness import (OPENAI_KEY, EnvoyStack, azure_target, file_plugin_config, free_port, openai_target,
                      plugin_config, wait_for)
 from mocks.upstream import _approx_tokens
@@ -47,12 +47,7 @@ def hostile_config(**changes) -> dict:
 
 @pytest.fixture(scope="module")
 def _module_stack(_openai_server, _azure_server):
-    require_envoy()
-    s = EnvoyStack(plugin_config=hostile_config(),
-                   clusters={"openai": _openai_server.port, "azure": _azure_server.port})
-    s.start()
-    yield s
-    s.stop()
+    yield from serve_stack(hostile_config(), _openai_server, _azure_server)
 
 
 @pytest.fixture

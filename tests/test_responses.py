@@ -10,8 +10,8 @@ import openai
 import pytest
 
 import harness
-from conftest import use_shared_stack
-from harness import AZURE_KEY, OPENAI_KEY, EnvoyStack, azure_target, make_client, openai_target, plugin_config
+from conftest import serve_stack, use_shared_stack
+from harness import AZURE_KEY, OPENAI_KEY, azure_target, make_client, openai_target, plugin_config
 
 V1_DEPLOYMENTS = {"gpt-4o": "gpt-4o-prod", "*": "gpt-4o-mini-default"}
 
@@ -25,11 +25,7 @@ def v1_config(**top) -> dict:
 
 @pytest.fixture(scope="module")
 def _v1_stack(_openai_server, _azure_server):
-    harness_stack = EnvoyStack(plugin_config=v1_config(),
-                               clusters={"openai": _openai_server.port, "azure": _azure_server.port})
-    harness_stack.start()
-    yield harness_stack
-    harness_stack.stop()
+    yield from serve_stack(v1_config(), _openai_server, _azure_server)
 
 
 @pytest.fixture
