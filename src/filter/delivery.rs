@@ -10,7 +10,7 @@ use super::shared;
 use crate::answer::affinity;
 use crate::answer::cache::Entry;
 use crate::answer::reply::Rejection;
-use crate::answer::usage::{self, Usage};
+use crate::answer::usage::{self, Usage, UsageScanner};
 use crate::duration::millis;
 use crate::policy::chain::FailureKind;
 use crate::target::forward::{self, ATTEMPTS_HEADER, CACHE_HEADER, TARGET_HEADER};
@@ -126,8 +126,7 @@ impl Exchange {
         now: &Now,
     ) {
         if let Some(u) = tokens {
-            self.rt.metrics.tokens(target, u);
-            self.charge_limits(u.prompt.saturating_add(u.completion), now.ms());
+            self.spend(target, u, now);
         }
         let (Some(settings), Some(digest)) = (self.cache_settings(), self.cache_key) else {
             return;
@@ -147,6 +146,12 @@ impl Exchange {
         shared::cache_put(settings, &entry);
     }
 
+    /// Counts the tokens an answer of `target` spent, and charges them to the token limits.
+    fn spend(&self, target: usize, u: Usage, now: &Now) {
+        self.rt.metrics.tokens(target, u);
+        self.charge_limits(u.prompt.saturating_add(u.completion), now.ms());
+    }
+
     /// Filter state for the access log: `%FILTER_STATE(wasm.llm_failover.<field>:PLAIN)%`.
     /// Each value is written when it differs from the last written (a host call each).
     pub(super) fn record_state(&mut self, target: &str, attempts: u32, failed_over: bool) {
@@ -164,8 +169,16 @@ impl Exchange {
         self.recorded = Some((target.to_string(), attempts, failed_over));
     }
 
-    pub fn on_log(&mut self) {
+    pub fn on_log(&mut self, now: &Now) {
         self.release_probe();
+        // A client that stops reading at the stream's `[DONE]` may close before Envoy passes the
+        // answer's end on (the SDKs do): the usage it was sent was still spent upstream.
+        if let Phase::Streaming(passing) = &mut self.phase {
+            let tokens = passing.usage.take().as_ref().and_then(UsageScanner::finish);
+            if let (Some(target), Some(u)) = (passing.target, tokens) {
+                self.spend(target, u, now);
+            }
+        }
         if let Phase::Callout { .. } | Phase::Waiting { .. } = self.phase {
             log::debug!("{} client went away during failover", self.tag());
         }

@@ -118,7 +118,7 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         let t = probe::start();
-        self.with(Callback::Log, (), |ex| ex.on_log());
+        self.with(Callback::Log, (), |ex| ex.on_log(&Now::default()));
         probe::stop(4, t);
     }
 }

@@ -295,7 +295,7 @@ impl Exchange {
         }
         if end_of_stream {
             if let Some(target) = passing.target {
-                let tokens = passing.usage.as_ref().and_then(UsageScanner::finish);
+                let tokens = passing.usage.take().as_ref().and_then(UsageScanner::finish);
                 let copy = passing.cache_body.take();
                 let copy = copy.as_deref().map(|b| (b, "application/json"));
                 self.finish_success(target, tokens, copy, now);
