@@ -2,20 +2,25 @@
 picture tools/outage_plot.py draws (docs/outage.png).
 
 A real Envoy (envoy/local.yaml, 2 workers) runs the filter with the chain OpenAI -> Azure (Azure with
-Entra ID tokens from the Entra mock, the cache on) in front of the strict mocks; Prometheus scrapes
-its admin `/stats/prometheus` every second. Steady traffic runs throughout (a quarter of it the same
-question, so the cache answers some); the primary answers 429/503 to everything during the outage,
-then is healthy again.
+Entra ID tokens from the Entra mock, the cache on, two gateway keys) in front of the strict mocks;
+Prometheus scrapes its admin `/stats/prometheus` every second. Steady traffic of the "app" key runs
+throughout (a quarter of it the same question, so the cache answers some); the primary answers
+429/503 to everything during the outage, then is healthy again. Between phases the script can add
+what the steady traffic never does: a burst of the "batch" key over its request limit (429s from
+the filter itself), and Responses API requests naming responses another Envoy of the fleet created
+on Azure (each costs a "not found" from OpenAI before Azure is asked).
 
     lab = OutageLab(rule_files=[...]).start()
     lab.run_traffic()                 # in a background thread until lab.stop()
-    lab.phase("healthy", 6); lab.outage(12); lab.phase("recovered", 10)
+    lab.phase("healthy", 6); lab.batch_over_its_limit(); lab.follow_ups_from_another_replica()
+    lab.outage(12); lab.phase("recovered", 10)
     lab.prometheus.query_range(...)
     lab.stop()
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import threading
 import time
@@ -35,16 +40,28 @@ TENANT, CLIENT, SECRET = "11111111-2222-3333-4444-555555555555", "outage-client"
 TOKEN_SECRET = "outage-hmac-shared-by-the-two-mocks"
 TOKEN_LIFETIME_S = 20  # short, so the run sees refreshes (the filter refreshes before expiry)
 OUTAGE_STATUSES = (429, 503)
+# Gateway keys: "app" sends the steady traffic, "batch" is limited to BATCH_LIMIT requests a minute.
+GATEWAY_KEYS = {"app": "gw-outage-app-secret", "batch": "gw-outage-batch-secret"}
+BATCH_LIMIT = 2
+# An Azure API version with the Responses API, so that Azure can be probed for a response's owner.
+AZURE_API_VERSION = "2025-04-01-preview"
 
 
 def lab_plugin_config() -> dict:
     primary = openai_target(retries=1, cooldown={"after_failures": 2, "duration": "2s", "max_duration": "2s"})
-    secondary = azure_target(retries=1, cooldown=False)
+    secondary = azure_target(retries=1, cooldown=False, api_version=AZURE_API_VERSION)
     del secondary["api_key_env"]
     secondary["azure_ad"] = {"cluster": "entra", "tenant_id": TENANT, "client_id": CLIENT,
                              "client_secret_env": "AZURE_CLIENT_SECRET"}
-    return plugin_config([primary, secondary], deadline="20s",
+    keys = [{"name": name, "key_sha256": hashlib.sha256(secret.encode()).hexdigest()}
+            for name, secret in GATEWAY_KEYS.items()]
+    keys[1]["limits"] = {"requests": {"count": BATCH_LIMIT, "per": "1m"}}
+    return plugin_config([primary, secondary], deadline="20s", keys=keys,
                          cache={"enabled": True, "ttl": "600s", "max_entries": 64})
+
+
+def key_header(name: str) -> dict:
+    return {"Authorization": f"Bearer {GATEWAY_KEYS[name]}"}
 
 
 def _fast_stats_flush(cfg: dict):
@@ -58,6 +75,25 @@ class Answer:
     status: int
     target: str | None
     cache: str | None
+
+
+@dataclass
+class SideAnswer:
+    """An answer to a request of the script itself (not the steady traffic)."""
+    what: str
+    status: int
+    target: str | None
+    attempts: str | None
+    code: str | None
+
+
+def side_answer(what: str, r: requests.Response) -> SideAnswer:
+    try:
+        code = (r.json().get("error") or {}).get("code")
+    except ValueError:
+        code = None
+    return SideAnswer(what, r.status_code, r.headers.get("x-llm-failover-target"),
+                      r.headers.get("x-llm-failover-attempts"), code)
 
 
 @dataclass
@@ -81,8 +117,10 @@ class OutageLab:
                                       token_secret=TOKEN_SECRET, token_lifetime_s=TOKEN_LIFETIME_S)
         self.openai = start_mock("openai", api_key=OPENAI_KEY, name="openai")
         self.azure = start_mock("azure", name="azure", api_key=AZURE_KEY, resource=AZURE_RESOURCE,
-                                entra_token_secret=TOKEN_SECRET, api_versions="2024-10-21",
+                                entra_token_secret=TOKEN_SECRET, api_versions=AZURE_API_VERSION,
                                 deployments="gpt-4o-prod,gpt-4o-mini-default")
+        for mock in (self.openai, self.azure):
+            mock.forbid(GATEWAY_KEYS.values())
         self.envoy = EnvoyStack(plugin_config=lab_plugin_config(),
                                 clusters={"openai": self.openai.port, "azure": self.azure.port,
                                           "entra": self.entra.port},
@@ -114,7 +152,7 @@ class OutageLab:
             sent = time.time()
             try:
                 r = http.post(self.envoy.url("/v1/chat/completions"), json=body, timeout=20,
-                              headers={"Accept-Encoding": "identity"})
+                              headers={"Accept-Encoding": "identity", **key_header("app")})
                 self.answers.append(Answer(sent, r.status_code, r.headers.get("x-llm-failover-target"),
                                            r.headers.get("x-llm-failover-cache")))
             except requests.RequestException:
@@ -122,6 +160,40 @@ class OutageLab:
             next_at += period
             self._stop.wait(max(0.0, next_at - time.monotonic()))
         http.close()
+
+    # -- the script's own requests ----------------------------------------------------------------
+
+    def batch_over_its_limit(self, n: int = BATCH_LIMIT + 3) -> list[SideAnswer]:
+        """`n` chat completions of the "batch" key at once: BATCH_LIMIT are served, the rest get the
+        filter's own 429 `rate_limit_exceeded`."""
+        with requests.Session() as http:
+            return [side_answer("batch", http.post(
+                self.envoy.url("/v1/chat/completions"), timeout=20,
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": f"batch job {i}"}]},
+                headers={"Accept-Encoding": "identity", **key_header("batch")})) for i in range(n)]
+
+    def follow_ups_from_another_replica(self) -> list[SideAnswer]:
+        """Two responses created on Azure through another Envoy of the fleet (straight on the Azure
+        mock: this Envoy never saw them), then a follow-up of one and a retrieve of the other through
+        this Envoy. It does not know their owner, so it probes the chain: OpenAI says "not found",
+        Azure has it."""
+        straight_to_azure = {"Host": f"{AZURE_RESOURCE}.openai.azure.com", "api-key": AZURE_KEY}
+        ids = []
+        with requests.Session() as http:
+            for i in range(2):
+                r = http.post(self.azure.url(f"/openai/responses?api-version={AZURE_API_VERSION}"),
+                              json={"model": "gpt-4o-prod", "input": f"conversation {i}"},
+                              headers=straight_to_azure, timeout=20)
+                r.raise_for_status()
+                ids.append(r.json()["id"])
+            headers = {"Accept-Encoding": "identity", **key_header("app")}
+            return [
+                side_answer("follow-up", http.post(self.envoy.url("/v1/responses"), timeout=20, headers=headers,
+                                                   json={"model": "gpt-4o", "input": "and then?",
+                                                         "previous_response_id": ids[0]})),
+                side_answer("retrieve", http.get(self.envoy.url(f"/v1/responses/{ids[1]}"), timeout=20,
+                                                 headers=headers)),
+            ]
 
     # -- the script ------------------------------------------------------------------------------
 
