@@ -27,7 +27,7 @@ REQUIRED_FAMILIES = {
     "llm_failover_requests", "llm_failover_attempts", "llm_failover_fallbacks", "llm_failover_retries",
     "llm_failover_exhausted", "llm_failover_cooldowns", "llm_failover_spillovers",
     "llm_failover_attempt_latency_ms_bucket", "llm_failover_tokens", "llm_failover_token_fetches",
-    "llm_failover_cache_hits", "llm_failover_cache_misses",
+    "llm_failover_cache_hits", "llm_failover_cache_misses", "llm_failover_limited", "llm_failover_affinity_probes",
 }
 
 # Families with an unlabelled total next to labelled series, and the label that tells them apart
@@ -49,6 +49,11 @@ def require(tool: str) -> str:
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([require("promtool"), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+            and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
 
 
 def alert_names(rules: dict) -> list[str]:
@@ -98,6 +103,9 @@ def test_the_dashboard_is_importable_and_every_panel_has_a_query_that_parses():
         assert p["targets"] and all(t.get("expr") for t in p["targets"]), f"{p['title']}: no query"
         assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
         assert {"h", "w", "x", "y"} <= set(p["gridPos"]) and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+    overlapping = [(a["title"], b["title"]) for i, a in enumerate(dash["panels"]) for b in dash["panels"][i + 1:]
+                   if overlap(a["gridPos"], b["gridPos"])]
+    assert overlapping == [], "panels (rows included) that cover each other"
 
     unscoped = [p["title"] for p in panels for t in p["targets"]
                 if not ('job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"])]
@@ -146,11 +154,24 @@ def at(series: list[dict], when: float, target: str) -> float:
     return 0.0
 
 
+def panel_series(prom, dash: dict, title: str, start: float, end: float, every: bool = False) -> list:
+    """The series of the (first, or with `every` each) query of the panel whose title starts with
+    `title`, over a time range."""
+    [panel] = [p for p in ps.panels(dash) if p["title"].startswith(title)]
+    values = ps.variable_values(dash)
+    results = [prom.query_range(ps.substitute(t["expr"], values), start, end) for t in panel["targets"]]
+    return results if every else results[0]
+
+
+def peak(series: dict) -> float:
+    return max(ps.finite([series]), default=0.0)
+
+
 @pytest.mark.test_timeout(180)
 def test_an_outage_of_the_primary_on_every_panel_and_the_failing_over_alert_fires_then_resolves():
     require("prometheus")
     require_envoy()
-    from outage import start_with_short_rules
+    from outage import BATCH_LIMIT, start_with_short_rules
 
     lab = start_with_short_rules()
     try:
@@ -158,6 +179,18 @@ def test_an_outage_of_the_primary_on_every_panel_and_the_failing_over_alert_fire
         lab.run_traffic()
         healthy = lab.phase("healthy", 8)
         assert prom.alert_state(FAILING_OVER) == "inactive"
+
+        # Before the outage (and out of the "Answers by target" checks below): a key over its limit,
+        # and Responses API requests that probe for their owner.
+        batch = lab.batch_over_its_limit()
+        assert [(a.status, a.code) for a in batch] == \
+               [(200, None)] * BATCH_LIMIT + [(429, "rate_limit_exceeded")] * (len(batch) - BATCH_LIMIT)
+        moved = {"from": "openai", "to": "azure"}
+        moved_before = lab.envoy.prometheus_value("llm_failover_fallbacks", **moved)
+        probed = lab.follow_ups_from_another_replica()
+        assert [(a.status, a.target, a.attempts) for a in probed] == [(200, "azure", "2")] * 2, probed
+        # (As docs/observability.md says, each "not found" that sends a probe on is also a fallback.)
+        assert lab.envoy.prometheus_value("llm_failover_fallbacks", **moved) == moved_before + 2
 
         outage = lab.begin_outage()
         wait_for(lambda: prom.alert_state(FAILING_OVER) == "firing", timeout=30, interval=0.5,
@@ -188,6 +221,17 @@ def test_an_outage_of_the_primary_on_every_panel_and_the_failing_over_alert_fire
         queries = ps.dashboard_queries(dash)
         empty = [name for name, expr in queries if not ps.finite(prom.query_range(expr, healthy.start, end))]
         assert empty == [], f"panel queries without data: {empty}"
+
+        # The limits panel shows the batch key's refusals; the probe panels, a "not found" from
+        # OpenAI for each response found on Azure: half of the probe attempts.
+        [limited] = panel_series(prom, dash, "Requests refused by limits", healthy.start, end)
+        assert limited["metric"] == {"key": "batch", "kind": "requests"} and peak(limited) > 0
+        probes = {s["metric"]["result"]: peak(s) for s in
+                  panel_series(prom, dash, "Responses API owner probes by result", healthy.start, end)}
+        assert probes["found"] > 0 and probes["not_found"] > 0 and probes["failed"] == probes["answered"] == 0
+        of_all, of_probes = panel_series(prom, dash, "Owner probes: extra attempts", healthy.start, end, every=True)
+        assert 0 < peak(of_all[0]) < 0.5
+        assert pytest.approx(0.5) in ps.finite(of_probes), "a window with both probes: one of two attempts"
 
         # "Who serves now" shows the outage: OpenAI, then Azure, then OpenAI again.
         [who] = [p for p in ps.panels(dash) if p["title"].startswith("Answers by target")]
