@@ -189,8 +189,9 @@ def test_an_outage_of_the_primary_on_every_panel_and_the_failing_over_alert_fire
         moved_before = lab.envoy.prometheus_value("llm_failover_fallbacks", **moved)
         probed = lab.follow_ups_from_another_replica()
         assert [(a.status, a.target, a.attempts) for a in probed] == [(200, "azure", "2")] * 2, probed
-        # (As docs/observability.md says, each "not found" that sends a probe on is also a fallback.)
-        assert lab.envoy.prometheus_value("llm_failover_fallbacks", **moved) == moved_before + 2
+        # A "not found" that sends a probe on is an answer, not a failover: the fallbacks (and so
+        # LLMFailoverFailingOver) do not move.
+        assert lab.envoy.prometheus_value("llm_failover_fallbacks", **moved) == moved_before
 
         outage = lab.begin_outage()
         wait_for(lambda: prom.alert_state(FAILING_OVER) == "firing", timeout=30, interval=0.5,

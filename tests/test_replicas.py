@@ -94,7 +94,12 @@ def test_follow_up_retrieve_and_delete_through_another_replica_reach_azure(repli
     assert b.prometheus_value("llm_failover_affinity_probes", target="openai", result="not_found") == 3
     assert b.prometheus_value("llm_failover_affinity_probes", target="azure", result="found") == 3
     assert b.counter("llm_failover.cooldowns.target.openai") == 0
+    # Nor a failover: the fallbacks and the failing-over alert built on them do not move.
+    assert b.prometheus_value("llm_failover_fallbacks", **{"from": "openai"}) == 0
+    assert "failover from=" not in b.log_text
     harness.wait_for(lambda: "probing the chain" in b.log_text, what="the probe log line")
+    harness.wait_for(lambda: "owner probe: not found on target=openai, asking target=azure" in b.log_text,
+                     what="the probe's next-target log line")
 
     # The follow-up's own id was remembered on B when it was created: its follow-up is pinned.
     raw, _ = create(client_b, previous_response_id=follow_up.id)
@@ -117,6 +122,9 @@ def test_a_response_that_exists_nowhere_gets_the_providers_own_not_found(replica
     assert f"Response with id '{missing}' not found." in absent.value.message
     assert len(openai_mock.api_requests()) == 2 and len(azure_mock.api_requests()) == 2
     assert b.prometheus_value("llm_failover_affinity_probes", target="azure", result="not_found") == 2
+    # The provider's own answer, with no target failing: no exhausted chain, no failover.
+    assert b.prometheus_value("llm_failover_exhausted") == 0
+    assert b.prometheus_value("llm_failover_fallbacks") == 0
 
 
 def test_a_failing_owner_candidate_is_the_answer_rather_than_a_later_not_found(replicas, openai_mock, azure_mock):
@@ -135,6 +143,8 @@ def test_a_failing_owner_candidate_is_the_answer_rather_than_a_later_not_found(r
         make_client(b).responses.retrieve(on_openai.id)
     assert failed.value.response.headers["x-llm-failover-target"] == "openai"
     assert b.prometheus_value("llm_failover_affinity_probes", target="openai", result="failed") == 2
+    # A failure reached the client: both chains count as exhausted.
+    assert b.prometheus_value("llm_failover_exhausted") == 2
 
 
 def test_a_pinned_follow_up_goes_to_its_owner_while_it_cools(replicas, openai_mock, azure_mock):

@@ -85,9 +85,24 @@ impl Exchange {
         match step {
             Next::Deliver => Turn::from(self.deliver(answer, current, None, tally(false), now)),
             Next::GiveUp(reason) => {
-                self.give_up(reason, attempts, current, &what);
+                let kept = self.take_probe_failure();
+                if outcome == Outcome::Elsewhere
+                    && kept.is_none()
+                    && reason == GiveUpReason::Exhausted
+                {
+                    // No target holds the response: the last "not found" is the answer, as the
+                    // provider would give it. No target failed, so no chain was exhausted.
+                    log::info!(
+                        "{} owner probe: no target holds the response after {attempts} \
+                         attempt(s): last target={} {what}",
+                        self.tag(),
+                        self.target_name(current)
+                    );
+                } else {
+                    self.give_up(reason, attempts, current, &what);
+                }
                 let budget_spent = reason == GiveUpReason::BudgetSpent;
-                let (answer, served, kind) = match self.take_probe_failure() {
+                let (answer, served, kind) = match kept {
                     // The last target did not hold the response, an earlier one failed: the
                     // client gets that failure, not the "not found".
                     Some((target, failed, kind)) if outcome == Outcome::Elsewhere => {
@@ -140,13 +155,24 @@ impl Exchange {
                 for s in skipped {
                     self.note_skip(s, now);
                 }
-                self.rt.metrics.fallback(self.request.route, from, to);
-                log::info!(
-                    "{} failover from={} to={} after {what} attempt={attempts}",
-                    self.tag(),
-                    self.target_name(from),
-                    self.target_name(to)
-                );
+                if outcome == Outcome::Elsewhere {
+                    // An owner probe moving on: counted in `affinity_probes`, not as a failover
+                    // (the target answered; docs/failure-semantics.md, section 1b).
+                    log::info!(
+                        "{} owner probe: not found on target={}, asking target={} attempt={attempts}",
+                        self.tag(),
+                        self.target_name(from),
+                        self.target_name(to)
+                    );
+                } else {
+                    self.rt.metrics.fallback(self.request.route, from, to);
+                    log::info!(
+                        "{} failover from={} to={} after {what} attempt={attempts}",
+                        self.tag(),
+                        self.target_name(from),
+                        self.target_name(to)
+                    );
+                }
                 self.attempt(chain, to, timeout, now)
             }
         }

@@ -330,7 +330,8 @@ impl Chain {
             self.pos = i;
             self.tries_here = 1;
             self.attempts += 1;
-            self.failed_over = true;
+            // An owner probe moving on after a "not found" is not a failover: the target answered.
+            self.failed_over |= failure.is_some();
             let step = Next::Failover {
                 from: hop.target,
                 to: next.target,
@@ -654,6 +655,7 @@ mod tests {
             Next::GiveUp(GiveUpReason::Exhausted)
         );
         assert_eq!(c.attempts(), 2);
+        assert!(!c.failed_over(), "moving on after a \"not found\" is no failover");
     }
 
     #[test]
