@@ -34,6 +34,17 @@ pub const REFUSED_STATE: &str = "llm_failover.refused";
 /// change may have added the wiring) and, if it still lacks it, is served through a callout.
 pub const UNWIRED_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// A streamed request's body under this size is copied into a buffer of its own before the
+/// router takes it: the router keeps the request for its retries as long as the stream is open,
+/// and a small body arrives in one of Envoy's 16 KiB read slices, which it would keep whole
+/// (measured: 12 KiB less per open stream, docs/performance.md). A larger body fills its slices.
+pub const COMPACT_BODY_BELOW: usize = 8 * 1024;
+
+/// Whether a streamed request's body of `length` bytes is worth copying (`COMPACT_BODY_BELOW`).
+pub fn compacts_body(length: usize) -> bool {
+    (1..COMPACT_BODY_BELOW).contains(&length)
+}
+
 /// Whether a worker that last saw the route without the streamed wiring at `seen_ms` (if ever)
 /// still routes streamed requests like any request at `now_ms`.
 pub fn known_unwired(seen_ms: Option<u64>, now_ms: u64) -> bool {
@@ -320,6 +331,15 @@ mod tests {
     fn target(name: &str, retries: u32) -> serde_json::Value {
         json!({"name": name, "provider": "openai", "cluster": format!("c_{name}"),
                "api_key_env": "K", "retries": retries})
+    }
+
+    #[test]
+    fn only_a_small_body_is_copied_before_the_router_keeps_it() {
+        assert!(!compacts_body(0));
+        assert!(compacts_body(150));
+        assert!(compacts_body(COMPACT_BODY_BELOW - 1));
+        assert!(!compacts_body(COMPACT_BODY_BELOW));
+        assert!(!compacts_body(4 << 20));
     }
 
     fn header<'a>(headers: &'a [(&str, String)], name: &str) -> Option<&'a str> {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use proxy_wasm::types::MapType;
+use proxy_wasm::types::{BufferType, MapType};
 
 use super::exchange::{Answer, Exchange, Flow, Phase, Tally, Turn};
 use super::host::{self, Now};
@@ -85,6 +85,10 @@ impl Exchange {
             pinned: self.attempting.pinned,
         };
         host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
+        // An Azure-shaped request's body is already its twin's copy.
+        if streamed::compacts_body(length) && self.request.azure.is_none() {
+            host::replace_buffer(BufferType::HttpRequestBody, length, body.raw());
+        }
         self.attempting.started_ms = now;
         true
     }
