@@ -655,7 +655,10 @@ mod tests {
             Next::GiveUp(GiveUpReason::Exhausted)
         );
         assert_eq!(c.attempts(), 2);
-        assert!(!c.failed_over(), "moving on after a \"not found\" is no failover");
+        assert!(
+            !c.failed_over(),
+            "moving on after a \"not found\" is no failover"
+        );
     }
 
     #[test]
