@@ -7,21 +7,24 @@ no-op Wasm filter on llm-failover's layout, and llm-failover with and without
 config loads it (the HTTP filter and the upstream filter of the streamed path), and its streams
 name the cluster that llm-failover sends a healthy stream to, read from Envoy's access log of one
 such stream: so both run the same Envoy path (route, clusters, upstream filter) whatever the
-shipped wiring is, and the ratio between them is the filter's own work. (Envoy's Lua filter is not among them: the Lua failover of
+shipped wiring is, and the ratio between them is the filter's own work. Its variant with the
+router's retries also names llm-failover's list of attempt clusters (the wiring's priority
+groups): Envoy's own price of a stream that can fail over. (Envoy's Lua filter is not among them: the Lua failover of
 `bench/lua` answers from an `httpCall`, which buffers a stream whole, so it has no per-chunk
 path to compare.) The upstream is an asyncio server of this script that answers
 every request with `--chunks` chat chunks of about 220 bytes, `--gap-ms` apart, ending in
 `data: [DONE]` (with a usage chunk when the request asked for it); its CPU is reported so that it
 is seen not to be the bottleneck. Measured, per variant, rounds interleaved:
 
-* Envoy CPU per chunk and per stream, with `--streams` streams open at once;
+* Envoy CPU per chunk and per stream, with `--streams` streams open at once (against the no-op
+  filter: the median of each round's own ratio, as a round's variants run back to back);
 * time to the first chunk at one connection (median of `--ttfc` sequential requests);
 * memory per open stream: Envoy's RSS with `--open` streams held open (their first chunk read),
   minus its RSS before, divided by `--open`.
 
 Loopback only; every loop is bounded by counts and by time.
 
-    .venv/bin/python bench/streams.py [--rounds 3] [--append BENCHMARKS.md] [--extra NAME=x.wasm]
+    .venv/bin/python bench/streams.py [--rounds 5] [--append BENCHMARKS.md] [--extra NAME=x.wasm]
 """
 from __future__ import annotations
 
@@ -179,6 +182,20 @@ async def one_stream(port: int, req: bytes) -> tuple[int, float]:
 
 # ---- Envoy -------------------------------------------------------------------------------------
 
+def plugin_targets(cfg: dict) -> list[dict]:
+    """The targets of the filter's plugin JSON in an Envoy config."""
+    plugin = next(json.loads(d["value"]) for d in footprint.walk(cfg)
+                  if isinstance(d.get("value"), str) and '"targets"' in d["value"])
+    return plugin["targets"]
+
+
+def attempt_clusters(cfg: dict) -> str:
+    """The cluster list llm-failover names for a streamed request of `cfg`'s chain (one entry per
+    attempt: each target's cluster, its `retries` + 1 times), which the wiring's Lua filter turns
+    into the route's priority groups."""
+    return ",".join(t["cluster"] for t in plugin_targets(cfg) for _ in range(int(t.get("retries", 0)) + 1))
+
+
 def with_router_retries(cfg: dict) -> None:
     """Gives the route the retries llm-failover asks of the router for a streamed request (its
     `x-envoy-*` headers, which Envoy does not take from a client): an attempt per try of every
@@ -306,6 +323,9 @@ VARIANTS = [
 ]
 LAYOUT = "no-op filter, llm-failover's layout"
 RETRIED = "the same, with the router's retries"
+# The RETRIED variant's cluster header: the plan's list (so the wiring builds the same priority
+# groups as for llm-failover's streams), read from the shipped config.
+WIRED = attempt_clusters(footprint.render(footprint.NOOP_WASM, 1, 2))
 
 
 # The goals of issue 30 for the streams, same run: per chunk against the no-op filter on
@@ -316,53 +336,67 @@ GOAL_OPEN_KIB = 8.0
 
 
 def table(results: dict[str, list[dict]], args, streamed: str) -> list[str]:
-    """The report: medians of the rounds per variant, ratios of those medians, and the goals."""
+    """The report: medians of the rounds per variant; against the no-op filter, the median (and
+    the range) of each round's own ratio or difference, as the variants of a round ran one after
+    the other: a shared machine's drift between rounds cancels out."""
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name])
 
+    def paired(name: str, key: str, base: str, ratio: bool) -> tuple[float, float, float]:
+        pairs = [(x[key] / b[key]) if ratio else (x[key] - b[key]) for x, b in zip(results[name], results[base])]
+        return statistics.median(pairs), min(pairs), max(pairs)
+
     lines = [
         f"{args.chunks} chunks of about 220 B per stream, {args.gap_ms:g} ms apart; one Envoy worker; medians of "
-        f"{args.rounds} rounds. CPU with {args.streams} streams at once, time to first chunk at one connection, "
+        f"{args.rounds} rounds (\"vs no-op filter\": the median of each round's own ratio, its range in brackets). "
+        f"CPU with {args.streams} streams at once, time to first chunk at one connection (median of {args.ttfc}), "
         f"memory with {args.open} streams open. The no-op filter runs on llm-failover's layout: in both of "
         f"its places (the HTTP filter and the router's upstream filter), its streams sent to the cluster "
         f"llm-failover sends a healthy stream to (`{streamed}`, read from Envoy's access log); \"with the "
         f"router's retries\": the route also has the retries llm-failover asks of the router for a streamed "
-        f"request (with them the router keeps the request for a retry: Envoy's own price of streamed failover).",
+        f"request, and its streams name llm-failover's list of attempt clusters (`{WIRED}`), which the "
+        f"wiring turns into priority groups: Envoy's own price of streamed failover (with retries on, the "
+        f"router keeps the request for them).",
         "",
         "| variant | Envoy CPU per chunk | vs no-op filter | vs plain Envoy | per stream | time to first chunk "
         "| memory per open stream: Envoy's allocator | RSS | Envoy / upstream CPU (cores) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    noop, plain = med(LAYOUT, "per_chunk_us"), med("plain Envoy", "per_chunk_us")
     for name, _, _, _ in VARIANTS:
+        ratio, low, high = paired(name, "per_chunk_us", LAYOUT, ratio=True)
+        plain, _, _ = paired(name, "per_chunk_us", "plain Envoy", ratio=True)
         lines.append(
-            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {med(name, 'per_chunk_us') / noop:.2f}x "
-            f"| {med(name, 'per_chunk_us') / plain:.2f}x | {med(name, 'per_stream_us'):.0f} us "
+            f"| {name} | {med(name, 'per_chunk_us'):.2f} us | {ratio:.2f}x [{low:.2f}-{high:.2f}] "
+            f"| {plain:.2f}x | {med(name, 'per_stream_us'):.0f} us "
             f"| {med(name, 'ttfc_us'):.0f} us | {med(name, 'per_open_alloc_kib'):.1f} KiB "
             f"| {med(name, 'per_open_kib'):.1f} KiB | {med(name, 'envoy_core'):.2f} / {med(name, 'upstream_core'):.2f} |")
     lines.append("")
+    floor = med(RETRIED, "per_open_alloc_kib") - med("plain Envoy", "per_open_alloc_kib")
     for name, _, usage, _ in VARIANTS[3:]:
-        ratio = med(name, "per_chunk_us") / noop
-        ttfc = med(name, "ttfc_us") - med(LAYOUT, "ttfc_us")
+        ratio, low, high = paired(name, "per_chunk_us", LAYOUT, ratio=True)
+        ttfc, t_low, t_high = paired(name, "ttfc_us", LAYOUT, ratio=False)
         kib = med(name, "per_open_alloc_kib") - med("plain Envoy", "per_open_alloc_kib")
         lines.append(
-            f"* {name}: per chunk {ratio:.2f}x the no-op filter (goal <= {GOAL_PER_CHUNK:.2f}x: "
+            f"* {name}: per chunk {ratio:.2f}x the no-op filter [{low:.2f}-{high:.2f}] (goal <= {GOAL_PER_CHUNK:.2f}x: "
             f"{'met' if ratio <= GOAL_PER_CHUNK else '**NOT met**'}), time to first chunk {ttfc:+.0f} us over it "
-            f"(goal <= +{GOAL_TTFC_US:.0f} us: {'met' if ttfc <= GOAL_TTFC_US else '**NOT met**'}), memory per "
-            f"open stream {kib:+.1f} KiB over plain Envoy (goal <= +{GOAL_OPEN_KIB:.0f} KiB: "
-            f"{'met' if kib <= GOAL_OPEN_KIB else '**NOT met**'}); over the no-op filter with the router's "
-            f"retries: time to first chunk {med(name, 'ttfc_us') - med(RETRIED, 'ttfc_us'):+.0f} us, memory per open "
-            f"stream {med(name, 'per_open_alloc_kib') - med(RETRIED, 'per_open_alloc_kib'):+.1f} KiB")
+            f"[{t_low:+.0f} to {t_high:+.0f}] (goal <= +{GOAL_TTFC_US:.0f} us: "
+            f"{'met' if ttfc <= GOAL_TTFC_US else '**NOT met**'}), memory per open stream {kib:+.1f} KiB over plain "
+            f"Envoy (goal <= +{GOAL_OPEN_KIB:.0f} KiB: {'met' if kib <= GOAL_OPEN_KIB else '**NOT met**'}; "
+            f"the no-op filter with the router's retries, which keep the body's whole read slice, is at "
+            f"{floor:+.1f} KiB); against that variant: time to first chunk "
+            f"{paired(name, 'ttfc_us', RETRIED, ratio=False)[0]:+.0f} us, memory per open stream "
+            f"{med(name, 'per_open_alloc_kib') - med(RETRIED, 'per_open_alloc_kib'):+.1f} KiB (llm-failover copies "
+            f"a small body out of its read slice)")
     return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--chunks", type=int, default=300)
     ap.add_argument("--gap-ms", type=float, default=10.0)
     ap.add_argument("--streams", type=int, default=50, help="streams open at once for the CPU figures")
-    ap.add_argument("--ttfc", type=int, default=30, help="sequential requests for time to first chunk")
+    ap.add_argument("--ttfc", type=int, default=60, help="sequential requests for time to first chunk")
     ap.add_argument("--open", type=int, default=1000, help="streams held open for the memory figure")
     ap.add_argument("--append", type=Path)
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=WASM",
@@ -393,8 +427,9 @@ def main() -> int:
                 for name, wasm, usage, cluster in VARIANTS:
                     envoy, listener, admin = start_envoy(wasm, up_port, Path(t), retries=name == RETRIED)
                     try:
+                        named = WIRED if name == RETRIED else cluster or streamed
                         results.setdefault(name, []).append(asyncio.run(
-                            measure(envoy, listener, admin, upstream.pid, args, usage, cluster or streamed)))
+                            measure(envoy, listener, admin, upstream.pid, args, usage, named)))
                     finally:
                         footprint.stop(envoy)
                 print(f"streams: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
