@@ -16,16 +16,14 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::answer::reply::ErrorShape;
 use crate::config::Config;
 use crate::request::operation::Operation;
 
-/// Filter state the filter leaves for the upstream filter.
+/// Filter state the filter leaves for the upstream filter: where the request's handoff is
+/// ([`handoff_key`]). The handoff itself and the attempts' record stay in the VM, which both
+/// filters share (no copy out to Envoy and back, no JSON).
 pub const HANDOFF_STATE: &str = "llm_failover.handoff";
-/// Filter state the upstream filter keeps across attempts, read back by the filter.
-pub const RECORD_STATE: &str = "llm_failover.attempt";
 /// Filter state the upstream filter sets when it refused an attempt with its own error reply
 /// (which the filter then passes on as it is).
 pub const REFUSED_STATE: &str = "llm_failover.refused";
@@ -51,7 +49,7 @@ pub fn known_unwired(seen_ms: Option<u64>, now_ms: u64) -> bool {
     seen_ms.is_some_and(|at| now_ms.saturating_sub(at) < crate::duration::millis(UNWIRED_RECHECK))
 }
 /// One target of a streamed request's plan and the attempts it gets (its `retries` + 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Tries {
     pub target: usize,
     pub tries: u32,
@@ -172,7 +170,7 @@ pub fn router_headers(
 /// What the filter knows of a request that the upstream filter needs on every attempt (the
 /// request headers it sees are shared by all attempts and carry the last attempt's rewrite, so
 /// it never reads the request's facts from them).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
     /// The filter's root context: which configuration the request is under.
     pub root: u32,
@@ -196,23 +194,24 @@ pub struct Handoff {
     /// headers an earlier attempt rewrote for its own body are shared.
     pub length: u64,
     /// The shape of the upstream filter's own errors (an Azure-shaped request's are Azure's).
-    #[serde(default)]
     pub shape: ErrorShape,
     /// A Responses follow-up pinned to its previous response's owner (it never probes nor moves
     /// a cooldown).
-    #[serde(default)]
     pub pinned: bool,
 }
 
+/// The value of [`HANDOFF_STATE`]: the filter's root context and its request's context.
+pub fn handoff_key(root: u32, ctx: u32) -> String {
+    format!("{root}/{ctx}")
+}
+
+/// [`handoff_key`] read back.
+pub fn parse_handoff_key(value: &[u8]) -> Option<(u32, u32)> {
+    let (root, ctx) = std::str::from_utf8(value).ok()?.split_once('/')?;
+    Some((root.parse().ok()?, ctx.parse().ok()?))
+}
+
 impl Handoff {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    pub fn from_json(bytes: &[u8]) -> Option<Handoff> {
-        serde_json::from_slice(bytes).ok()
-    }
-
     /// Whether a retry or failover may still start at `now_ms` (the first attempt always goes).
     pub fn may_start(&self, now_ms: u64) -> bool {
         now_ms.saturating_add(crate::duration::millis(crate::policy::chain::MIN_ATTEMPT))
@@ -221,7 +220,7 @@ impl Handoff {
 }
 
 /// How a streamed attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
     /// Still in flight (or ended with its answer passing to the client).
     Pending,
@@ -233,10 +232,10 @@ pub enum Ended {
     Timeout,
 }
 
-/// What the attempts of a streamed request did so far: kept by the upstream filter in filter
-/// state, read by the next attempt (its decision log line) and by the filter (the client's
+/// What the attempts of a streamed request did so far: kept by the upstream filter next to the
+/// handoff, read by the next attempt (its decision log line) and by the filter (the client's
 /// headers, the access log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub attempts: u32,
     /// The target of the last attempt.
@@ -271,14 +270,6 @@ impl Record {
     /// record, which the attempt after it and the filter read.
     pub fn may_overwrite(&self, current: Option<&Record>) -> bool {
         current.is_none_or(|c| c.attempts <= self.attempts)
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    pub fn from_json(bytes: &[u8]) -> Option<Record> {
-        serde_json::from_slice(bytes).ok()
     }
 }
 
@@ -482,7 +473,27 @@ mod tests {
     }
 
     #[test]
-    fn the_handoff_and_the_record_survive_filter_state() {
+    fn the_handoff_is_found_by_its_key() {
+        assert_eq!(
+            parse_handoff_key(handoff_key(3, 4_000_000_000).as_bytes()),
+            Some((3, 4_000_000_000))
+        );
+        for bad in [
+            &b""[..],
+            b"3",
+            b"3/",
+            b"/4",
+            b"3/4/5",
+            b"-3/4",
+            b"3/x",
+            b"\xff/1",
+        ] {
+            assert_eq!(parse_handoff_key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_handoff_and_its_records() {
         let h = Handoff {
             root: 3,
             ctx: 7,
@@ -498,10 +509,7 @@ mod tests {
             shape: ErrorShape::Azure,
             pinned: true,
         };
-        assert_eq!(Handoff::from_json(h.to_json().as_bytes()), Some(h.clone()));
         assert!(h.may_start(999_980) && !h.may_start(999_981));
-        assert_eq!(Handoff::from_json(b"{\"root\": 1}"), None);
-        assert_eq!(Handoff::from_json(b"\xff"), None);
 
         let first = Record::next(None, 0, 0);
         assert_eq!((first.attempts, first.failed_over), (1, false));
@@ -513,9 +521,6 @@ mod tests {
         assert_eq!(decision(&retry, 1), Decision::Failover { from: 0, to: 1 });
         // A first attempt on another target than the plan's first is a failover.
         assert!(Record::next(None, 0, 1).failed_over);
-        let mut ended = over;
-        ended.ended = Ended::Status(429);
-        assert_eq!(Record::from_json(ended.to_json().as_bytes()), Some(ended));
     }
 
     #[test]

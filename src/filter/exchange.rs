@@ -19,7 +19,7 @@ use proxy_wasm::types::Action;
 
 use super::health::{Attempting, Scope};
 use super::host::{self, Headers};
-use super::runtime::Runtime;
+use super::runtime::{Runtime, Streamed};
 use crate::answer::cache::Digest;
 use crate::answer::reply::{ErrorShape, Rejection};
 use crate::answer::usage::UsageScanner;
@@ -88,8 +88,9 @@ pub(super) enum Phase {
     Routed { chain: Chain },
     /// A target's answer, not a failure, is passing through to the client.
     Streaming(Passing),
-    /// A streamed request is in Envoy's router, which retries it over its plan's targets.
-    StreamRouted { chain: Chain },
+    /// A streamed request is in Envoy's router, which retries it over its plan's targets; its
+    /// attempts keep their record in `shared`.
+    StreamRouted { chain: Chain, shared: Rc<Streamed> },
     /// The router gave up on a streamed request with a reply of its own (no target answered);
     /// its body is held until the filter's error replaces it.
     StreamSpent {
@@ -208,6 +209,13 @@ pub struct Exchange {
     /// The `x-ratelimit-*` headers of the limits this request was admitted under (none: it is
     /// under no limit, and the provider's own pass through).
     pub(super) limit_headers: Vec<(&'static str, String)>,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // A streamed request's attempts hold what they share with it; nothing else needs it.
+        self.rt.forget_streamed(self.context_id);
+    }
 }
 
 impl Exchange {

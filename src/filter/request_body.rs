@@ -168,8 +168,8 @@ impl Exchange {
         for &skipped in &first.skipped {
             self.note_skip(skipped, now);
         }
-        if self.route_streamed(op, &chain, first.timeout, now, body_size) {
-            self.phase = Phase::StreamRouted { chain };
+        if let Some(shared) = self.route_streamed(op, &chain, first.timeout, now, body_size) {
+            self.phase = Phase::StreamRouted { chain, shared };
             return Action::Continue;
         }
         let new_body = match (

@@ -61,7 +61,9 @@ impl Exchange {
     pub fn on_response_headers(&mut self, end_of_stream: bool, now: &Now) -> Turn {
         match self.take_phase() {
             Phase::Routed { chain } => self.on_routed_answer(chain, end_of_stream, now),
-            Phase::StreamRouted { chain } => self.on_stream_answer(chain, end_of_stream, now),
+            Phase::StreamRouted { chain, shared } => {
+                self.on_stream_answer(chain, &shared, end_of_stream, now)
+            }
             Phase::Passthrough { target } => {
                 self.phase = Phase::Passthrough { target };
                 self.add_outcome_headers(target, 1, false);

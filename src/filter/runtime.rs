@@ -2,10 +2,13 @@
 //! (and by the upstream filter's attempts, through `root::runtime_of`).
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use super::limits::LimitScopes;
 use super::metrics::Metrics;
 use crate::config::{Config, Credential};
+use crate::streamed::{Handoff, Record};
 use crate::target::provider;
 use crate::target::token::{self, Token};
 
@@ -29,6 +32,16 @@ pub struct Runtime {
     pub stream_warned: Cell<bool>,
     /// When (Unix ms) Envoy last showed this worker that the route lacks the streamed wiring.
     pub unwired_at: Cell<Option<u64>>,
+    /// The streamed requests in the router, by the filter's context: what their attempts (the
+    /// upstream filter, in the same VM) share with them. Removed when the request ends.
+    pub streamed: RefCell<HashMap<u32, Rc<Streamed>>>,
+}
+
+/// What a streamed request and its attempts share: the filter's handoff, and the record of the
+/// attempts so far (the last attempt's number, target and ending).
+pub struct Streamed {
+    pub handoff: Handoff,
+    pub record: Cell<Option<Record>>,
 }
 
 impl Runtime {
@@ -59,6 +72,32 @@ impl Runtime {
             tokens: RefCell::new(Vec::new()),
             stream_warned: Cell::new(false),
             unwired_at: Cell::new(None),
+            streamed: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Shares a streamed request's handoff with its attempts; `None` if the table is in use (not
+    /// expected: it is never held across a host call).
+    pub fn share_streamed(&self, handoff: Handoff) -> Option<Rc<Streamed>> {
+        let ctx = handoff.ctx;
+        let shared = Rc::new(Streamed {
+            handoff,
+            record: Cell::new(None),
+        });
+        let mut table = self.streamed.try_borrow_mut().ok()?;
+        table.insert(ctx, Rc::clone(&shared));
+        Some(shared)
+    }
+
+    /// The streamed request of the filter's context `ctx`, for one of its attempts.
+    pub fn streamed_of(&self, ctx: u32) -> Option<Rc<Streamed>> {
+        self.streamed.try_borrow().ok()?.get(&ctx).cloned()
+    }
+
+    /// The request of context `ctx` ended: its attempts keep what they hold.
+    pub fn forget_streamed(&self, ctx: u32) {
+        if let Ok(mut table) = self.streamed.try_borrow_mut() {
+            table.remove(&ctx);
         }
     }
 

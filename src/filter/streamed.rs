@@ -3,22 +3,25 @@
 //! target that answered, or its own reply when none did) is labelled or replaced here. Each
 //! attempt is addressed, judged and counted by the upstream filter (`upstream`).
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, MapType};
 
 use super::exchange::{Answer, Exchange, Flow, Phase, Tally, Turn};
 use super::host::{self, Now};
+use super::runtime::Streamed;
 use crate::answer::reply::Rejection;
 use crate::policy::chain::{Chain, FailureKind, GiveUpReason};
 use crate::policy::judge;
 use crate::quote;
 use crate::request::operation::Operation;
-use crate::streamed::{self, Handoff, Plan, Record, Tries};
+use crate::streamed::{self, Handoff, Plan, Tries};
 
 impl Exchange {
-    /// Hands the request to the router when it takes the streamed path (true): its attempts'
-    /// clusters, the retries and timeouts for it, and the handoff for the upstream filter. The body goes on as the client sent it; each attempt rewrites its own.
+    /// Hands the request to the router when it takes the streamed path (what it shares with its
+    /// attempts): its attempts' clusters, the retries and timeouts for it, and the handoff for
+    /// the upstream filter. The body goes on as the client sent it; each attempt rewrites its own.
     pub(super) fn route_streamed(
         &mut self,
         op: Operation,
@@ -26,17 +29,15 @@ impl Exchange {
         timeout: Duration,
         now: u64,
         length: usize,
-    ) -> bool {
-        let Some(body) = &self.body else {
-            return false;
-        };
+    ) -> Option<Rc<Streamed>> {
+        let body = self.body.as_ref()?;
         // A probe judges each answer itself (a "not found" is no failure to the router).
         if self.owner_probe.is_some() {
-            return false;
+            return None;
         }
         // Cheap checks first: most requests do not stream.
         if !streamed::may_take_stream_path(self.config(), op, body.stream) {
-            return false;
+            return None;
         }
         let plan: Plan = chain
             .planned(|t| self.availability(t, now))
@@ -44,12 +45,12 @@ impl Exchange {
             .map(|(target, tries)| Tries { target, tries })
             .collect();
         if !streamed::takes_stream_path(self.config(), op, body.stream, &plan) {
-            return false;
+            return None;
         }
         if streamed::known_unwired(self.rt.unwired_at.get(), now) {
             // Routed to its first target like any request: a healthy answer streams, and only
             // a failover (a callout) arrives whole.
-            return false;
+            return None;
         }
         let left = chain.remaining(now);
         let map = MapType::HttpRequestHeaders;
@@ -84,13 +85,15 @@ impl Exchange {
             shape: self.request.shape,
             pinned: self.attempting.pinned,
         };
-        host::set_filter_state(streamed::HANDOFF_STATE, &handoff.to_json());
         // An Azure-shaped request's body is already its twin's copy.
         if streamed::compacts_body(length) && self.request.azure.is_none() {
             host::replace_buffer(BufferType::HttpRequestBody, length, body.raw());
         }
+        let shared = self.rt.share_streamed(handoff)?;
+        let key = streamed::handoff_key(self.rt.root, self.context_id);
+        host::set_filter_state(streamed::HANDOFF_STATE, &key);
         self.attempting.started_ms = now;
-        true
+        Some(shared)
     }
 
     /// The router's answer to a streamed request: the first answer a target gave that is not a
@@ -99,6 +102,7 @@ impl Exchange {
     pub(super) fn on_stream_answer(
         &mut self,
         chain: Chain,
+        shared: &Streamed,
         end_of_stream: bool,
         now: &Now,
     ) -> Turn {
@@ -106,7 +110,7 @@ impl Exchange {
         if details == "cluster_not_found" {
             return self.stream_clusters_missing(chain, now.ms());
         }
-        let record = host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let record = shared.record.get();
         let first = chain.current_target();
         let via_upstream = details == "via_upstream";
         if record.is_none() && via_upstream {

@@ -17,7 +17,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use super::health::{Attempting, Scope};
 use super::host::{self, Now};
 use super::root;
-use super::runtime::Runtime;
+use super::runtime::{Runtime, Streamed};
 use crate::answer::reply::{ErrorShape, Rejection};
 use crate::policy::chain::{Failure, FailureKind};
 use crate::policy::judge;
@@ -37,12 +37,13 @@ pub struct Attempt {
 /// An attempt that was addressed.
 struct State {
     rt: Rc<Runtime>,
-    /// The request's facts, as the filter handed them over.
-    handoff: Handoff,
+    /// The request's facts, as the filter handed them over, and the attempts' record.
+    shared: Rc<Streamed>,
     /// This attempt as the targets' health sees it.
     attempting: Attempting,
     target: usize,
-    /// This attempt's record (its number, target and ending) in filter state.
+    /// This attempt's record (its number, target and ending); the shared one is the last
+    /// attempt's.
     record: Record,
     answered: bool,
     /// The target's body differs from the client's: held until complete, then rewritten.
@@ -61,7 +62,7 @@ fn scope<'a>(rt: &'a Runtime, handoff: &'a Handoff) -> Scope<'a> {
 
 impl State {
     fn scope(&self) -> Scope<'_> {
-        scope(&self.rt, &self.handoff)
+        scope(&self.rt, &self.shared.handoff)
     }
 }
 
@@ -79,18 +80,19 @@ impl Attempt {
     /// client gets a 500: the request must never go on unaddressed or with another target's
     /// credential).
     fn begin(&mut self, end_of_stream: bool, now: &Now) -> Result<Action, Refusal> {
-        let Some(handoff) =
-            host::property(&[streamed::HANDOFF_STATE]).and_then(|b| Handoff::from_json(&b))
-        else {
+        let Some(key) = host::property(&[streamed::HANDOFF_STATE]) else {
             return Ok(Action::Continue);
         };
-        self.shape = handoff.shape;
-        let rt = root::runtime_of(handoff.root).ok_or(Refusal::Misconfigured(
+        let not_shared = Refusal::Misconfigured(
             "the upstream filter does not share the filter's Wasm VM (give it the filter's \
              vm_config: same vm_id and code)",
-        ))?;
-        let previous =
-            host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        );
+        let (root, ctx) = streamed::parse_handoff_key(&key).ok_or(not_shared)?;
+        let rt = root::runtime_of(root).ok_or(not_shared)?;
+        let shared = rt.streamed_of(ctx).ok_or(not_shared)?;
+        let handoff = &shared.handoff;
+        self.shape = handoff.shape;
+        let previous = shared.record.get();
         let attempt = previous.map_or(1, |p| p.attempts.saturating_add(1));
         let target = streamed::attempt_target(&handoff.plan, attempt).ok_or(
             Refusal::Misconfigured("a streamed request with an empty plan"),
@@ -109,7 +111,7 @@ impl Attempt {
         }
         let first = handoff.plan.first().map_or(target, |t| t.target);
         let record = Record::next(previous, first, target);
-        let scope = scope(&rt, &handoff);
+        let scope = scope(&rt, handoff);
         if let Some(previous) = previous {
             log_decision(&scope, &previous, target, record.attempts);
         }
@@ -139,7 +141,7 @@ impl Attempt {
             // An earlier attempt may have set the length of its own body.
             set_length(handoff.length);
         }
-        host::set_filter_state(streamed::RECORD_STATE, &record.to_json());
+        shared.record.set(Some(record));
         // Read here (the plan was made by the filter): an attempt on a target whose cooldown
         // ended takes its probe.
         let mut attempting = Attempting::new(handoff.pinned);
@@ -154,7 +156,7 @@ impl Attempt {
         );
         self.state = Some(State {
             rt,
-            handoff,
+            shared,
             attempting,
             target,
             record,
@@ -180,12 +182,12 @@ impl Attempt {
         let (Some(t), Some(step)) = (scope.target(st.target), scope.step(st.target)) else {
             return;
         };
-        let new = rewrite::body_for_step(t, step, st.handoff.op, &body);
+        let new = rewrite::body_for_step(t, step, st.shared.handoff.op, &body);
         match new {
             Some(new) if host::replace_buffer(BufferType::HttpRequestBody, body_size, &new) => {
                 set_length(new.len() as u64);
             }
-            _ => set_length(st.handoff.length),
+            _ => set_length(st.shared.handoff.length),
         }
     }
 
@@ -194,7 +196,7 @@ impl Attempt {
         let Some(st) = &mut self.state else { return };
         st.answered = true;
         let now = now.ms();
-        let scope = scope(&st.rt, &st.handoff);
+        let scope = scope(&st.rt, &st.shared.handoff);
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| judge::parse_status(&s));
         let config = &st.rt.config;
@@ -215,7 +217,7 @@ impl Attempt {
             ),
         });
         st.rt.metrics.attempt(
-            st.handoff.route,
+            st.shared.handoff.route,
             st.target,
             judge::status_class(status, None),
             now.saturating_sub(st.attempting.started_ms),
@@ -226,7 +228,7 @@ impl Attempt {
             scope.record_limits(st.target, &headers, now);
         }
         st.record.ended = status.map_or(Ended::Unreachable, Ended::Status);
-        host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
+        st.shared.record.set(Some(st.record));
     }
 
     /// The attempt ended: one that never answered failed in transport (unless the client left).
@@ -238,20 +240,20 @@ impl Attempt {
             return;
         }
         let now = now.ms();
-        let scope = scope(&st.rt, &st.handoff);
+        let scope = scope(&st.rt, &st.shared.handoff);
         if client_left() {
             log::debug!("{} client went away during a streamed attempt", scope.tag());
             st.attempting.release_probe(&scope);
             return;
         }
         let started = st.attempting.started_ms;
-        let ended = streamed::no_answer(now.saturating_sub(started), st.handoff.per_try_ms);
+        let ended = streamed::no_answer(now.saturating_sub(started), st.shared.handoff.per_try_ms);
         let kind = match ended {
             Ended::Timeout => FailureKind::Timeout,
             _ => FailureKind::Unreachable,
         };
         st.rt.metrics.attempt(
-            st.handoff.route,
+            st.shared.handoff.route,
             st.target,
             judge::status_class(None, Some(kind)),
             now.saturating_sub(started),
@@ -263,9 +265,9 @@ impl Attempt {
         st.attempting
             .record_health(&scope, st.target, Some(&failure), now);
         st.record.ended = ended;
-        let current = host::property(&[streamed::RECORD_STATE]).and_then(|b| Record::from_json(&b));
+        let current = st.shared.record.get();
         if st.record.may_overwrite(current.as_ref()) {
-            host::set_filter_state(streamed::RECORD_STATE, &st.record.to_json());
+            st.shared.record.set(Some(st.record));
         } else {
             log::debug!(
                 "{} streamed attempt {} ended after attempt {} began: its record stands",
@@ -278,6 +280,7 @@ impl Attempt {
 }
 
 /// Why an attempt is not sent.
+#[derive(Clone, Copy)]
 enum Refusal {
     Misconfigured(&'static str),
     NoCredential,
