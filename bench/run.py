@@ -572,9 +572,11 @@ def render_envoy(
             for ep in group["lb_endpoints"]:
                 ep["endpoint"]["address"]["socket_address"]["port_value"] = port
     # Streamed failover's wiring (the Lua filter, the route's priority_group, the router's upstream
-    # filter): only this build's filter has it (other modules would be given an upstream role they
-    # do not know, and plain Envoy and the Lua peer route on the cluster header alone).
-    if variant.code == "filter" and not variant.wasm:
+    # filter): llm-failover's builds have it, `--extra` ones too, so that they compare with this
+    # build on the same layout (such a build must know the upstream role: issue 27 on). Other
+    # modules would be given a role they do not know; plain Envoy and the Lua peer route on the
+    # cluster header alone.
+    if variant.code == "filter":
         wiring.share_vm(cfg)
     else:
         wiring.strip(cfg)
