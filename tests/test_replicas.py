@@ -54,7 +54,7 @@ def test_follow_up_retrieve_and_delete_through_another_replica_reach_azure(repli
     client_b = make_client(b)
 
     # The follow-up: OpenAI says previous_response_not_found, so B asks Azure, which has it.
-    raw, follow_up = create(client_b, previous_response_id=first)
+    raw, follow_up = create(client_b, previous_response_id=first, extra_headers={"x-request-id": "probed-follow-up"})
     assert raw.headers["x-llm-failover-target"] == "azure"
     assert raw.headers["x-llm-failover-attempts"] == "2"
     assert follow_up.previous_response_id == first
@@ -97,6 +97,9 @@ def test_follow_up_retrieve_and_delete_through_another_replica_reach_azure(repli
     # Nor a failover: the fallbacks and the failing-over alert built on them do not move.
     assert b.prometheus_value("llm_failover_fallbacks", **{"from": "openai"}) == 0
     assert "failover from=" not in b.log_text
+    [logged] = harness.wait_for(lambda: [line for line in b.access_log() if " req_id=probed-follow-up " in line],
+                                what="the follow-up's access log line")
+    assert "llmf_target=azure" in logged and "llmf_attempts=2" in logged and "llmf_failover=false" in logged
     harness.wait_for(lambda: "probing the chain" in b.log_text, what="the probe log line")
     harness.wait_for(lambda: "owner probe: not found on target=openai, asking target=azure" in b.log_text,
                      what="the probe's next-target log line")
