@@ -172,8 +172,6 @@ pub fn router_headers(
 /// it never reads the request's facts from them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
-    /// The filter's root context: which configuration the request is under.
-    pub root: u32,
     /// The filter's context of the request (log lines).
     pub ctx: u32,
     /// The client's `x-request-id` (log lines).
@@ -200,7 +198,8 @@ pub struct Handoff {
     pub pinned: bool,
 }
 
-/// The value of [`HANDOFF_STATE`]: the filter's root context and its request's context.
+/// The value of [`HANDOFF_STATE`]: the filter's root context (which configuration the request is
+/// under) and its request's context.
 pub fn handoff_key(root: u32, ctx: u32) -> String {
     format!("{root}/{ctx}")
 }
@@ -495,7 +494,6 @@ mod tests {
     #[test]
     fn a_handoff_and_its_records() {
         let h = Handoff {
-            root: 3,
             ctx: 7,
             id: "req-1".to_string(),
             route: Some(0),

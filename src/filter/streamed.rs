@@ -53,6 +53,24 @@ impl Exchange {
             return None;
         }
         let left = chain.remaining(now);
+        let router_headers = streamed::router_headers(self.config(), &plan, timeout, left);
+        let handoff = Handoff {
+            ctx: self.context_id,
+            id: self.request.id.clone(),
+            route: self.request.route,
+            op,
+            path: self.request.client_path.clone(),
+            model: body.model.clone(),
+            plan,
+            per_try_ms: crate::duration::millis(timeout.min(left)),
+            deadline_ms: now.saturating_add(crate::duration::millis(left)),
+            length: length as u64,
+            shape: self.request.shape,
+            pinned: self.attempting.pinned,
+        };
+        // Shared first: a request that cannot be handed over is routed like any other, with
+        // none of the streamed path's headers.
+        let shared = self.rt.share_streamed(handoff)?;
         let map = MapType::HttpRequestHeaders;
         let client = self.request.client_has;
         // The client's credential never goes on: each attempt gets its target's.
@@ -67,29 +85,13 @@ impl Exchange {
         for name in client.controls() {
             host::set_header(map, name, None);
         }
-        for (name, value) in streamed::router_headers(self.config(), &plan, timeout, left) {
+        for (name, value) in router_headers {
             host::set_header(map, name, Some(&value));
         }
-        let handoff = Handoff {
-            root: self.rt.root,
-            ctx: self.context_id,
-            id: self.request.id.clone(),
-            route: self.request.route,
-            op,
-            path: self.request.client_path.clone(),
-            model: body.model.clone(),
-            plan,
-            per_try_ms: crate::duration::millis(timeout.min(left)),
-            deadline_ms: now.saturating_add(crate::duration::millis(left)),
-            length: length as u64,
-            shape: self.request.shape,
-            pinned: self.attempting.pinned,
-        };
         // An Azure-shaped request's body is already its twin's copy.
         if streamed::compacts_body(length) && self.request.azure.is_none() {
             host::replace_buffer(BufferType::HttpRequestBody, length, body.raw());
         }
-        let shared = self.rt.share_streamed(handoff)?;
         let key = streamed::handoff_key(self.rt.root, self.context_id);
         host::set_filter_state(streamed::HANDOFF_STATE, &key);
         self.attempting.started_ms = now;
